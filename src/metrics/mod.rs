@@ -1,1 +1,1 @@
-//! TODO
+//! Counters and the Prometheus endpoint.

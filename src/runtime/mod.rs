@@ -1,1 +1,185 @@
-//! TODO
+//! The process: worker threads (one per core, pinned), their listeners, signals, and
+//! the order things start and stop in.
+
+pub mod error;
+pub mod instance;
+pub mod listener;
+pub mod log;
+pub mod title;
+pub mod worker;
+
+use std::sync::Arc;
+
+pub use error::RuntimeError;
+pub use instance::{Instance, Phase, WorkerInfo};
+
+use crate::config::{Config, Userlist};
+use crate::pool::PoolMsg;
+
+/// The cores to run on: the configured list, or every core this process may use (so
+/// systemd's CPUAffinity= or taskset decides).
+pub fn choose_cores(cpus: Option<&[usize]>) -> Result<Vec<core_affinity::CoreId>, RuntimeError> {
+    let allowed = core_affinity::get_core_ids()
+        .ok_or_else(|| RuntimeError::Cpus("cannot read this process's CPU affinity".into()))?;
+    match cpus {
+        None => {
+            if allowed.is_empty() {
+                return Err(RuntimeError::Cpus("the CPU affinity mask is empty".into()));
+            }
+            Ok(allowed)
+        }
+        Some(list) => {
+            let mut cores = Vec::new();
+            for &id in list {
+                if !allowed.iter().any(|c| c.id == id) {
+                    let ids: Vec<String> = allowed.iter().map(|c| c.id.to_string()).collect();
+                    return Err(RuntimeError::Cpus(format!(
+                        "cpus: core {id} is not available to this process (allowed: {})",
+                        ids.join(",")
+                    )));
+                }
+                if !cores.iter().any(|c: &core_affinity::CoreId| c.id == id) {
+                    cores.push(core_affinity::CoreId { id });
+                }
+            }
+            Ok(cores)
+        }
+    }
+}
+
+/// Starts the workers and serves until a shutdown signal.
+pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
+    let g = config.general.clone();
+    let cores = choose_cores(g.cpus.as_deref())?;
+    for addr in &g.listen_addr {
+        listener::ensure_port_free(*addr, g.listen_port)?;
+    }
+
+    let instance = Arc::new(Instance::new(config, userlist, cores.len()));
+    let mut senders = Vec::new();
+    let mut inboxes = Vec::new();
+    for _ in &cores {
+        let (tx, rx) = futures_channel::mpsc::unbounded::<PoolMsg>();
+        senders.push(tx);
+        inboxes.push(rx);
+    }
+    let postman = Arc::new(senders);
+    let _ = instance.postman.set(postman.clone());
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut threads = Vec::new();
+    for (id, (core, inbox)) in cores.iter().zip(inboxes).enumerate() {
+        let mut listeners = Vec::new();
+        for addr in &g.listen_addr {
+            listeners.push(listener::bind_shared(
+                *addr,
+                g.listen_port,
+                g.listen_backlog,
+            )?);
+        }
+        let spec = worker::WorkerSpec {
+            id,
+            core: Some(*core),
+            listeners,
+            pool_inbox: inbox,
+            postman: postman.clone(),
+        };
+        let handle = worker::spawn(instance.clone(), spec, ready_tx.clone()).map_err(|e| {
+            RuntimeError::Worker {
+                worker: id,
+                reason: e.to_string(),
+            }
+        })?;
+        threads.push(handle);
+    }
+    drop(ready_tx);
+    for _ in &cores {
+        match ready_rx.recv() {
+            Ok(Ok(info)) => {
+                ::log::info!(
+                    "worker {} running on core {} with the {} driver",
+                    info.id,
+                    info.core
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    info.driver
+                );
+                instance
+                    .workers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(info);
+            }
+            Ok(Err(reason)) => return Err(RuntimeError::Worker { worker: 0, reason }),
+            Err(_) => {
+                return Err(RuntimeError::Worker {
+                    worker: 0,
+                    reason: "worker thread ended during startup".into(),
+                })
+            }
+        }
+    }
+    let addrs: Vec<String> = g.listen_addr.iter().map(|a| a.to_string()).collect();
+    ::log::info!(
+        "listening on {}:{} with {} worker(s); {} database(s), pool_mode={}",
+        addrs.join(","),
+        g.listen_port,
+        cores.len(),
+        instance.config().databases.len(),
+        g.pool_mode
+    );
+
+    wait_for_signals(&instance)?;
+    instance.advance(Phase::Exiting);
+    ::log::info!("shutting down");
+    Ok(())
+}
+
+fn wait_for_signals(instance: &Arc<Instance>) -> Result<(), RuntimeError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(RuntimeError::Signals)?;
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => reload(instance),
+            SIGINT => {
+                ::log::info!("got SIGINT, shutting down");
+                return Ok(());
+            }
+            SIGTERM => {
+                ::log::info!("got SIGTERM, shutting down");
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Re-reads the config file and the auth_file. Settings that only take effect at start
+/// (listen address and port, cpus) are reported and kept.
+pub fn reload(instance: &Arc<Instance>) {
+    let current = instance.config();
+    match crate::config::check(&current.path) {
+        Ok((config, userlist)) => {
+            let g = &config.general;
+            let old = &current.general;
+            if g.listen_port != old.listen_port
+                || g.listen_addr != old.listen_addr
+                || g.cpus != old.cpus
+            {
+                ::log::warn!("reload: listen_addr, listen_port and cpus take effect only at restart; keeping the running values");
+            }
+            log::set_verbosity(g.verbose.min(255) as u8);
+            let users = userlist.len();
+            instance.replace_userlist(userlist);
+            instance.replace_config(config);
+            ::log::info!("reloaded configuration and auth_file ({users} users)");
+        }
+        Err(problems) => {
+            for p in problems {
+                ::log::error!("reload failed, keeping the running configuration: {p}");
+            }
+        }
+    }
+}

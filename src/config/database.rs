@@ -1,0 +1,130 @@
+//! One `[databases.NAME]` table: where the server is and how its pool is sized.
+
+use std::path::Path;
+
+use super::general::{read_pool_mode, General, PoolMode};
+use super::section::Section;
+
+/// Names clients cannot use for a database: they reach the admin console.
+pub const RESERVED_DATABASE_NAMES: [&str; 2] = ["pgsilo", "pgbouncer"];
+
+/// A database clients may ask for, and the server database it maps to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Database {
+    /// The name clients ask for: the table's key.
+    pub name: String,
+    /// `host`: a host name or IP address, or an absolute path to the folder holding the
+    /// server's Unix socket, as libpq takes it. Required.
+    pub host: String,
+    /// `port`: also picks the socket file name when `host` is a folder. Default 5432.
+    pub port: u16,
+    /// `dbname`: the database on the server. Default: `name`.
+    pub dbname: String,
+    /// `user`: log in to the server as this user whoever the client is. Default: the
+    /// client's user.
+    pub user: Option<String>,
+    /// `password`: the forced `user`'s password. Default: that user's auth_file secret.
+    pub password: Option<String>,
+    /// `pool_size`: overrides `default_pool_size` for this database.
+    pub pool_size: Option<usize>,
+    /// `pool_mode`: overrides the `[pgsilo]` pool_mode for this database.
+    pub pool_mode: Option<PoolMode>,
+    /// `max_db_connections`: server connections to this database across users; 0 =
+    /// unlimited. Default: the `[pgsilo]` value.
+    pub max_db_connections: usize,
+}
+
+impl Database {
+    /// Server connections allowed per (database, user) pool.
+    pub fn effective_pool_size(&self, g: &General) -> usize {
+        self.pool_size.unwrap_or(g.default_pool_size)
+    }
+
+    pub fn effective_pool_mode(&self, g: &General) -> PoolMode {
+        self.pool_mode.unwrap_or(g.pool_mode)
+    }
+
+    /// Reads the table. As with `General::read`, the result is only meaningful when the
+    /// section reported no problems.
+    pub(super) fn read(name: &str, section: &mut Section, general: &General) -> Database {
+        let host = read_host(section);
+        let port = section.uint("port", 5432, 1);
+        let dbname = match section.string("dbname") {
+            Some((dbname, span)) if dbname.is_empty() => {
+                section.invalid("dbname", span.as_ref(), "must not be empty");
+                name.to_string()
+            }
+            Some((dbname, _)) => dbname,
+            None => name.to_string(),
+        };
+        let user = match section.string("user") {
+            Some((user, span)) if user.is_empty() => {
+                section.invalid(
+                    "user",
+                    span.as_ref(),
+                    "must not be empty; remove the key to use the client's user",
+                );
+                None
+            }
+            Some((user, _)) => Some(user),
+            None => None,
+        };
+        let password_span = section.span_of("password");
+        let password = section.string("password").map(|(p, _)| p);
+        if password.is_some() && user.is_none() {
+            // PgBouncer would silently ignore it; the user meant something else.
+            section.invalid(
+                "password",
+                password_span.as_ref(),
+                "is set without user; it is only used for the forced user",
+            );
+        }
+        let pool_size = section.opt_uint("pool_size", 1);
+        let pool_mode = read_pool_mode(section, "pool_mode");
+        let max_db_connections = section
+            .opt_uint("max_db_connections", 0)
+            .unwrap_or(general.max_db_connections);
+        Database {
+            name: name.to_string(),
+            host,
+            port,
+            dbname,
+            user,
+            password,
+            pool_size,
+            pool_mode,
+            max_db_connections,
+        }
+    }
+}
+
+fn read_host(section: &mut Section) -> String {
+    let present = section.has("host");
+    let Some((host, span)) = section.string("host") else {
+        if !present {
+            section.table_problem(
+                "host is required (a host name, an IP address or a Unix socket folder)",
+            );
+        }
+        return String::new();
+    };
+    let problem = if host.is_empty() {
+        Some("must not be empty".to_string())
+    } else if host.contains(',') {
+        Some(format!(
+            "\"{host}\" lists several hosts; pgsilo connects to exactly one"
+        ))
+    } else if host.contains('/') && !Path::new(&host).is_absolute() {
+        Some(format!(
+            "\"{host}\" is relative; a Unix socket folder must be an absolute path"
+        ))
+    } else if !host.contains('/') && host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some(format!("\"{host}\" is not a host name or IP address"))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        section.invalid("host", span.as_ref(), problem);
+    }
+    host
+}

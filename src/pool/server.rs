@@ -1,0 +1,199 @@
+//! A logged-in connection to PostgreSQL and what pgsilo knows about its session.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+
+use super::settings::{parse_parameter_status, Settings};
+use super::PoolError;
+use crate::protocol::io::{read_message, write_out};
+use crate::protocol::{frontend, ErrorFields, MsgBuf};
+
+pub type ServerRd = OwnedReadHalf<TcpStream>;
+pub type ServerWr = OwnedWriteHalf<TcpStream>;
+
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Server messages pgsilo reads whole during login and internal queries stay small;
+/// anything beyond this is a broken or hostile peer.
+pub const INTERNAL_MESSAGE_LIMIT: u32 = 1 << 20;
+
+pub struct ServerConn {
+    pub(crate) stream: TcpStream,
+    pub meta: ServerMeta,
+}
+
+/// Everything about a server connection except the socket; `Send`, so a connection can
+/// move to another worker as (fd, meta).
+#[derive(Debug)]
+pub struct ServerMeta {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub local_port: u16,
+    pub backend_pid: u32,
+    /// None when the server's cancel key is not the 4-byte form of protocol 3.0.
+    pub backend_secret: Option<u32>,
+    /// The session settings as PostgreSQL last reported them, plus the unreported ones
+    /// pgsilo set itself.
+    pub settings: Settings,
+    /// Lowercase names of settings pgsilo set that ParameterStatus never reports; they
+    /// must be RESET for a client that did not ask for them.
+    pub unreported: BTreeSet<String>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// The transaction status of the last ReadyForQuery.
+    pub tx_status: u8,
+}
+
+impl ServerMeta {
+    pub fn new(addr: SocketAddr, local_port: u16) -> ServerMeta {
+        let now = Instant::now();
+        ServerMeta {
+            id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+            addr,
+            local_port,
+            backend_pid: 0,
+            backend_secret: None,
+            settings: Settings::default(),
+            unreported: BTreeSet::new(),
+            created: now,
+            last_used: now,
+            tx_status: b'I',
+        }
+    }
+
+    /// After RESET ALL / DISCARD ALL every setting is back to the server's default; the
+    /// reported ones announce their new values, the unreported ones pgsilo forgets.
+    pub fn forget_unreported(&mut self) {
+        for name in std::mem::take(&mut self.unreported) {
+            self.settings.remove(&name);
+        }
+    }
+}
+
+/// A server connection in transit between workers.
+pub struct ServerParts {
+    fd: OwnedFd,
+    pub meta: ServerMeta,
+}
+
+/// What an internal query left behind.
+pub struct InternalOutcome {
+    pub error: Option<ErrorFields>,
+    pub tx_status: u8,
+}
+
+impl ServerConn {
+    pub fn new(stream: TcpStream, meta: ServerMeta) -> ServerConn {
+        ServerConn { stream, meta }
+    }
+
+    /// True when the server has neither closed the socket nor sent anything unasked.
+    /// An idle server that speaks is being terminated (or reports a setting change after
+    /// a server reload); either way it is not safe to hand to a client.
+    pub fn is_alive(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into a valid local; the fd is owned by self.stream.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            return err.kind() == std::io::ErrorKind::WouldBlock;
+        }
+        false
+    }
+
+    pub fn split(self) -> (ServerRd, ServerWr, ServerMeta) {
+        let (rd, wr) = self.stream.into_split();
+        (rd, wr, self.meta)
+    }
+
+    /// Puts the halves back together. Fails only if they came from different sockets,
+    /// which would be a bug; the caller then drops both (closing the socket).
+    pub fn reunite(rd: ServerRd, wr: ServerWr, meta: ServerMeta) -> Option<ServerConn> {
+        rd.reunite(wr)
+            .ok()
+            .map(|stream| ServerConn { stream, meta })
+    }
+
+    /// Takes the socket out of this worker's runtime so another worker can adopt it.
+    /// Only called on idle connections, which have no operation in flight.
+    pub fn detach(self) -> ServerParts {
+        let raw = self.stream.into_raw_fd();
+        // SAFETY: into_raw_fd hands over sole ownership of a valid, open descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        ServerParts {
+            fd,
+            meta: self.meta,
+        }
+    }
+
+    pub fn adopt(parts: ServerParts) -> std::io::Result<ServerConn> {
+        let std_stream = std::net::TcpStream::from(parts.fd);
+        std_stream.set_nonblocking(true)?;
+        let stream = TcpStream::from_std(std_stream)?;
+        Ok(ServerConn {
+            stream,
+            meta: parts.meta,
+        })
+    }
+
+    /// Runs a simple query pgsilo itself needs (reset, settings, rollback) and reads up to
+    /// its ReadyForQuery, keeping track of reported settings. Rows are discarded.
+    pub async fn internal_query(&mut self, sql: &str) -> Result<InternalOutcome, PoolError> {
+        let mut out = Vec::with_capacity(sql.len() + 8);
+        frontend::query(&mut out, sql);
+        let (res, _) = write_out(&mut self.stream, out).await;
+        res?;
+        let mut buf = MsgBuf::with_capacity(512);
+        let mut error = None;
+        loop {
+            let (res, back) = read_message(&mut self.stream, buf, INTERNAL_MESSAGE_LIMIT).await;
+            buf = back;
+            let h = res?;
+            let body = &buf.data()[5..h.total()];
+            match h.tag {
+                b'Z' => {
+                    let status = body.first().copied().unwrap_or(b'I');
+                    self.meta.tx_status = status;
+                    return Ok(InternalOutcome {
+                        error,
+                        tx_status: status,
+                    });
+                }
+                b'E' => error = Some(ErrorFields::parse(body)),
+                b'S' => {
+                    if let Some((name, value)) = parse_parameter_status(body) {
+                        self.meta.settings.set(name, value);
+                    }
+                }
+                // COPY cannot be started by pgsilo's own statements; anything else
+                // (rows, command tags, notices) is of no interest.
+                _ => {}
+            }
+            buf.consume(h.total());
+        }
+    }
+
+    /// Says goodbye politely so the server logs a clean disconnect, then closes.
+    pub async fn terminate(mut self) {
+        let mut out = Vec::with_capacity(5);
+        frontend::terminate(&mut out);
+        let _ = write_out(&mut self.stream, out).await;
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.stream.as_raw_fd()
+    }
+}

@@ -1,0 +1,109 @@
+//! Session settings (GUCs) as name/value pairs: what a server connection currently has,
+//! what a client expects. Names compare case-insensitively, as PostgreSQL's do.
+
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// lowercase name -> (name as PostgreSQL reports it, value)
+    map: BTreeMap<String, (String, String)>,
+}
+
+/// Settings PostgreSQL reports with ParameterStatus that a session may also change, so a
+/// pooler must carry them from server to server for each client. The other reported ones
+/// (server_version, integer_datetimes, is_superuser ...) describe the server, not the session.
+pub const TRACKED_REPORTED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "default_transaction_read_only",
+    "intervalstyle",
+    "search_path",
+    "standard_conforming_strings",
+    "timezone",
+];
+
+pub fn is_tracked_reported(lower: &str) -> bool {
+    TRACKED_REPORTED.contains(&lower)
+}
+
+impl Settings {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.map
+            .get(&name.to_ascii_lowercase())
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        let lower = name.to_ascii_lowercase();
+        match self.map.get_mut(&lower) {
+            Some(entry) => {
+                if entry.1 != value {
+                    entry.1.clear();
+                    entry.1.push_str(value);
+                }
+            }
+            None => {
+                self.map
+                    .insert(lower, (name.to_string(), value.to_string()));
+            }
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.map.remove(&name.to_ascii_lowercase());
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(&name.to_ascii_lowercase())
+    }
+
+    /// (name as reported, value), ordered by lowercase name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.map.values().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A ParameterStatus body: two C strings.
+pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
+    use crate::protocol::framing::read_cstr;
+    let (name, at) = read_cstr(body, 0)?;
+    let (value, _) = read_cstr(body, at)?;
+    Some((
+        std::str::from_utf8(name).ok()?,
+        std::str::from_utf8(value).ok()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_case_insensitive_and_keep_reported_spelling() {
+        let mut s = Settings::default();
+        s.set("TimeZone", "UTC");
+        s.set("timezone", "Europe/Paris");
+        assert_eq!(s.get("TIMEZONE"), Some("Europe/Paris"));
+        assert_eq!(s.iter().next(), Some(("TimeZone", "Europe/Paris")));
+        s.remove("TimeZone");
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn parses_parameter_status() {
+        assert_eq!(
+            parse_parameter_status(b"TimeZone\0UTC\0"),
+            Some(("TimeZone", "UTC"))
+        );
+        assert_eq!(parse_parameter_status(b"TimeZone\0UTC"), None);
+    }
+}

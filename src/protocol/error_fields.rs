@@ -1,0 +1,120 @@
+//! SQLSTATE codes pgsilo raises and the fields of ErrorResponse/NoticeResponse bodies.
+
+use super::framing::read_cstr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SqlState(pub &'static str);
+
+impl SqlState {
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
+    pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
+    pub const CONNECTION_EXCEPTION: SqlState = SqlState("08000");
+    pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
+    pub const QUERY_CANCELED: SqlState = SqlState("57014");
+    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+    pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
+    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
+    pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
+    pub const UNDEFINED_PREPARED_STATEMENT: SqlState = SqlState("26000");
+    pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
+}
+
+/// The fields of an ErrorResponse or NoticeResponse a pooler cares about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+}
+
+impl ErrorFields {
+    /// Parses the body (after the header). Unknown field types are skipped as the
+    /// protocol requires; a truncated body yields what was readable.
+    pub fn parse(body: &[u8]) -> ErrorFields {
+        let mut f = ErrorFields::default();
+        let mut at = 0;
+        while let Some(&kind) = body.get(at) {
+            if kind == 0 {
+                break;
+            }
+            let Some((value, next)) = read_cstr(body, at + 1) else {
+                break;
+            };
+            let value = String::from_utf8_lossy(value).into_owned();
+            match kind {
+                b'V' => f.severity = value,
+                b'S' if f.severity.is_empty() => f.severity = value,
+                b'C' => f.code = value,
+                b'M' => f.message = value,
+                b'D' => f.detail = Some(value),
+                _ => {}
+            }
+            at = next;
+        }
+        f
+    }
+
+    /// Only the SQLSTATE, without allocating: for counting errors on the hot path.
+    pub fn code_of(body: &[u8]) -> Option<[u8; 5]> {
+        let mut at = 0;
+        while let Some(&kind) = body.get(at) {
+            if kind == 0 {
+                return None;
+            }
+            let (value, next) = read_cstr(body, at + 1)?;
+            if kind == b'C' {
+                return value.try_into().ok();
+            }
+            at = next;
+        }
+        None
+    }
+}
+
+impl std::fmt::Display for ErrorFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} (SQLSTATE {})",
+            self.severity, self.message, self.code
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend::{error_response, Severity};
+
+    #[test]
+    fn parses_what_backend_writes() {
+        let mut out = Vec::new();
+        error_response(
+            &mut out,
+            Severity::Error,
+            SqlState::QUERY_CANCELED,
+            "canceled",
+        );
+        let f = ErrorFields::parse(&out[5..]);
+        assert_eq!(f.severity, "ERROR");
+        assert_eq!(f.code, "57014");
+        assert_eq!(f.message, "canceled");
+        assert_eq!(ErrorFields::code_of(&out[5..]), Some(*b"57014"));
+    }
+
+    #[test]
+    fn truncated_bodies_do_not_panic() {
+        assert_eq!(ErrorFields::parse(b"SERR").severity, "");
+        assert_eq!(ErrorFields::code_of(b"C12"), None);
+        assert_eq!(ErrorFields::code_of(b""), None);
+    }
+}

@@ -1,0 +1,73 @@
+use thiserror::Error;
+
+use crate::pool::PoolError;
+use crate::protocol::io::WireError;
+use crate::protocol::{ProtocolError, SqlState};
+
+/// How a client session ends badly. Each case knows what the client is told.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// The client went away or its socket failed; nothing can be told.
+    #[error("client connection lost: {0}")]
+    ClientGone(WireError),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    /// A refusal with a SQLSTATE: unknown database, bad password, limits.
+    #[error("{message}")]
+    Refused { code: SqlState, message: String },
+    #[error("{0}")]
+    Pool(#[from] PoolError),
+    /// The server went away while serving the client.
+    #[error("server conn crashed?")]
+    ServerGone,
+    #[error("client_login_timeout")]
+    LoginTimeout,
+    #[error("pgsilo is shutting down")]
+    Shutdown,
+    #[error("{0}")]
+    Idle(&'static str),
+}
+
+impl SessionError {
+    pub fn refused(code: SqlState, message: impl Into<String>) -> SessionError {
+        SessionError::Refused {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The SQLSTATE and text for the FATAL ErrorResponse, or None when the client
+    /// cannot hear it any more.
+    pub fn client_error(&self) -> Option<(String, String)> {
+        match self {
+            SessionError::ClientGone(_) => None,
+            SessionError::Protocol(e) => {
+                Some((SqlState::PROTOCOL_VIOLATION.0.into(), e.to_string()))
+            }
+            SessionError::Refused { code, message } => Some((code.0.into(), message.clone())),
+            SessionError::Pool(e) => Some(e.client_error()),
+            SessionError::ServerGone => {
+                Some((SqlState::CONNECTION_FAILURE.0.into(), self.to_string()))
+            }
+            SessionError::LoginTimeout => {
+                Some((SqlState::PROTOCOL_VIOLATION.0.into(), self.to_string()))
+            }
+            SessionError::Shutdown => Some((
+                SqlState::ADMIN_SHUTDOWN.0.into(),
+                "pgsilo is shutting down".into(),
+            )),
+            SessionError::Idle(what) => {
+                Some((SqlState::IDLE_SESSION_TIMEOUT.0.into(), (*what).into()))
+            }
+        }
+    }
+}
+
+impl From<WireError> for SessionError {
+    fn from(e: WireError) -> SessionError {
+        match e {
+            WireError::Protocol(p) => SessionError::Protocol(p),
+            other => SessionError::ClientGone(other),
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! A client's first moments: the startup packet (and the SSL/GSS/cancel requests that
+//! share its framing), authentication against the auth_file, and the welcome PostgreSQL
+//! would give: settings, a cancel key, ReadyForQuery.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use super::cancel::{send_cancel, CancelSlot};
+use super::params::{after_sync, initial_settings, sync_statement};
+use super::SessionError;
+use crate::auth::{verify_cleartext, verify_md5_response, ScramSecret, ScramServer, Secret};
+use crate::config::{AuthType, Config};
+use crate::pool::{Credential, LocalPool, ServerTarget, Settings};
+use crate::protocol::backend::{self, Severity};
+use crate::protocol::framing::read_cstr;
+use crate::protocol::io::{read_at_least, read_message, write_out};
+use crate::protocol::startup::{self, Startup, StartupPacket};
+use crate::protocol::{MsgBuf, SqlState};
+use crate::runtime::worker::WorkerCtx;
+
+/// Names of the admin console's virtual database.
+pub const ADMIN_DATABASES: &[&str] = &["pgsilo", "pgbouncer"];
+
+/// Authentication messages are small; a larger one is not a real client.
+const AUTH_MESSAGE_LIMIT: u32 = 16 * 1024;
+
+pub struct LoggedIn {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub peer: SocketAddr,
+    pub pool: Rc<LocalPool>,
+    pub settings: Settings,
+    pub cancel_pid: u32,
+    pub cancel: Arc<CancelSlot>,
+}
+
+pub struct AdminLogin {
+    pub id: u64,
+    pub user: String,
+    pub peer: SocketAddr,
+    /// stats_users may only look; admin_users may also act.
+    pub can_act: bool,
+}
+
+pub enum Opening {
+    /// A cancel request was handled; the connection just closes.
+    Cancel,
+    Session(LoggedIn),
+    Admin(AdminLogin),
+}
+
+/// Runs the login. On a refusal the caller sends the FATAL error and closes.
+pub async fn login(
+    ctx: &Rc<WorkerCtx>,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    id: u64,
+) -> Result<Opening, SessionError> {
+    let mut buf = MsgBuf::with_capacity(512);
+    let startup = loop {
+        let (res, back) = read_at_least(stream, buf, 4).await;
+        buf = back;
+        res?;
+        let len = match startup::declared_len(buf.data()) {
+            Some(r) => r?,
+            None => continue,
+        };
+        let (res, back) = read_at_least(stream, buf, len).await;
+        buf = back;
+        res?;
+        let packet = startup::parse(&buf.data()[..len])?;
+        buf.consume(len);
+        match packet {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                // No TLS or GSS encryption yet: the client carries on in the clear or
+                // gives up, as with a PostgreSQL built without them.
+                let (res, _) = stream.write_all(b"N".to_vec()).await;
+                res.map_err(|e| SessionError::ClientGone(e.into()))?;
+            }
+            StartupPacket::Cancel { pid, secret } => {
+                if let Some(target) = ctx.instance.cancels.lookup(pid, &secret) {
+                    if let Err(e) = send_cancel(target).await {
+                        log::warn!("C-{id}: cancel request to {} failed: {e}", target.addr);
+                    }
+                }
+                return Ok(Opening::Cancel);
+            }
+            StartupPacket::Startup(s) => break s,
+        }
+    };
+
+    let mut out = Vec::with_capacity(512);
+    if startup.minor > 0 || !startup.protocol_options.is_empty() {
+        backend::negotiate_protocol_version(&mut out, 0, &startup.protocol_options);
+    }
+    let user = startup
+        .get("user")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            SessionError::refused(
+                SqlState::INVALID_AUTHORIZATION,
+                "no user name specified in startup packet",
+            )
+        })?
+        .to_string();
+    if startup
+        .get("replication")
+        .is_some_and(|r| r != "false" && r != "0" && r != "off")
+    {
+        return Err(SessionError::refused(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported by pgsilo",
+        ));
+    }
+    let database = startup
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
+    let config = ctx.instance.config();
+    let general = &config.general;
+    if ctx
+        .instance
+        .clients
+        .load(std::sync::atomic::Ordering::SeqCst)
+        > general.max_client_conn
+    {
+        return Err(SessionError::refused(
+            SqlState::TOO_MANY_CONNECTIONS,
+            "no more connections allowed (max_client_conn)",
+        ));
+    }
+    let application_name = startup.get("application_name").unwrap_or("").to_string();
+    if general.log_connections {
+        log::info!(
+            "C-{id}: {database}/{user}@{peer} login attempt: db={database} user={user} application_name={application_name}"
+        );
+    }
+
+    let is_admin = ADMIN_DATABASES.contains(&database.as_str());
+    if !is_admin && !config.databases.contains_key(&database) {
+        return Err(SessionError::refused(
+            SqlState::INVALID_CATALOG_NAME,
+            format!("no such database: {database}"),
+        ));
+    }
+
+    let userlist = ctx.instance.userlist();
+    let secret = userlist.get(&user).cloned();
+    let client_key = authenticate(
+        ctx,
+        stream,
+        &mut buf,
+        &mut out,
+        general.auth_type,
+        &user,
+        secret.as_ref(),
+    )
+    .await?;
+
+    if is_admin {
+        let can_act = general.admin_users.iter().any(|u| u == &user);
+        let can_look = can_act || general.stats_users.iter().any(|u| u == &user);
+        if !can_look {
+            return Err(SessionError::refused(
+                SqlState::INSUFFICIENT_PRIVILEGE,
+                format!("not allowed: user \"{user}\" is not in admin_users or stats_users"),
+            ));
+        }
+        welcome_admin(stream, out).await?;
+        return Ok(Opening::Admin(AdminLogin {
+            id,
+            user,
+            peer,
+            can_act,
+        }));
+    }
+
+    let shared = ctx.instance.pools.get_or_create(&database, &user, || {
+        pool_definition(&config, &database, &user, secret.as_ref())
+    });
+    if let (Some(key), Some(Secret::Scram(_))) = (client_key, secret.as_ref()) {
+        if config
+            .databases
+            .get(&database)
+            .is_some_and(|d| d.user.is_none())
+        {
+            shared.set_scram_client_key(key);
+        }
+    }
+    let pool = ctx.local_pool(&shared);
+
+    let options = match startup.get("options") {
+        Some(o) => startup::parse_options(o)
+            .map_err(|e| SessionError::refused(SqlState::FEATURE_NOT_SUPPORTED, e))?,
+        None => Vec::new(),
+    };
+    let settings = client_settings(
+        &pool,
+        &startup,
+        &options,
+        &general.ignore_startup_parameters,
+        general.query_wait_timeout,
+    )
+    .await?;
+    let welcome = pool.shared.welcome().unwrap_or_default();
+
+    let (cancel_pid, cancel) = ctx.instance.cancels.register();
+    backend::auth_ok(&mut out);
+    for (name, value) in welcome.iter() {
+        let value = settings.get(name).unwrap_or(value);
+        backend::parameter_status(&mut out, name, value);
+    }
+    for (name, value) in settings.iter() {
+        if !welcome.contains(name)
+            && crate::pool::settings::is_tracked_reported(&name.to_ascii_lowercase())
+        {
+            backend::parameter_status(&mut out, name, value);
+        }
+    }
+    backend::backend_key_data(&mut out, cancel_pid, cancel.secret);
+    backend::ready_for_query(&mut out, b'I');
+    let (res, _) = write_out(stream, out).await;
+    if let Err(e) = res {
+        ctx.instance.cancels.unregister(cancel_pid);
+        return Err(SessionError::ClientGone(e));
+    }
+    if general.log_connections {
+        log::info!("C-{id}: {database}/{user}@{peer} login ok");
+    }
+    Ok(Opening::Session(LoggedIn {
+        id,
+        user,
+        database,
+        application_name,
+        peer,
+        pool,
+        settings,
+        cancel_pid,
+        cancel,
+    }))
+}
+
+/// Where this pool's servers are and how pgsilo logs in to them.
+pub fn pool_definition(
+    config: &Config,
+    database: &str,
+    user: &str,
+    secret: Option<&Secret>,
+) -> (crate::config::PoolMode, usize, ServerTarget) {
+    let g = &config.general;
+    let (mode, cap, target) = match config.databases.get(database) {
+        Some(db) => {
+            let server_user = db.user.clone().unwrap_or_else(|| user.to_string());
+            let credential = match (&db.user, &db.password) {
+                (Some(_), Some(p)) => Credential::Password(p.clone()),
+                // A forced user without a password in the config: its auth_file entry.
+                (Some(_), None) => credential_from(None),
+                (None, _) => credential_from(secret),
+            };
+            (
+                db.effective_pool_mode(g),
+                db.effective_pool_size(g),
+                ServerTarget {
+                    host: db.host.clone(),
+                    port: db.port,
+                    dbname: db.dbname.clone(),
+                    user: server_user,
+                    credential,
+                    connect_timeout: timeout_or(g.server_connect_timeout, 15),
+                    tcp_keepalive: g.tcp_keepalive,
+                },
+            )
+        }
+        None => (
+            g.pool_mode,
+            g.default_pool_size,
+            ServerTarget {
+                host: String::new(),
+                port: 0,
+                dbname: database.to_string(),
+                user: user.to_string(),
+                credential: Credential::None,
+                connect_timeout: timeout_or(g.server_connect_timeout, 15),
+                tcp_keepalive: g.tcp_keepalive,
+            },
+        ),
+    };
+    (mode, cap, target)
+}
+
+fn credential_from(secret: Option<&Secret>) -> Credential {
+    match secret {
+        Some(Secret::Plain(p)) => Credential::Password(p.clone()),
+        Some(Secret::Md5(h)) => Credential::Md5(h.clone()),
+        Some(Secret::Scram(v)) => Credential::Scram(v.clone()),
+        None => Credential::None,
+    }
+}
+
+fn timeout_or(t: Option<std::time::Duration>, default_secs: u64) -> std::time::Duration {
+    t.unwrap_or(std::time::Duration::from_secs(default_secs))
+}
+
+/// The settings this client starts with. A server is needed only when the pool has not
+/// met one yet (for the welcome values) or the client sent a setting whose value has not
+/// been seen before: PostgreSQL must judge it now, as it would at a direct login, rather
+/// than fail the client's first query later.
+async fn client_settings(
+    pool: &Rc<LocalPool>,
+    startup: &Startup,
+    options: &[(String, String)],
+    ignored: &[String],
+    wait_timeout: Option<std::time::Duration>,
+) -> Result<Settings, SessionError> {
+    let overrides: Vec<&(String, String)> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "options" | "replication"))
+        .chain(options.iter())
+        .filter(|(k, _)| !ignored.iter().any(|i| i.eq_ignore_ascii_case(k)))
+        .collect();
+    let unjudged = |pool: &LocalPool| {
+        overrides.iter().any(|(k, v)| {
+            !k.eq_ignore_ascii_case("application_name") && pool.shared.validated(k, v).is_none()
+        })
+    };
+    if let Some(welcome) = pool.shared.welcome() {
+        if !unjudged(pool) {
+            let mut s = initial_settings(&welcome, &startup.params, options, ignored);
+            for (k, v) in &overrides {
+                if let Some(norm) = pool.shared.validated(k, v) {
+                    s.set(k, &norm);
+                }
+            }
+            return Ok(s);
+        }
+    }
+    let mut conn = pool.acquire(wait_timeout).await?;
+    let welcome = pool.shared.welcome().unwrap_or_default();
+    let mut settings = initial_settings(&welcome, &startup.params, options, ignored);
+    if let Some(sql) = sync_statement(&settings, &conn.meta) {
+        match conn.internal_query(&sql).await {
+            Ok(outcome) => {
+                if let Some(err) = outcome.error {
+                    // The failed statement rolled back; but the server's reported values
+                    // may have moved, so it is not trusted further.
+                    pool.release(conn, false);
+                    return Err(SessionError::Refused {
+                        code: SqlState(leak_code(&err.code)),
+                        message: err.message,
+                    });
+                }
+                after_sync(&mut settings, &mut conn.meta, &welcome);
+            }
+            Err(e) => {
+                pool.release(conn, false);
+                return Err(e.into());
+            }
+        }
+    }
+    for (k, v) in &overrides {
+        if let Some(norm) = settings.get(k) {
+            pool.shared.remember_validated(k, v, norm);
+        }
+    }
+    let reusable = conn.meta.tx_status == b'I';
+    pool.release(conn, reusable);
+    Ok(settings)
+}
+
+/// SQLSTATEs are five characters from a small alphabet; map the server's to the matching
+/// constant where one exists so nothing is allocated per error for good.
+fn leak_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "22023", "42704", "0A000", "22P02", "42501", "55P02", "XX000",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("22023")
+}
+
+async fn welcome_admin(stream: &mut TcpStream, mut out: Vec<u8>) -> Result<(), SessionError> {
+    backend::auth_ok(&mut out);
+    for (name, value) in [
+        ("server_version", env!("CARGO_PKG_VERSION")),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", "pgsilo"),
+    ] {
+        backend::parameter_status(&mut out, name, value);
+    }
+    backend::backend_key_data(&mut out, 0, 0);
+    backend::ready_for_query(&mut out, b'I');
+    let (res, _) = write_out(stream, out).await;
+    res.map_err(SessionError::ClientGone)
+}
+
+/// Authenticates by the instance's auth_type. Every failure, including an unknown user,
+/// looks the same from outside. Returns the client's SCRAM ClientKey when it proved one.
+async fn authenticate(
+    ctx: &Rc<WorkerCtx>,
+    stream: &mut TcpStream,
+    buf: &mut MsgBuf,
+    out: &mut Vec<u8>,
+    auth_type: AuthType,
+    user: &str,
+    secret: Option<&Secret>,
+) -> Result<Option<[u8; 32]>, SessionError> {
+    let failed = || {
+        SessionError::refused(
+            SqlState::INVALID_PASSWORD,
+            format!("password authentication failed for user \"{user}\""),
+        )
+    };
+    match auth_type {
+        AuthType::Trust => {
+            if secret.is_none() {
+                return Err(failed());
+            }
+            Ok(None)
+        }
+        AuthType::Plain => {
+            backend::auth_cleartext(out);
+            let password = exchange(stream, buf, out).await?;
+            let password = password.strip_suffix(&[0]).unwrap_or(&password);
+            if verify_cleartext(secret, user, password) {
+                Ok(None)
+            } else {
+                Err(failed())
+            }
+        }
+        AuthType::Md5 if !matches!(secret, Some(Secret::Scram(_))) => {
+            let salt: [u8; 4] = rand::random();
+            backend::auth_md5(out, salt);
+            let response = exchange(stream, buf, out).await?;
+            let response = response.strip_suffix(&[0]).unwrap_or(&response);
+            if verify_md5_response(secret, user, salt, response) {
+                Ok(None)
+            } else {
+                Err(failed())
+            }
+        }
+        // md5 with a SCRAM secret switches to SCRAM, as PgBouncer and PostgreSQL do.
+        AuthType::Md5 | AuthType::ScramSha256 => {
+            let verifier: Option<ScramSecret> = match secret {
+                Some(Secret::Scram(v)) => Some(v.clone()),
+                Some(Secret::Plain(p)) => Some(ctx.instance.scram_for_plain(user, p)),
+                Some(Secret::Md5(_)) | None => None,
+            };
+            let mut server = ScramServer::new(verifier, user, &ctx.instance.mock_key);
+            backend::auth_sasl(out, &["SCRAM-SHA-256"]);
+            let initial = exchange(stream, buf, out).await?;
+            let (mechanism, at) = read_cstr(&initial, 0).ok_or(SessionError::Protocol(
+                crate::protocol::ProtocolError::Malformed("SASLInitialResponse"),
+            ))?;
+            if mechanism != b"SCRAM-SHA-256" {
+                return Err(SessionError::refused(
+                    SqlState::INVALID_AUTHORIZATION,
+                    "client selected an invalid SASL authentication mechanism",
+                ));
+            }
+            let data = initial.get(at + 4..).unwrap_or_default();
+            let server_first = server.handle_client_first(data).map_err(|_| failed())?;
+            backend::auth_sasl_continue(out, &server_first);
+            let client_final = exchange(stream, buf, out).await?;
+            let ok = server
+                .handle_client_final(&client_final)
+                .map_err(|_| failed())?;
+            backend::auth_sasl_final(out, &ok.server_final);
+            Ok(Some(ok.client_key))
+        }
+    }
+}
+
+/// Sends what is in `out` and reads the client's PasswordMessage-family reply body.
+async fn exchange(
+    stream: &mut TcpStream,
+    buf: &mut MsgBuf,
+    out: &mut Vec<u8>,
+) -> Result<Vec<u8>, SessionError> {
+    let (res, back) = write_out(stream, std::mem::take(out)).await;
+    *out = back;
+    res.map_err(SessionError::ClientGone)?;
+    let taken = std::mem::replace(buf, MsgBuf::with_capacity(0));
+    let (res, back) = read_message(stream, taken, AUTH_MESSAGE_LIMIT).await;
+    *buf = back;
+    let h = res?;
+    if h.tag != b'p' {
+        return Err(SessionError::Protocol(
+            crate::protocol::ProtocolError::Unexpected {
+                expected: "password",
+                got: h.tag as char,
+            },
+        ));
+    }
+    let body = buf.data()[5..h.total()].to_vec();
+    buf.consume(h.total());
+    Ok(body)
+}
+
+/// Sends a FATAL error to a client that is about to be closed. Best effort.
+pub async fn send_fatal(stream: &mut TcpStream, code: &str, message: &str) {
+    let mut out = Vec::with_capacity(64 + message.len());
+    backend::error_response(
+        &mut out,
+        Severity::Fatal,
+        SqlState(leak_static(code)),
+        message,
+    );
+    let _ = write_out(stream, out).await;
+}
+
+fn leak_static(code: &str) -> &'static str {
+    const ALL: &[&str] = &[
+        "08P01", "08006", "08000", "3D000", "28P01", "28000", "53300", "0A000", "57P01", "57P03",
+        "57014", "XX000", "42501", "22023", "57P05", "25P03", "53400", "08004",
+    ];
+    ALL.iter().find(|c| **c == code).copied().unwrap_or("08P01")
+}

@@ -1,0 +1,215 @@
+//! Carrying a client's session settings from server to server: what the client asked
+//! for at startup or set since, compared with what the server it lands on has, and the
+//! one statement that makes them match before the client's own query runs.
+
+use crate::pool::settings::{is_tracked_reported, Settings};
+use crate::pool::ServerMeta;
+
+/// Startup parameters that are not settings.
+const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
+
+/// The settings a client starts with: the pool's welcome values for the tracked reported
+/// settings, overridden by what the client sent (its parameters and `-c` options).
+pub fn initial_settings(
+    welcome: &Settings,
+    startup: &[(String, String)],
+    options: &[(String, String)],
+    ignored: &[String],
+) -> Settings {
+    let mut s = Settings::default();
+    for (name, value) in welcome.iter() {
+        if is_tracked_reported(&name.to_ascii_lowercase()) {
+            s.set(name, value);
+        }
+    }
+    let from_client = startup
+        .iter()
+        .filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str()))
+        .chain(options.iter());
+    for (name, value) in from_client {
+        if ignored.iter().any(|i| i.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        s.set(name, value);
+    }
+    s
+}
+
+/// The statement that turns the server's settings into the client's, or None when they
+/// already match (the common case, which must cost nothing but a comparison).
+pub fn sync_statement(desired: &Settings, server: &ServerMeta) -> Option<String> {
+    let mut sets: Vec<(&str, &str)> = Vec::new();
+    for (name, value) in desired.iter() {
+        if server.settings.get(name) != Some(value) {
+            sets.push((name, value));
+        }
+    }
+    let resets: Vec<&String> = server
+        .unreported
+        .iter()
+        .filter(|n| !desired.contains(n))
+        .collect();
+    if sets.is_empty() && resets.is_empty() {
+        return None;
+    }
+    let mut sql = String::new();
+    if !sets.is_empty() {
+        sql.push_str("SELECT ");
+        for (i, (name, value)) in sets.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str("pg_catalog.set_config(");
+            push_literal(&mut sql, name);
+            sql.push_str(", ");
+            push_literal(&mut sql, value);
+            sql.push_str(", false)");
+        }
+        sql.push(';');
+    }
+    for name in resets {
+        sql.push_str("RESET ");
+        push_ident(&mut sql, name);
+        sql.push(';');
+    }
+    Some(sql)
+}
+
+/// After the sync statement ran: unreported settings pgsilo set are now known on the
+/// server, reset ones are gone, and the client adopts the server's spelling of values it
+/// set (PostgreSQL normalises `utc` to `UTC`), so the next comparison matches.
+pub fn after_sync(desired: &mut Settings, server: &mut ServerMeta, welcome: &Settings) {
+    let names: Vec<(String, String)> = desired
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    for (name, value) in names {
+        let lower = name.to_ascii_lowercase();
+        if is_tracked_reported(&lower) || welcome.contains(&lower) {
+            if let Some(reported) = server.settings.get(&name) {
+                if reported != value {
+                    let reported = reported.to_string();
+                    desired.set(&name, &reported);
+                }
+            }
+        } else {
+            server.settings.set(&name, &value);
+            server.unreported.insert(lower);
+        }
+    }
+    let stale: Vec<String> = server
+        .unreported
+        .iter()
+        .filter(|n| !desired.contains(n))
+        .cloned()
+        .collect();
+    for name in stale {
+        server.unreported.remove(&name);
+        server.settings.remove(&name);
+    }
+}
+
+/// An E'' literal: backslashes and quotes escaped, valid whatever
+/// standard_conforming_strings says.
+fn push_literal(sql: &mut String, s: &str) {
+    sql.push_str("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => sql.push_str("''"),
+            '\\' => sql.push_str("\\\\"),
+            c => sql.push(c),
+        }
+    }
+    sql.push('\'');
+}
+
+fn push_ident(sql: &mut String, s: &str) {
+    sql.push('"');
+    for c in s.chars() {
+        if c == '"' {
+            sql.push('"');
+        }
+        sql.push(c);
+    }
+    sql.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ServerMeta {
+        ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1)
+    }
+
+    #[test]
+    fn no_statement_when_settings_match() {
+        let mut server = meta();
+        server.settings.set("TimeZone", "UTC");
+        let mut desired = Settings::default();
+        desired.set("TimeZone", "UTC");
+        assert_eq!(sync_statement(&desired, &server), None);
+    }
+
+    #[test]
+    fn sets_differences_and_resets_leftovers() {
+        let mut server = meta();
+        server.settings.set("TimeZone", "UTC");
+        server.settings.set("statement_timeout", "5s");
+        server.unreported.insert("statement_timeout".into());
+        let mut desired = Settings::default();
+        desired.set("TimeZone", "Europe/Paris");
+        desired.set("application_name", "it's");
+        let sql = sync_statement(&desired, &server).unwrap();
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config(E'application_name', E'it''s', false), \
+             pg_catalog.set_config(E'TimeZone', E'Europe/Paris', false);RESET \"statement_timeout\";"
+        );
+    }
+
+    #[test]
+    fn after_sync_adopts_normalised_values_and_records_unreported() {
+        let welcome = {
+            let mut w = Settings::default();
+            w.set("TimeZone", "UTC");
+            w
+        };
+        let mut server = meta();
+        server.settings.set("TimeZone", "UTC");
+        let mut desired = Settings::default();
+        desired.set("timezone", "utc");
+        desired.set("extra_float_digits", "3");
+        after_sync(&mut desired, &mut server, &welcome);
+        assert_eq!(desired.get("TimeZone"), Some("UTC"));
+        assert_eq!(server.settings.get("extra_float_digits"), Some("3"));
+        assert!(server.unreported.contains("extra_float_digits"));
+        assert_eq!(sync_statement(&desired, &server), None);
+    }
+
+    #[test]
+    fn initial_settings_take_tracked_welcome_values_and_client_overrides() {
+        let mut welcome = Settings::default();
+        welcome.set("server_version", "15.1");
+        welcome.set("TimeZone", "UTC");
+        welcome.set("client_encoding", "UTF8");
+        let startup = vec![
+            ("user".to_string(), "u".to_string()),
+            ("client_encoding".to_string(), "LATIN1".to_string()),
+            ("extra_float_digits".to_string(), "3".to_string()),
+        ];
+        let options = vec![("search_path".to_string(), "a,b".to_string())];
+        let s = initial_settings(
+            &welcome,
+            &startup,
+            &options,
+            &["extra_float_digits".to_string()],
+        );
+        assert_eq!(s.get("server_version"), None);
+        assert_eq!(s.get("TimeZone"), Some("UTC"));
+        assert_eq!(s.get("client_encoding"), Some("LATIN1"));
+        assert_eq!(s.get("search_path"), Some("a,b"));
+        assert_eq!(s.get("extra_float_digits"), None);
+        assert_eq!(s.get("user"), None);
+    }
+}

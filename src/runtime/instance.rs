@@ -1,0 +1,138 @@
+//! The state one pgsilo process shares between its workers: configuration, the auth_file,
+//! pools, client accounting, cancel keys, and the shutdown phase.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
+
+use crate::auth::ScramSecret;
+use crate::config::{Config, Userlist};
+use crate::pool::{PoolRegistry, Postman};
+use crate::proxy::cancel::CancelRegistry;
+
+/// Shutdown phases, in order. Workers poll this; signals and the admin console set it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Phase {
+    Running = 0,
+    /// SIGINT: stop accepting, let clients finish their work, then exit.
+    Draining = 1,
+    /// SIGTERM: stop accepting, close each client when its transaction ends.
+    Closing = 2,
+    /// Exit now.
+    Exiting = 3,
+}
+
+/// What a worker reports about itself, for logs and SHOW WORKERS.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub driver: &'static str,
+}
+
+pub struct Instance {
+    pub name: String,
+    config: RwLock<Arc<Config>>,
+    userlist: RwLock<Arc<Userlist>>,
+    pub pools: PoolRegistry,
+    pub cancels: CancelRegistry,
+    pub postman: OnceLock<Postman>,
+    /// Clients connected (logging in or logged in), for max_client_conn.
+    pub clients: AtomicUsize,
+    next_client_id: AtomicU64,
+    /// Key for deterministic mock SCRAM salts, so unknown users look like known ones.
+    pub mock_key: [u8; 32],
+    /// SCRAM verifiers derived from plain-text auth_file passwords, cached because
+    /// deriving one costs thousands of HMAC rounds.
+    scram_cache: Mutex<HashMap<(String, String), ScramSecret>>,
+    pub started: Instant,
+    pub workers: Mutex<Vec<WorkerInfo>>,
+    pub worker_count: usize,
+    phase: AtomicU8,
+}
+
+impl Instance {
+    pub fn new(config: Config, userlist: Userlist, worker_count: usize) -> Instance {
+        Instance {
+            name: config.general.name.clone(),
+            config: RwLock::new(Arc::new(config)),
+            userlist: RwLock::new(Arc::new(userlist)),
+            pools: PoolRegistry::new(worker_count),
+            cancels: CancelRegistry::default(),
+            postman: OnceLock::new(),
+            clients: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(1),
+            mock_key: rand::random(),
+            scram_cache: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            workers: Mutex::new(Vec::new()),
+            worker_count,
+            phase: AtomicU8::new(Phase::Running as u8),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn userlist(&self) -> Arc<Userlist> {
+        self.userlist
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn replace_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    pub fn replace_userlist(&self, userlist: Userlist) {
+        *self.userlist.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(userlist);
+        self.scram_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::SeqCst) {
+            0 => Phase::Running,
+            1 => Phase::Draining,
+            2 => Phase::Closing,
+            _ => Phase::Exiting,
+        }
+    }
+
+    /// Moves to a later phase; never back.
+    pub fn advance(&self, to: Phase) {
+        self.phase.fetch_max(to as u8, Ordering::SeqCst);
+    }
+
+    /// The SCRAM verifier for a plain-text password, derived once per (user, password).
+    pub fn scram_for_plain(&self, user: &str, password: &str) -> ScramSecret {
+        let key = (user.to_string(), password.to_string());
+        if let Some(s) = self
+            .scram_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return s.clone();
+        }
+        let secret = crate::auth::new_scram_secret(password);
+        self.scram_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, secret.clone());
+        secret
+    }
+}

@@ -1,0 +1,234 @@
+//! One worker: a pinned thread running its own monoio runtime, accepting on its own
+//! listeners and serving its clients with its own share of the server pool.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_channel::mpsc::UnboundedReceiver;
+use monoio::net::{TcpListener, TcpStream};
+
+use super::instance::{Instance, Phase, WorkerInfo};
+use crate::pool::{LocalPool, PoolMsg, Postman, SharedPool};
+use crate::proxy::login::{login, send_fatal, Opening};
+use crate::proxy::session::serve;
+
+/// Per-worker state, shared by the worker's tasks (never across threads).
+pub struct WorkerCtx {
+    pub instance: Arc<Instance>,
+    pub id: usize,
+    postman: Postman,
+    pools: RefCell<HashMap<usize, Rc<LocalPool>>>,
+}
+
+impl WorkerCtx {
+    /// This worker's side of a pool, created on first use.
+    pub fn local_pool(&self, shared: &Arc<SharedPool>) -> Rc<LocalPool> {
+        if let Some(p) = self.pools.borrow().get(&shared.id) {
+            return p.clone();
+        }
+        let pool = Rc::new(LocalPool::new(
+            shared.clone(),
+            self.id,
+            self.postman.clone(),
+        ));
+        self.apply_timeouts(&pool);
+        self.pools.borrow_mut().insert(shared.id, pool.clone());
+        pool
+    }
+
+    pub fn local_pools(&self) -> Vec<Rc<LocalPool>> {
+        self.pools.borrow().values().cloned().collect()
+    }
+
+    fn apply_timeouts(&self, pool: &LocalPool) {
+        let config = self.instance.config();
+        let g = &config.general;
+        pool.server_idle_timeout
+            .set(g.server_idle_timeout.unwrap_or(Duration::ZERO));
+        pool.server_lifetime.set(g.server_lifetime);
+    }
+}
+
+/// Everything a worker thread needs, built on the main thread.
+pub struct WorkerSpec {
+    pub id: usize,
+    pub core: Option<core_affinity::CoreId>,
+    pub listeners: Vec<std::net::TcpListener>,
+    pub pool_inbox: UnboundedReceiver<PoolMsg>,
+    pub postman: Postman,
+}
+
+/// Starts the worker thread. It reports once, on `ready`, when its listeners accept (or
+/// why it could not start), then runs until the instance exits.
+pub fn spawn(
+    instance: Arc<Instance>,
+    spec: WorkerSpec,
+    ready: std::sync::mpsc::Sender<Result<WorkerInfo, String>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let name = format!("{}:w{}", instance.name, spec.id);
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            super::title::set_thread_name(&name);
+            if let Some(core) = spec.core {
+                if !core_affinity::set_for_current(core) {
+                    let _ = ready.send(Err(format!("cannot pin to core {}", core.id)));
+                    return;
+                }
+            }
+            let builder = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .enable_timer()
+                .with_entries(1024);
+            let mut rt = match builder.build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready.send(Err(format!("cannot build the runtime: {e}")));
+                    return;
+                }
+            };
+            let driver = match &rt {
+                monoio::FusionRuntime::Uring(_) => "io_uring",
+                monoio::FusionRuntime::Legacy(_) => "epoll",
+            };
+            let info = WorkerInfo {
+                id: spec.id,
+                core: spec.core.map(|c| c.id),
+                driver,
+            };
+            rt.block_on(run(instance, spec, info, ready));
+        })
+}
+
+async fn run(
+    instance: Arc<Instance>,
+    spec: WorkerSpec,
+    info: WorkerInfo,
+    ready: std::sync::mpsc::Sender<Result<WorkerInfo, String>>,
+) {
+    let ctx = Rc::new(WorkerCtx {
+        instance: instance.clone(),
+        id: spec.id,
+        postman: spec.postman,
+        pools: RefCell::new(HashMap::new()),
+    });
+    let mut listeners = Vec::new();
+    for l in spec.listeners {
+        match TcpListener::from_std(l) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot adopt listener: {e}")));
+                return;
+            }
+        }
+    }
+    for l in listeners {
+        monoio::spawn(accept_loop(ctx.clone(), l));
+    }
+    monoio::spawn(pool_inbox(ctx.clone(), spec.pool_inbox));
+    let _ = ready.send(Ok(info));
+    drop(ready);
+
+    loop {
+        monoio::time::sleep(Duration::from_secs(1)).await;
+        for pool in ctx.local_pools() {
+            pool.close_expired();
+        }
+        if instance.phase() >= Phase::Exiting {
+            for pool in ctx.local_pools() {
+                pool.close_all_idle("shutdown");
+            }
+            return;
+        }
+    }
+}
+
+async fn pool_inbox(ctx: Rc<WorkerCtx>, mut inbox: UnboundedReceiver<PoolMsg>) {
+    use futures_core::Stream;
+    while let Some(msg) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut inbox).poll_next(cx)).await
+    {
+        let shared = match &msg {
+            PoolMsg::Steal { pool, .. }
+            | PoolMsg::Handover { pool, .. }
+            | PoolMsg::Slot { pool } => pool.clone(),
+        };
+        ctx.local_pool(&shared).on_message(msg);
+    }
+}
+
+async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener) {
+    loop {
+        if ctx.instance.phase() >= Phase::Draining {
+            return;
+        }
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
+                monoio::spawn(client(ctx.clone(), stream, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                log::warn!("accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Decrements the client count however the client's task ends.
+struct ClientCount(Arc<Instance>);
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn client(ctx: Rc<WorkerCtx>, mut stream: TcpStream, peer: SocketAddr) {
+    let _count = ClientCount(ctx.instance.clone());
+    let id = ctx.instance.next_client_id();
+    let config = ctx.instance.config();
+    let login_timeout = config.general.client_login_timeout;
+    let log_disconnections = config.general.log_disconnections;
+    drop(config);
+    let opening = match login_timeout {
+        Some(t) => match monoio::time::timeout(t, login(&ctx, &mut stream, peer, id)).await {
+            Ok(r) => r,
+            Err(_) => Err(crate::proxy::SessionError::LoginTimeout),
+        },
+        None => login(&ctx, &mut stream, peer, id).await,
+    };
+    match opening {
+        Ok(Opening::Cancel) => {}
+        Ok(Opening::Admin(admin)) => crate::admin::serve(ctx.clone(), stream, admin).await,
+        Ok(Opening::Session(who)) => {
+            let cancel_pid = who.cancel_pid;
+            let label = format!("{}/{}@{}", who.database, who.user, who.peer);
+            let started = std::time::Instant::now();
+            let result = serve(ctx.clone(), stream, who).await;
+            ctx.instance.cancels.unregister(cancel_pid);
+            if log_disconnections {
+                let why = match &result {
+                    Ok(()) => "client close request".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                log::info!(
+                    "C-{id}: {label} closing because: {why} (age={}s)",
+                    started.elapsed().as_secs()
+                );
+            }
+        }
+        Err(e) => {
+            if let Some((code, message)) = e.client_error() {
+                log::info!("C-{id}: {peer} login failed: {message}");
+                send_fatal(&mut stream, &code, &message).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Integration-test harness: throwaway real PostgreSQL clusters.
+//!
+//! Use from a test file with `mod support;` and then `support::PgCluster::start()`.
+//!
+//! A template data directory (roles, databases, pg_hba; see [`PgCluster`]) is built once
+//! per PostgreSQL version and setup revision under the cargo target dir; each cluster is a
+//! `cp -a` of it in its own scratch dir (on /dev/shm when roomy, else $TMPDIR) with its own
+//! postmaster on a free 127.0.0.1 port. Dropping a [`PgCluster`] stops it (immediate mode)
+//! and removes its directory; clusters left by a killed test process are removed by the
+//! next one. When root, the server runs as `postgres` (else `nobody`).
+//!
+//! Environment knobs: `PG_BINDIR` (which install to use), `PGSILO_TEST_TMPDIR` (where
+//! scratch dirs go), `PGSILO_KEEP_TEST_CLUSTERS=1` (keep them after drop, for debugging).
+
+#![allow(dead_code)]
+
+mod ports;
+mod postgres;
+mod process;
+
+#[allow(unused_imports)]
+pub use ports::{free_port, wait_for_port};
+#[allow(unused_imports)]
+pub use postgres::{pg_bindir, PgCluster, PgClusterBuilder};
