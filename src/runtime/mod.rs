@@ -5,6 +5,7 @@ pub mod error;
 pub mod instance;
 pub mod listener;
 pub mod log;
+pub mod notify;
 pub mod title;
 pub mod worker;
 
@@ -55,6 +56,7 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
         listener::ensure_port_free(*addr, g.listen_port)?;
     }
 
+    restrict_process_to(&cores)?;
     let instance = Arc::new(Instance::new(config, userlist, cores.len()));
     let mut senders = Vec::new();
     let mut inboxes = Vec::new();
@@ -129,9 +131,37 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
         g.pool_mode
     );
 
+    notify::notify(&format!(
+        "READY=1\nSTATUS=serving {} on {}:{} with {} worker(s)",
+        instance.name,
+        addrs.join(","),
+        g.listen_port,
+        cores.len()
+    ));
+
     wait_for_signals(&instance)?;
+    notify::notify("STOPPING=1");
     instance.advance(Phase::Exiting);
     ::log::info!("shutting down");
+    Ok(())
+}
+
+/// Keeps every thread of the process (main, signals, workers) on the tenant's cores,
+/// not only the workers, so a tenant never runs on a neighbour's core.
+fn restrict_process_to(cores: &[core_affinity::CoreId]) -> Result<(), RuntimeError> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for c in cores {
+        unsafe { libc::CPU_SET(c.id, &mut set) };
+    }
+    // SAFETY: pid 0 means the calling thread; threads spawned later inherit the mask.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(RuntimeError::Cpus(format!(
+            "cannot restrict the process to its cores: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
     Ok(())
 }
 
@@ -141,7 +171,14 @@ fn wait_for_signals(instance: &Arc<Instance>) -> Result<(), RuntimeError> {
         .map_err(RuntimeError::Signals)?;
     for sig in signals.forever() {
         match sig {
-            SIGHUP => reload(instance),
+            SIGHUP => {
+                notify::notify(&format!(
+                    "RELOADING=1\nMONOTONIC_USEC={}",
+                    notify::monotonic_usec()
+                ));
+                reload(instance);
+                notify::notify("READY=1");
+            }
             SIGINT => {
                 ::log::info!("got SIGINT, shutting down");
                 return Ok(());
