@@ -4,6 +4,7 @@
 pub mod connect;
 pub mod error;
 pub mod local;
+pub mod prepared;
 pub mod server;
 pub mod settings;
 pub mod shared;

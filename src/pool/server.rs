@@ -9,6 +9,7 @@ use std::time::Instant;
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
+use super::prepared::PreparedCache;
 use super::settings::{parse_parameter_status, Settings};
 use super::PoolError;
 use crate::protocol::io::{read_message, write_out};
@@ -48,6 +49,8 @@ pub struct ServerMeta {
     pub last_used: Instant,
     /// The transaction status of the last ReadyForQuery.
     pub tx_status: u8,
+    /// Statements prepared on this server under pgsilo's names.
+    pub prepared: PreparedCache,
 }
 
 impl ServerMeta {
@@ -64,6 +67,7 @@ impl ServerMeta {
             created: now,
             last_used: now,
             tx_status: b'I',
+            prepared: PreparedCache::default(),
         }
     }
 

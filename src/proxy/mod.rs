@@ -2,11 +2,14 @@
 //! tracking, settings carried across servers, and cancel requests.
 
 pub mod cancel;
+pub mod downstream;
 pub mod error;
+pub mod expect;
 pub mod login;
 pub mod params;
-pub mod scan;
+pub mod prepared;
 pub mod session;
 pub mod tx_tracker;
+pub mod upstream;
 
 pub use error::SessionError;

@@ -2,10 +2,10 @@
 //! needs one and handing it back when the pool mode allows, cleaning up when either side
 //! leaves.
 //!
-//! Each direction is one owned I/O operation at a time (read, then write what was read),
-//! kept alive across loop turns rather than raced and dropped: an io_uring read that is
-//! cancelled may already have consumed bytes, so no read is ever abandoned while the
-//! session runs. The loop polls both directions and the pool wait together.
+//! Four owned I/O operations can be in flight: reading the client or writing the server
+//! (one slot, in turn), reading the server, and writing the client. Each is kept alive
+//! across loop turns rather than raced and dropped: an io_uring read that is cancelled
+//! may already have consumed bytes, so no read is abandoned while the session runs.
 
 use std::future::{poll_fn, Future};
 use std::pin::pin;
@@ -20,16 +20,18 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use super::cancel::{send_cancel, CancelTarget};
+use super::downstream::{self, DownState};
+use super::expect::{Expect, ExpectQueue, Kind};
 use super::login::LoggedIn;
 use super::params::{after_sync, sync_statement};
-use super::scan::{bytes_wanted, scan_client, scan_server, Cursor, ServerEvents};
+use super::prepared::ClientStatements;
 use super::tx_tracker::TxTracker;
+use super::upstream::{self, UpCursor, UpState};
 use super::SessionError;
 use crate::config::PoolMode;
-use crate::pool::settings::parse_parameter_status;
 use crate::pool::{LocalPool, PoolError, ServerConn, ServerMeta, ServerRd, ServerWr, Settings};
 use crate::protocol::backend::{self, Severity};
-use crate::protocol::{frontend, ErrorFields, MsgBuf, SqlState};
+use crate::protocol::{frontend, MsgBuf, SqlState};
 use crate::runtime::worker::WorkerCtx;
 
 type ClientRd = OwnedReadHalf<TcpStream>;
@@ -38,6 +40,8 @@ type ClientWr = OwnedWriteHalf<TcpStream>;
 /// How long a departed client's open transaction may take to roll back before the
 /// server is closed instead.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Output pgsilo built for a slow client, beyond which the server is not read further.
+const PENDING_OUTPUT_LIMIT: usize = 256 * 1024;
 
 enum Step<R, W> {
     Read(R, MsgBuf),
@@ -62,23 +66,50 @@ async fn run_step<R: AsyncReadRent, W: AsyncWriteRent>(step: Step<R, W>) -> Done
     }
 }
 
-async fn acquire(pool: Rc<LocalPool>, wait: Option<Duration>) -> Result<ServerConn, PoolError> {
-    pool.acquire(wait).await
+async fn read_op<R: AsyncReadRent>(mut r: R, buf: MsgBuf) -> (R, std::io::Result<usize>, MsgBuf) {
+    let (res, back) = r.read(buf.into_read()).await;
+    (r, res, back.into_inner())
+}
+
+async fn write_op<W: AsyncWriteRent>(
+    mut w: W,
+    buf: MsgBuf,
+    n: usize,
+) -> (W, std::io::Result<usize>, MsgBuf) {
+    let (res, back) = w.write_all(buf.into_write(n)).await;
+    (w, res, back.into_inner())
+}
+
+async fn acquire(
+    pool: Rc<LocalPool>,
+    wait: Option<Duration>,
+) -> Result<Box<ServerConn>, PoolError> {
+    pool.acquire(wait).await.map(Box::new)
 }
 
 enum Event {
     Up(Done<ClientRd, ServerWr>),
-    Down(Done<ServerRd, ClientWr>),
-    Acquired(Result<ServerConn, PoolError>),
+    ServerRead(ServerRd, std::io::Result<usize>, MsgBuf),
+    ClientWrite(ClientWr, std::io::Result<usize>, MsgBuf),
+    Acquired(Result<Box<ServerConn>, PoolError>),
     Deadline,
 }
 
-/// The server a client is using, in pieces while the directions own them.
+/// The server a client is using, in pieces while the operations own them.
 struct Attached {
     rd: Option<ServerRd>,
     wr: Option<ServerWr>,
     meta: ServerMeta,
     since: Instant,
+}
+
+/// What the up slot is writing to the server, to settle when the write completes.
+#[derive(Clone, Copy)]
+enum UpWrite {
+    /// The first n bytes of the client buffer, as they came.
+    Range(usize),
+    /// The output buffer; then n bytes of the client buffer are done.
+    Copy(usize),
 }
 
 /// Per-session counters, folded into the pool's at each release so the shared cache
@@ -99,47 +130,45 @@ struct Flow {
     wait_timeout: Option<Duration>,
     reset_query: String,
     reset_always: bool,
-    welcome: Rc<Settings>,
+    /// Named statements are renamed and carried across servers (transaction pooling).
+    track_statements: bool,
+    max_prepared: usize,
+    welcome: Settings,
+    initial: Settings,
+
     c_rd: Option<ClientRd>,
     c_wr: Option<ClientWr>,
     server: Option<Attached>,
+
+    /// Client bytes not yet dealt with.
     ubuf: Option<MsgBuf>,
+    /// Rewritten client output for the server.
+    uout: Option<MsgBuf>,
+    up_write: Option<UpWrite>,
+    up_want: usize,
+    up_cur: UpCursor,
+
+    /// Server bytes: the first `dfwd` are processed and go to the client as they are;
+    /// `dpartial` more are the start of a message still arriving.
     dbuf: Option<MsgBuf>,
-    up_ready: usize,
-    up_cur: Cursor,
-    up_needs_server: bool,
-    down_ready: usize,
-    down_cur: Cursor,
+    dfwd: usize,
+    dpartial: usize,
+    down_skip: usize,
+    /// Client output pgsilo built (rewritten or synthesized), in order after `dfwd`.
+    dpend: MsgBuf,
+    /// The buffer lent to the client write when it writes `dpend`'s content.
+    dspare: Option<MsgBuf>,
+    synth: Vec<u8>,
+
     tracker: TxTracker,
+    queue: ExpectQueue,
+    statements: ClientStatements,
+
     /// No more reads from the client: it sent Terminate, closed, or failed.
     client_gone: bool,
+    rollback_sent: bool,
     rollback_deadline: Option<Instant>,
     tally: Tally,
-}
-
-/// Reported settings and errors seen while forwarding.
-struct Seen<'a> {
-    client: &'a mut Settings,
-    server: &'a mut ServerMeta,
-}
-
-impl ServerEvents for Seen<'_> {
-    fn parameter_status(&mut self, body: &[u8]) {
-        if let Some((name, value)) = parse_parameter_status(body) {
-            // The client changed it (SET) or the server did: either way it is now what
-            // this client has, and what the server has.
-            self.server.settings.set(name, value);
-            if crate::pool::settings::is_tracked_reported(&name.to_ascii_lowercase()) {
-                self.client.set(name, value);
-            }
-        }
-    }
-
-    fn error(&mut self, body: &[u8]) {
-        if let Some(code) = ErrorFields::code_of(body) {
-            log::debug!("server error {}", String::from_utf8_lossy(&code));
-        }
-    }
 }
 
 pub async fn serve(
@@ -151,13 +180,12 @@ pub async fn serve(
     let g = &config.general;
     let pkt_buf = g.pkt_buf.max(1024);
     let mode = who.pool.shared.mode;
-    let welcome = Rc::new(
-        who.pool
-            .shared
-            .welcome()
-            .map(|w| (*w).clone())
-            .unwrap_or_default(),
-    );
+    let welcome = who
+        .pool
+        .shared
+        .welcome()
+        .map(|w| (*w).clone())
+        .unwrap_or_default();
     let (c_rd, c_wr) = stream.into_split();
     let mut flow = Flow {
         mode,
@@ -165,19 +193,30 @@ pub async fn serve(
         wait_timeout: g.query_wait_timeout,
         reset_query: g.server_reset_query.clone().unwrap_or_default(),
         reset_always: g.server_reset_query_always,
+        track_statements: mode == PoolMode::Transaction && g.max_prepared_statements > 0,
+        max_prepared: g.max_prepared_statements,
         welcome,
+        initial: who.settings.clone(),
         c_rd: Some(c_rd),
         c_wr: Some(c_wr),
         server: None,
         ubuf: Some(MsgBuf::with_capacity(pkt_buf)),
+        uout: Some(MsgBuf::with_capacity(0)),
+        up_write: None,
+        up_want: 0,
+        up_cur: UpCursor::default(),
         dbuf: Some(MsgBuf::with_capacity(pkt_buf)),
-        up_ready: 0,
-        up_cur: Cursor::default(),
-        up_needs_server: false,
-        down_ready: 0,
-        down_cur: Cursor::default(),
+        dfwd: 0,
+        dpartial: 0,
+        down_skip: 0,
+        dpend: MsgBuf::with_capacity(0),
+        dspare: Some(MsgBuf::with_capacity(0)),
+        synth: Vec::new(),
         tracker: TxTracker::default(),
+        queue: ExpectQueue::default(),
+        statements: ClientStatements::default(),
         client_gone: false,
+        rollback_sent: false,
         rollback_deadline: None,
         tally: Tally::default(),
         who,
@@ -185,79 +224,77 @@ pub async fn serve(
     drop(config);
     let result = flow.run().await;
     flow.finish_tally();
+    if let Err(e) = &result {
+        if let (Some((code, message)), Some(mut wr)) = (e.client_error(), flow.c_wr.take()) {
+            let mut out = Vec::with_capacity(64 + message.len());
+            backend::error_response(
+                &mut out,
+                Severity::Fatal,
+                SqlState(code_static(&code)),
+                &message,
+            );
+            let _ = wr.write_all(out).await;
+        }
+    }
     result
+}
+
+fn code_static(code: &str) -> &'static str {
+    const ALL: &[&str] = &[
+        "08P01", "08006", "57P01", "57P03", "57P05", "53300", "0A000", "XX000", "25P03",
+    ];
+    ALL.iter().find(|c| **c == code).copied().unwrap_or("08006")
 }
 
 impl Flow {
     async fn run(&mut self) -> Result<(), SessionError> {
         let mut up = pin!(None::<Step<ClientRd, ServerWr>>.map(run_step));
-        let mut down = pin!(None::<Step<ServerRd, ClientWr>>.map(run_step));
+        let mut srv = pin!(None::<(ServerRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
+        let mut cli = pin!(None::<(ClientWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut acq = pin!(None::<(Rc<LocalPool>, Option<Duration>)>.map(|(p, w)| acquire(p, w)));
         let mut timer = pin!(None::<Instant>.map(|d| monoio::time::sleep_until(d.into())));
 
         loop {
-            // Start whatever each direction can do next.
+            // Client -> server: settle, process, write, or read more.
             if up.is_none() && acq.is_none() {
-                if self.up_ready > 0 && !self.up_needs_server && self.server.is_none() {
-                    // Stray COPY data after a failed COPY, or a bare Flush: the server
-                    // would ignore it, so there is no need to find one.
-                    if let Some(b) = self.ubuf.as_mut() {
-                        b.consume(self.up_ready);
-                    }
-                    self.up_ready = 0;
-                }
-                if self.up_ready > 0 {
-                    if let Some(wr) = self.server.as_mut().and_then(|s| s.wr.take()) {
-                        let buf = self.take_ubuf();
-                        up.set(Some(run_step(Step::Write(wr, buf, self.up_ready))));
-                    } else if self.server.is_none() {
-                        acq.set(Some(acquire(self.who.pool.clone(), self.wait_timeout)));
-                    }
-                } else if !self.client_gone {
-                    if let (Some(rd), Some(mut buf)) = (self.c_rd.take(), self.ubuf.take()) {
-                        buf.reserve(bytes_wanted(buf.data()).max(1024).min(self.pkt_buf));
-                        up.set(Some(run_step(Step::Read(rd, buf))));
-                    }
+                if let Some(step) = self.next_up_step()? {
+                    up.set(Some(run_step(step)));
+                } else if self.wants_acquire() {
+                    acq.set(Some(acquire(self.who.pool.clone(), self.wait_timeout)));
                 }
             }
-            if down.is_none() {
-                if self.down_ready > 0 {
-                    if self.client_gone {
-                        if let Some(b) = self.dbuf.as_mut() {
-                            b.consume(self.down_ready);
-                        }
-                        self.down_ready = 0;
-                    } else if let (Some(wr), Some(buf)) = (self.c_wr.take(), self.dbuf.take()) {
-                        down.set(Some(run_step(Step::Write(wr, buf, self.down_ready))));
-                    }
-                }
-                if down.is_none() && self.down_ready == 0 && self.wants_server_read() {
-                    if let (Some(rd), Some(mut buf)) = (
-                        self.server.as_mut().and_then(|s| s.rd.take()),
-                        self.dbuf.take(),
-                    ) {
-                        let want = bytes_wanted(buf.data());
-                        buf.reserve(want.max(1024));
-                        down.set(Some(run_step(Step::Read(rd, buf))));
-                    }
+            // Server -> client.
+            if cli.is_none() {
+                if let Some(op) = self.next_client_write() {
+                    cli.set(Some(write_op(op.0, op.1, op.2)));
                 }
             }
-            if self.server.is_some() && up.is_none() && down.is_none() && self.releasable() {
+            if srv.is_none() {
+                if let Some(op) = self.next_server_read() {
+                    srv.set(Some(read_op(op.0, op.1)));
+                }
+            }
+            // Hand the server back, or deal with a departed client's server. The client
+            // read may stay armed: it holds no part of the server.
+            if self.releasable() {
                 self.release().await;
+                continue;
             }
-            if self.client_gone && up.is_none() && acq.is_none() {
-                if self.server.is_none() {
-                    return Ok(());
+            if self.client_gone && self.server_wr_free() && !self.rollback_sent {
+                if self.tracker.is_quiet() {
+                    self.inject_rollback();
+                    continue;
                 }
-                if down.is_none() && !self.releasable() {
-                    // Server mid-request, client gone, nothing left to read: give up on it.
-                    self.abandon_server();
-                    return Ok(());
-                }
+                // A request was in flight when the client left: its outcome cannot reach
+                // anyone, and the server's state is unknown.
+                srv.set(None);
+                self.abandon_server();
             }
-            let deadline = self.rollback_deadline;
+            if self.client_gone && self.server.is_none() && up.is_none() && acq.is_none() {
+                return Ok(());
+            }
             if timer.is_none() {
-                if let Some(d) = deadline {
+                if let Some(d) = self.rollback_deadline {
                     timer.set(Some(monoio::time::sleep_until(d.into())));
                 }
             }
@@ -269,10 +306,16 @@ impl Flow {
                         return Poll::Ready(Event::Up(d));
                     }
                 }
-                if let Some(f) = down.as_mut().as_pin_mut() {
-                    if let Poll::Ready(d) = f.poll(cx) {
-                        down.set(None);
-                        return Poll::Ready(Event::Down(d));
+                if let Some(f) = srv.as_mut().as_pin_mut() {
+                    if let Poll::Ready((r, res, b)) = f.poll(cx) {
+                        srv.set(None);
+                        return Poll::Ready(Event::ServerRead(r, res, b));
+                    }
+                }
+                if let Some(f) = cli.as_mut().as_pin_mut() {
+                    if let Poll::Ready((w, res, b)) = f.poll(cx) {
+                        cli.set(None);
+                        return Poll::Ready(Event::ClientWrite(w, res, b));
                     }
                 }
                 if let Some(f) = acq.as_mut().as_pin_mut() {
@@ -296,61 +339,68 @@ impl Flow {
                     self.c_rd = Some(rd);
                     self.ubuf = Some(buf);
                     match res {
-                        Ok(0) | Err(_) => self.client_left(),
+                        Ok(0) | Err(_) => self.client_gone = true,
                         Ok(n) => {
                             self.tally.bytes_in += n as u64;
-                            self.scan_up()?;
+                            self.up_want = 0;
                         }
                     }
                 }
-                Event::Up(Done::Write(wr, res, mut buf)) => {
+                Event::Up(Done::Write(wr, res, buf)) => {
                     if let Some(s) = self.server.as_mut() {
                         s.wr = Some(wr);
                     }
-                    match res {
-                        Ok(_) => {
-                            buf.consume(self.up_ready);
-                            self.up_ready = 0;
-                            self.ubuf = Some(buf);
-                            // Anything left is a partial message; scan it again after the
-                            // next read (the cursor already knows about streamed bodies).
+                    let done = self.up_write.take();
+                    match done {
+                        Some(UpWrite::Range(n)) => {
+                            let mut b = buf;
+                            b.consume(n);
+                            self.ubuf = Some(b);
                         }
-                        Err(_) => {
-                            self.ubuf = Some(buf);
-                            return self.server_lost().await;
+                        Some(UpWrite::Copy(n)) => {
+                            let mut b = buf;
+                            b.clear();
+                            self.uout = Some(b);
+                            if let Some(u) = self.ubuf.as_mut() {
+                                u.consume(n);
+                            }
                         }
+                        None => self.uout = Some(buf),
+                    }
+                    if res.is_err() {
+                        return self.server_lost().await;
                     }
                 }
-                Event::Down(Done::Read(rd, res, buf)) => {
+                Event::ServerRead(rd, res, buf) => {
+                    log::trace!(
+                        "C-{} server read {:?} tracker={:?} q={} partial={} skip={} upw={}",
+                        self.who.id,
+                        res.as_ref().ok(),
+                        self.tracker,
+                        self.queue.len(),
+                        self.dpartial,
+                        self.down_skip,
+                        self.up_write.is_some()
+                    );
                     if let Some(s) = self.server.as_mut() {
                         s.rd = Some(rd);
                     }
                     self.dbuf = Some(buf);
                     match res {
                         Ok(0) | Err(_) => return self.server_lost().await,
-                        Ok(_) => self.scan_down()?,
+                        Ok(_) => self.process_down()?,
                     }
                 }
-                Event::Down(Done::Write(wr, res, mut buf)) => {
+                Event::ClientWrite(wr, res, buf) => {
                     self.c_wr = Some(wr);
-                    match res {
-                        Ok(n) => {
-                            self.tally.bytes_out += n as u64;
-                            buf.consume(self.down_ready);
-                            self.down_ready = 0;
-                            if self.server.is_none() {
-                                buf.shrink_to(self.pkt_buf);
-                            }
-                        }
-                        Err(_) => {
-                            buf.consume(self.down_ready);
-                            self.down_ready = 0;
-                            self.client_left();
-                        }
+                    if let Ok(n) = res {
+                        self.tally.bytes_out += n as u64;
+                    } else {
+                        self.client_gone = true;
                     }
-                    self.dbuf = Some(buf);
+                    self.settle_client_write(buf);
                 }
-                Event::Acquired(Ok(conn)) => self.attach(conn).await?,
+                Event::Acquired(Ok(conn)) => self.attach(*conn).await?,
                 Event::Acquired(Err(e)) => return Err(e.into()),
                 Event::Deadline => {
                     if self.rollback_deadline.is_some_and(|d| Instant::now() >= d) {
@@ -359,9 +409,8 @@ impl Flow {
                             self.who.id
                         );
                         self.rollback_deadline = None;
-                        // Dropping the in-flight operations closes the server socket.
                         up.set(None);
-                        down.set(None);
+                        srv.set(None);
                         self.abandon_server();
                         return Ok(());
                     }
@@ -370,22 +419,209 @@ impl Flow {
         }
     }
 
-    fn take_ubuf(&mut self) -> MsgBuf {
-        self.ubuf
-            .take()
-            .unwrap_or_else(|| MsgBuf::with_capacity(self.pkt_buf))
+    /// The next operation of the client -> server slot, if any.
+    fn next_up_step(&mut self) -> Result<Option<Step<ClientRd, ServerWr>>, SessionError> {
+        if let Some(kind) = self.up_write {
+            // Output is waiting for the server's write half.
+            let Some(wr) = self.server.as_mut().and_then(|s| s.wr.take()) else {
+                return Ok(None);
+            };
+            let step = match kind {
+                UpWrite::Range(n) => Step::Write(
+                    wr,
+                    self.ubuf.take().unwrap_or_else(|| MsgBuf::with_capacity(0)),
+                    n,
+                ),
+                UpWrite::Copy(_) => {
+                    let out = self.uout.take().unwrap_or_else(|| MsgBuf::with_capacity(0));
+                    let n = out.len();
+                    Step::Write(wr, out, n)
+                }
+            };
+            return Ok(Some(step));
+        }
+        let has_data = self.ubuf.as_ref().is_some_and(|b| !b.is_empty());
+        if has_data && self.up_want == 0 {
+            if self.server.is_some() {
+                self.process_up()?;
+                if self.up_write.is_some() {
+                    return self.next_up_step();
+                }
+            } else {
+                let data = self.ubuf.as_ref().map(|b| b.data()).unwrap_or_default();
+                let p = upstream::peek(data)?;
+                if p.terminate {
+                    self.client_gone = true;
+                    return Ok(None);
+                }
+                if p.needs_server {
+                    return Ok(None);
+                }
+                // Stray COPY data after a failed COPY, or a bare Flush: the server would
+                // ignore it, so there is no need to find one.
+                if let Some(b) = self.ubuf.as_mut() {
+                    b.consume(p.whole);
+                }
+                if p.whole == 0 {
+                    self.up_want = crate::protocol::HEADER_LEN;
+                }
+            }
+        }
+        if self.client_gone {
+            return Ok(None);
+        }
+        let (Some(rd), Some(mut buf)) = (self.c_rd.take(), self.ubuf.take()) else {
+            return Ok(None);
+        };
+        buf.reserve(
+            self.up_want
+                .saturating_sub(buf.len())
+                .max(1024)
+                .min(self.pkt_buf.max(self.up_want)),
+        );
+        Ok(Some(Step::Read(rd, buf)))
+    }
+
+    fn wants_acquire(&self) -> bool {
+        self.server.is_none()
+            && !self.client_gone
+            && self.up_want == 0
+            && self
+                .ubuf
+                .as_ref()
+                .is_some_and(|b| upstream::peek(b.data()).is_ok_and(|p| p.needs_server))
+    }
+
+    /// Runs the up-direction processing over buffered client bytes for the attached
+    /// server and decides what to write.
+    fn process_up(&mut self) -> Result<(), SessionError> {
+        let (Some(buf), Some(server)) = (self.ubuf.as_ref(), self.server.as_mut()) else {
+            return Ok(());
+        };
+        let out = self.uout.get_or_insert_with(|| MsgBuf::with_capacity(0));
+        debug_assert!(out.is_empty());
+        let mut st = UpState {
+            cur: &mut self.up_cur,
+            tracker: &mut self.tracker,
+            queue: &mut self.queue,
+            statements: if self.track_statements {
+                Some(&mut self.statements)
+            } else {
+                None
+            },
+            server: &mut server.meta.prepared,
+            max_prepared: self.max_prepared,
+        };
+        let r = upstream::process(buf.data(), &mut st, out.vec_mut())?;
+        if r.terminate {
+            if let Some(b) = self.ubuf.as_mut() {
+                b.truncate(r.consumed);
+            }
+            self.client_gone = true;
+        }
+        if r.consumed == 0 {
+            self.up_want = r.want;
+        }
+        if r.zero_copy {
+            if r.consumed > 0 {
+                self.up_write = Some(UpWrite::Range(r.consumed));
+            }
+        } else if self.uout.as_ref().is_some_and(|o| !o.is_empty()) {
+            self.up_write = Some(UpWrite::Copy(r.consumed));
+        } else if let Some(b) = self.ubuf.as_mut() {
+            // Everything was answered locally or dropped.
+            b.consume(r.consumed);
+        }
+        // Answers pgsilo owes with nothing before them go to the client now.
+        self.synth.clear();
+        self.queue
+            .flush_synth(&mut self.statements, &mut self.synth);
+        if !self.synth.is_empty() {
+            self.dpend.extend_from_slice(&self.synth);
+        }
+        Ok(())
+    }
+
+    fn next_server_read(&mut self) -> Option<(ServerRd, MsgBuf)> {
+        if self.dfwd > 0 || self.dpend.len() > PENDING_OUTPUT_LIMIT || !self.wants_server_read() {
+            return None;
+        }
+        let mut buf = self.dbuf.take()?;
+        let Some(rd) = self.server.as_mut().and_then(|s| s.rd.take()) else {
+            self.dbuf = Some(buf);
+            return None;
+        };
+        let want = self.dpartial_want(&buf);
+        buf.reserve(want.max(1024));
+        Some((rd, buf))
+    }
+
+    fn dpartial_want(&self, buf: &MsgBuf) -> usize {
+        match crate::protocol::Header::peek(buf.data()) {
+            Some(h) if h.total() > buf.len() && h.total() <= 1 << 20 => h.total() - buf.len(),
+            _ => 0,
+        }
+    }
+
+    fn next_client_write(&mut self) -> Option<(ClientWr, MsgBuf, usize)> {
+        if self.client_gone {
+            // No one to tell: drop what was meant for the client.
+            if self.dfwd > 0 {
+                if let Some(b) = self.dbuf.as_mut() {
+                    b.consume(self.dfwd);
+                    self.dfwd = 0;
+                }
+            }
+            self.dpend.clear();
+            return None;
+        }
+        if self.c_wr.is_none() {
+            return None;
+        }
+        if self.dfwd > 0 {
+            let buf = self.dbuf.take()?;
+            let wr = self.c_wr.take()?;
+            return Some((wr, buf, self.dfwd));
+        }
+        if !self.dpend.is_empty() {
+            let wr = self.c_wr.take()?;
+            let mut spare = self
+                .dspare
+                .take()
+                .unwrap_or_else(|| MsgBuf::with_capacity(0));
+            spare.clear();
+            std::mem::swap(&mut spare, &mut self.dpend);
+            let n = spare.len();
+            return Some((wr, spare, n));
+        }
+        None
+    }
+
+    /// A client write finished: give its buffer back to where it came from.
+    fn settle_client_write(&mut self, mut buf: MsgBuf) {
+        if self.dbuf.is_none() && self.dfwd > 0 {
+            buf.consume(self.dfwd);
+            self.dfwd = 0;
+            if self.server.is_none() && buf.is_empty() {
+                buf.shrink_to(self.pkt_buf);
+            }
+            self.dbuf = Some(buf);
+        } else {
+            buf.clear();
+            buf.shrink_to(self.pkt_buf);
+            self.dspare = Some(buf);
+        }
+    }
+
+    /// The up slot is not writing to the server, so pgsilo may write to it.
+    fn server_wr_free(&self) -> bool {
+        self.up_write.is_none() && self.server.as_ref().is_some_and(|s| s.wr.is_some())
     }
 
     /// The server read stays armed while a server is attached, except when transaction
     /// pooling is about to hand it back.
     fn wants_server_read(&self) -> bool {
-        let Some(s) = self.server.as_ref() else {
-            return false;
-        };
-        if s.rd.is_none() {
-            return false;
-        }
-        !self.releasable()
+        self.server.as_ref().is_some_and(|s| s.rd.is_some()) && !self.releasable()
     }
 
     /// The server owes nothing, holds no transaction, and no message is half-way across:
@@ -395,57 +631,37 @@ impl Flow {
         let Some(s) = self.server.as_ref() else {
             return false;
         };
-        let whole = s.rd.is_some() && s.wr.is_some();
-        let nothing_partial = self.up_cur.skip == 0
-            && self.down_cur.skip == 0
-            && self
-                .dbuf
-                .as_ref()
-                .is_none_or(|b| b.len() == self.down_ready);
+        let whole = s.rd.is_some() && s.wr.is_some() && self.up_write.is_none();
+        let nothing_partial = self.up_cur.skip == 0 && self.down_skip == 0 && self.dpartial == 0;
         let mode_allows = self.mode == PoolMode::Transaction || self.client_gone;
         whole && nothing_partial && mode_allows && self.tracker.is_idle()
     }
 
-    fn scan_up(&mut self) -> Result<(), SessionError> {
-        let Some(buf) = self.ubuf.as_ref() else {
-            return Ok(());
-        };
-        let scan = scan_client(
-            &buf.data()[self.up_ready..],
-            &mut self.up_cur,
-            &mut self.tracker,
-        )?;
-        self.up_ready += scan.ready;
-        self.up_needs_server |= scan.needs_server;
-        if scan.terminate {
-            // Whatever came before Terminate still goes out; nothing after it matters.
-            let keep = self.up_ready;
-            if let Some(b) = self.ubuf.as_mut() {
-                b.truncate(keep);
-            }
-            self.client_left();
-        }
-        Ok(())
-    }
-
-    fn scan_down(&mut self) -> Result<(), SessionError> {
+    fn process_down(&mut self) -> Result<(), SessionError> {
         let (Some(buf), Some(server)) = (self.dbuf.as_ref(), self.server.as_mut()) else {
             return Ok(());
         };
-        let mut seen = Seen {
-            client: &mut self.who.settings,
+        let mut st = DownState {
+            skip: &mut self.down_skip,
+            tracker: &mut self.tracker,
+            queue: &mut self.queue,
+            statements: &mut self.statements,
             server: &mut server.meta,
+            client_settings: &mut self.who.settings,
+            initial: &self.initial,
+            synth: &mut self.synth,
         };
-        let scan = scan_server(
-            &buf.data()[self.down_ready..],
-            &mut self.down_cur,
-            &mut self.tracker,
-            &mut seen,
-        )?;
-        self.down_ready += scan.ready;
-        self.tally.queries += scan.ready_for_query as u64;
-        self.tally.xacts += scan.xact_ends as u64;
+        let r = downstream::process(buf.data(), &mut st, self.dpend.vec_mut())?;
         server.meta.tx_status = self.tracker.status();
+        self.tally.queries += r.ready_for_query as u64;
+        self.tally.xacts += r.xact_ends as u64;
+        let len = buf.len();
+        if r.zero_copy {
+            self.dfwd = r.consumed;
+        } else if let Some(b) = self.dbuf.as_mut() {
+            b.consume(r.consumed);
+        }
+        self.dpartial = len - r.consumed;
         Ok(())
     }
 
@@ -498,6 +714,7 @@ impl Flow {
         Ok(())
     }
 
+    /// Takes the server out of the session; None if its halves are not both here.
     fn detach(&mut self) -> Option<ServerConn> {
         let s = self.server.take()?;
         self.who.cancel.set(None);
@@ -508,6 +725,9 @@ impl Flow {
             .servers_active
             .fetch_sub(1, Relaxed);
         self.tally.server_time += s.since.elapsed();
+        self.queue.clear();
+        self.rollback_sent = false;
+        self.rollback_deadline = None;
         match (s.rd, s.wr) {
             (Some(rd), Some(wr)) => ServerConn::reunite(rd, wr, s.meta),
             _ => None,
@@ -515,19 +735,21 @@ impl Flow {
     }
 
     /// Hands the server back: right away in transaction mode, after the reset query when
-    /// a session-mode client has left.
+    /// a session-mode client has left (or always, with server_reset_query_always).
     async fn release(&mut self) {
-        self.up_needs_server = false;
-        self.rollback_deadline = None;
-        let run_reset = self.mode == PoolMode::Session || self.reset_always;
         let Some(mut conn) = self.detach() else {
             self.who.pool.slot_freed();
             return;
         };
         self.flush_tally();
-        if run_reset && !self.reset_query.is_empty() && (self.client_gone || self.reset_always) {
+        let reset = !self.reset_query.is_empty()
+            && ((self.mode == PoolMode::Session && self.client_gone) || self.reset_always);
+        if reset {
             match conn.internal_query(&self.reset_query).await {
-                Ok(o) if o.error.is_none() && o.tx_status == b'I' => conn.meta.forget_unreported(),
+                Ok(o) if o.error.is_none() && o.tx_status == b'I' => {
+                    conn.meta.forget_unreported();
+                    conn.meta.prepared.clear();
+                }
                 Ok(o) => {
                     log::warn!(
                         "S-{}: server_reset_query failed: {}",
@@ -547,30 +769,19 @@ impl Flow {
         self.who.pool.release(conn, true);
     }
 
-    /// The client is done sending (Terminate, EOF, or an error). If its server sits in
-    /// a transaction with nothing in flight, roll it back and reuse it; if a request is
-    /// in flight, the loop closes the server once nothing more can be learned.
-    fn client_left(&mut self) {
-        if self.client_gone {
-            return;
-        }
-        self.client_gone = true;
-        let Some(server) = self.server.as_ref() else {
-            return;
-        };
-        if self.tracker.is_quiet()
-            && self.tracker.status() != b'I'
-            && self.up_ready == 0
-            && server.wr.is_some()
-        {
-            let buf = self.ubuf.get_or_insert_with(|| MsgBuf::with_capacity(64));
-            buf.clear();
-            frontend::query(buf.vec_mut(), "ROLLBACK");
-            self.up_ready = buf.len();
-            self.up_needs_server = true;
-            self.tracker.client_message(b'Q');
-            self.rollback_deadline = Some(Instant::now() + ROLLBACK_TIMEOUT);
-        }
+    /// The client left with its server inside a transaction and nothing in flight:
+    /// roll back, so the server can be reused.
+    fn inject_rollback(&mut self) {
+        self.rollback_sent = true;
+        self.rollback_deadline = Some(Instant::now() + ROLLBACK_TIMEOUT);
+        let out = self.uout.get_or_insert_with(|| MsgBuf::with_capacity(64));
+        out.clear();
+        frontend::query(out.vec_mut(), "ROLLBACK");
+        self.tracker.client_message(b'Q');
+        self.queue.push(Expect::Forward(Kind::Query));
+        // Anything the client still had buffered is moot.
+        let pending = self.ubuf.as_ref().map_or(0, |b| b.len());
+        self.up_write = Some(UpWrite::Copy(pending));
     }
 
     /// Closes a server whose state cannot be known (a query was running when the client
@@ -586,17 +797,15 @@ impl Flow {
             .stats
             .servers_active
             .fetch_sub(1, Relaxed);
-        if !self.tracker.is_quiet() {
-            if let Some(secret) = s.meta.backend_secret {
-                let target = CancelTarget {
-                    addr: s.meta.addr,
-                    pid: s.meta.backend_pid,
-                    secret,
-                };
-                monoio::spawn(async move {
-                    let _ = send_cancel(target).await;
-                });
-            }
+        if let Some(secret) = s.meta.backend_secret {
+            let target = CancelTarget {
+                addr: s.meta.addr,
+                pid: s.meta.backend_pid,
+                secret,
+            };
+            monoio::spawn(async move {
+                let _ = send_cancel(target).await;
+            });
         }
         log::info!(
             "S-{}: closing because: client left with a request in flight",
@@ -607,7 +816,7 @@ impl Flow {
     }
 
     /// The server closed or failed under the client. Whatever it said last (often a
-    /// FATAL) has been forwarded; pgsilo adds its own so the client always learns why.
+    /// FATAL) goes to the client, then pgsilo's own error, so the client always learns why.
     async fn server_lost(&mut self) -> Result<(), SessionError> {
         if let Some(s) = self.server.take() {
             log::info!(
@@ -628,10 +837,12 @@ impl Flow {
         if self.client_gone {
             return Ok(());
         }
-        // Flush what was already read from the server, then the error.
-        if let (Some(mut wr), Some(mut buf)) = (self.c_wr.take(), self.dbuf.take()) {
-            buf.truncate(self.down_ready);
-            let mut out = buf.data().to_vec();
+        if let Some(mut wr) = self.c_wr.take() {
+            let mut out = Vec::new();
+            if let Some(b) = self.dbuf.as_ref() {
+                out.extend_from_slice(&b.data()[..self.dfwd.min(b.len())]);
+            }
+            out.extend_from_slice(self.dpend.data());
             backend::error_response(
                 &mut out,
                 Severity::Fatal,
@@ -640,9 +851,7 @@ impl Flow {
             );
             let _ = wr.write_all(out).await;
         }
-        Err(SessionError::ClientGone(
-            crate::protocol::io::WireError::Closed,
-        ))
+        Err(SessionError::ServerGone)
     }
 
     fn flush_tally(&mut self) {

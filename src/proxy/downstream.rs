@@ -1,0 +1,293 @@
+//! Server-to-client bytes: find message boundaries, follow ReadyForQuery and COPY,
+//! record reported settings, and insert or drop the few messages pgsilo answers for
+//! itself. As upstream, untouched chunks go out as the bytes that came in.
+
+use super::expect::{Disposition, ExpectQueue};
+use super::prepared::ClientStatements;
+use super::tx_tracker::TxTracker;
+use crate::pool::settings::{is_tracked_reported, parse_parameter_status};
+use crate::pool::{ServerMeta, Settings};
+use crate::protocol::framing::{Header, HEADER_LEN};
+use crate::protocol::ProtocolError;
+
+pub const SERVER_MESSAGE_LIMIT: u32 = i32::MAX as u32;
+
+pub struct DownState<'a> {
+    /// Body bytes of a streamed message still to pass.
+    pub skip: &'a mut usize,
+    pub tracker: &'a mut TxTracker,
+    pub queue: &'a mut ExpectQueue,
+    pub statements: &'a mut ClientStatements,
+    pub server: &'a mut ServerMeta,
+    /// The settings this client expects, and those it logged in with.
+    pub client_settings: &'a mut Settings,
+    pub initial: &'a Settings,
+    /// Synthesized bytes, reused between calls.
+    pub synth: &'a mut Vec<u8>,
+}
+
+impl DownState<'_> {
+    fn parameter_status(&mut self, body: &[u8]) {
+        if let Some((name, value)) = parse_parameter_status(body) {
+            // The client changed it (SET) or the server did: either way it is now what
+            // this client has, and what the server has.
+            self.server.settings.set(name, value);
+            if is_tracked_reported(&name.to_ascii_lowercase()) {
+                self.client_settings.set(name, value);
+            }
+        }
+    }
+
+    fn command_complete(&mut self, tag: &[u8]) {
+        match tag {
+            b"DEALLOCATE ALL" => {
+                self.server.prepared.clear();
+                self.statements.clear();
+            }
+            b"DISCARD ALL" => {
+                self.server.prepared.clear();
+                self.statements.clear();
+                self.reset_settings();
+            }
+            b"RESET" => self.reset_settings(),
+            _ => {}
+        }
+    }
+
+    /// After RESET ALL / DISCARD ALL PostgreSQL reverts to the session's startup values;
+    /// this client's are what it logged in with.
+    fn reset_settings(&mut self) {
+        self.server.forget_unreported();
+        *self.client_settings = self.initial.clone();
+    }
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DownResult {
+    pub consumed: usize,
+    /// Output is the consumed input as it is; otherwise it was appended to `out`.
+    pub zero_copy: bool,
+    pub ready_for_query: u32,
+    pub xact_ends: u32,
+    /// Bytes the buffer must hold to get past a message that must be read whole.
+    pub want: usize,
+}
+
+/// Processes server bytes. When `out` already holds bytes waiting for the client, new
+/// output is appended after them so order is kept.
+pub fn process(
+    data: &[u8],
+    st: &mut DownState,
+    out: &mut Vec<u8>,
+) -> Result<DownResult, ProtocolError> {
+    let mut res = DownResult::default();
+    let mut copying = !out.is_empty();
+    let mut at = 0;
+    loop {
+        if *st.skip > 0 {
+            let n = (*st.skip).min(data.len() - at);
+            if copying {
+                out.extend_from_slice(&data[at..at + n]);
+            }
+            at += n;
+            *st.skip -= n;
+            if *st.skip > 0 {
+                break;
+            }
+            continue;
+        }
+        let Some(h) = Header::peek(&data[at..]) else {
+            res.want = HEADER_LEN;
+            break;
+        };
+        h.validate(SERVER_MESSAGE_LIMIT)?;
+        let have = data.len() - at;
+        let whole = have >= h.total();
+        // These are read whole (all small); anything else may stream through.
+        if !whole && matches!(h.tag, b'Z' | b'S' | b'C' | b'1' | b'2' | b'3' | b'n' | b'G') {
+            res.want = h.total();
+            break;
+        }
+        let body = &data[at + HEADER_LEN..at + h.total().min(have)];
+        match h.tag {
+            b'Z' => {
+                let status = body.first().copied();
+                st.tracker.server_message(b'Z', status);
+                res.ready_for_query += 1;
+                if status == Some(b'I') {
+                    res.xact_ends += 1;
+                }
+            }
+            b'S' => st.parameter_status(body),
+            b'C' => st.command_complete(body.strip_suffix(&[0]).unwrap_or(body)),
+            tag => st.tracker.server_message(tag, None),
+        }
+        st.synth.clear();
+        let disposition =
+            st.queue
+                .server_message(h.tag, st.statements, &mut st.server.prepared, st.synth);
+        if !st.synth.is_empty() || disposition == Disposition::Swallow {
+            if !copying {
+                out.extend_from_slice(&data[..at]);
+                copying = true;
+            }
+            out.extend_from_slice(st.synth);
+        }
+        let end = at + h.total().min(have);
+        if disposition == Disposition::Forward && copying {
+            out.extend_from_slice(&data[at..end]);
+        }
+        if !whole {
+            *st.skip = h.total() - have;
+            at = end;
+            break;
+        }
+        at = end;
+        st.synth.clear();
+        st.queue.flush_synth(st.statements, st.synth);
+        if !st.synth.is_empty() {
+            if !copying {
+                out.extend_from_slice(&data[..at]);
+                copying = true;
+            }
+            out.extend_from_slice(st.synth);
+        }
+    }
+    res.consumed = at;
+    res.zero_copy = !copying;
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::expect::{Expect, Kind};
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    struct Fixture {
+        skip: usize,
+        tracker: TxTracker,
+        queue: ExpectQueue,
+        stmts: ClientStatements,
+        server: ServerMeta,
+        settings: Settings,
+        initial: Settings,
+        synth: Vec<u8>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            Fixture {
+                skip: 0,
+                tracker: TxTracker::default(),
+                queue: ExpectQueue::default(),
+                stmts: ClientStatements::default(),
+                server: ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1),
+                settings: Settings::default(),
+                initial: Settings::default(),
+                synth: Vec::new(),
+            }
+        }
+
+        fn run(&mut self, data: &[u8], out: &mut Vec<u8>) -> DownResult {
+            let mut st = DownState {
+                skip: &mut self.skip,
+                tracker: &mut self.tracker,
+                queue: &mut self.queue,
+                statements: &mut self.stmts,
+                server: &mut self.server,
+                client_settings: &mut self.settings,
+                initial: &self.initial,
+                synth: &mut self.synth,
+            };
+            process(data, &mut st, out).unwrap()
+        }
+    }
+
+    #[test]
+    fn plain_responses_are_not_copied() {
+        let mut f = Fixture::new();
+        f.tracker.client_message(b'Q');
+        f.queue.push(Expect::Forward(Kind::Query));
+        let mut data = msg(b'T', b"\0\0");
+        data.extend(msg(b'D', b"\0\0"));
+        data.extend(msg(b'S', b"TimeZone\0UTC\0"));
+        data.extend(msg(b'C', b"SELECT 1\0"));
+        data.extend(msg(b'Z', b"I"));
+        let mut out = Vec::new();
+        let r = f.run(&data, &mut out);
+        assert!(r.zero_copy);
+        assert_eq!(r.consumed, data.len());
+        assert_eq!(r.xact_ends, 1);
+        assert!(f.tracker.is_idle());
+        assert_eq!(f.settings.get("timezone"), Some("UTC"));
+        assert_eq!(f.server.settings.get("TimeZone"), Some("UTC"));
+    }
+
+    #[test]
+    fn deallocate_all_forgets_statements() {
+        let mut f = Fixture::new();
+        f.server.prepared.insert(5, 10);
+        f.stmts.insert(
+            b"s",
+            std::rc::Rc::new(crate::proxy::prepared::StmtDef::new(b"x\0\0\0")),
+        );
+        let mut out = Vec::new();
+        f.run(&msg(b'C', b"DEALLOCATE ALL\0"), &mut out);
+        assert!(f.server.prepared.is_empty());
+        assert!(f.stmts.is_empty());
+    }
+
+    #[test]
+    fn swallows_injected_parse_complete_and_inserts_synthesized_ones() {
+        let mut f = Fixture::new();
+        f.queue.push(Expect::InjectedParse { hash: 1 });
+        f.queue.push(Expect::Forward(Kind::Bind));
+        f.queue.push(Expect::SynthClose {
+            client_name: b"x".to_vec().into(),
+            def: None,
+        });
+        f.queue.push(Expect::Forward(Kind::Sync));
+        let mut data = msg(b'1', b"");
+        data.extend(msg(b'2', b""));
+        data.extend(msg(b'Z', b"I"));
+        let mut out = Vec::new();
+        let r = f.run(&data, &mut out);
+        assert!(!r.zero_copy);
+        let mut expect = msg(b'2', b"");
+        expect.extend(msg(b'3', b""));
+        expect.extend(msg(b'Z', b"I"));
+        assert_eq!(out, expect);
+    }
+
+    #[test]
+    fn waits_for_a_whole_ready_for_query_and_streams_big_rows() {
+        let mut f = Fixture::new();
+        let row = msg(b'D', &vec![1u8; 9000]);
+        let mut out = Vec::new();
+        let r = f.run(&row[..4000], &mut out);
+        assert_eq!(r.consumed, 4000);
+        assert_eq!(f.skip, row.len() - 4000);
+        f.skip = 0;
+        let z = msg(b'Z', b"I");
+        let r = f.run(&z[..3], &mut out);
+        assert_eq!(r.consumed, 0);
+        assert_eq!(r.want, 5);
+    }
+
+    #[test]
+    fn appends_after_output_already_waiting() {
+        let mut f = Fixture::new();
+        let mut out = b"earlier".to_vec();
+        let data = msg(b'N', b"\0");
+        let r = f.run(&data, &mut out);
+        assert!(!r.zero_copy);
+        assert_eq!(&out[7..], &data[..]);
+    }
+}

@@ -1,0 +1,390 @@
+//! The responses a server owes, in order, so pgsilo can answer for messages it did not
+//! forward (a Parse of a statement the server already has, a Close it keeps), swallow
+//! answers to messages it added (a Parse on a server that lacks the statement), and keep
+//! count when an error makes the server skip everything up to the next Sync.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use super::prepared::{ClientStatements, StmtDef};
+use crate::pool::prepared::{PreparedCache, StmtHash};
+
+/// Which client message a forwarded entry stands for; it decides which server message
+/// completes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Parse,
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+pub enum Expect {
+    Forward(Kind),
+    /// A client Parse sent under pgsilo's name; undone if the server never runs it.
+    NamedParse {
+        hash: StmtHash,
+        client_name: Box<[u8]>,
+    },
+    /// pgsilo's own Parse ahead of a Bind or Describe; its ParseComplete is swallowed.
+    InjectedParse {
+        hash: StmtHash,
+    },
+    /// pgsilo's own Close evicting a statement; its CloseComplete is swallowed.
+    InjectedClose {
+        hash: StmtHash,
+    },
+    /// ParseComplete owed for a statement the server already had.
+    SynthParse {
+        client_name: Box<[u8]>,
+    },
+    /// CloseComplete owed for a Close pgsilo answered itself.
+    SynthClose {
+        client_name: Box<[u8]>,
+        def: Option<Rc<StmtDef>>,
+    },
+    /// An ErrorResponse pgsilo raises in the client's stream (whole message bytes).
+    SynthError(Box<[u8]>),
+}
+
+impl Expect {
+    fn is_synth(&self) -> bool {
+        matches!(
+            self,
+            Expect::SynthParse { .. } | Expect::SynthClose { .. } | Expect::SynthError(_)
+        )
+    }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Expect::Forward(k) => *k,
+            Expect::NamedParse { .. }
+            | Expect::InjectedParse { .. }
+            | Expect::SynthParse { .. } => Kind::Parse,
+            Expect::InjectedClose { .. } | Expect::SynthClose { .. } => Kind::Close,
+            // An error pgsilo raised behaves like a message the server failed.
+            Expect::SynthError(_) => Kind::Parse,
+        }
+    }
+
+    fn swallowed(&self) -> bool {
+        matches!(
+            self,
+            Expect::InjectedParse { .. } | Expect::InjectedClose { .. }
+        )
+    }
+
+    fn completed_by(&self, tag: u8) -> bool {
+        match self.kind() {
+            Kind::Parse => tag == b'1',
+            Kind::Bind => tag == b'2',
+            Kind::DescribeStatement | Kind::DescribePortal => tag == b'T' || tag == b'n',
+            Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Kind::Close => tag == b'3',
+            Kind::Sync | Kind::Query | Kind::FunctionCall => tag == b'Z',
+        }
+    }
+
+    /// The server will never run this message (an earlier one failed): take back what
+    /// was recorded when it was sent.
+    fn undo(self, client: &mut ClientStatements, server: &mut PreparedCache) {
+        match self {
+            Expect::NamedParse { hash, client_name } => {
+                server.remove(hash);
+                client.remove(&client_name);
+            }
+            Expect::InjectedParse { hash } => server.remove(hash),
+            Expect::InjectedClose { hash } => {
+                server.insert(hash, 0);
+            }
+            Expect::SynthParse { client_name } => client.remove(&client_name),
+            Expect::SynthClose {
+                client_name,
+                def: Some(def),
+            } => client.insert(&client_name, def),
+            Expect::SynthClose { def: None, .. } | Expect::SynthError(_) | Expect::Forward(_) => {}
+        }
+    }
+}
+
+/// What to do with one server message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    Forward,
+    Swallow,
+}
+
+#[derive(Default)]
+pub struct ExpectQueue {
+    q: VecDeque<Expect>,
+    /// Between the server's CopyInResponse and the client's CopyDone/CopyFail: the
+    /// server ignores Syncs then, so none are expected for them.
+    copy_in: bool,
+    /// An error pgsilo raised itself: drop client messages up to the next Sync, as the
+    /// server would have.
+    pub skipping: bool,
+}
+
+impl ExpectQueue {
+    pub fn push(&mut self, e: Expect) {
+        self.q.push_back(e);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// A client message is about to go to the server (or be answered by pgsilo).
+    pub fn client_copy_end(&mut self) {
+        self.copy_in = false;
+    }
+
+    pub fn in_copy(&self) -> bool {
+        self.copy_in
+    }
+
+    /// Emits every owed synthesized response now at the head of the queue.
+    pub fn flush_synth(&mut self, client: &mut ClientStatements, out: &mut Vec<u8>) {
+        while self.q.front().is_some_and(|e| e.is_synth()) {
+            if let Some(e) = self.q.pop_front() {
+                write_synth(&e, out);
+                if let Expect::SynthError(_) = e {
+                    self.after_error(client, None);
+                }
+            }
+        }
+    }
+
+    /// Decides about one server message (its type byte) and applies its effects. Owed
+    /// synthesized responses that come before it are appended to `out` first; the caller
+    /// appends the message itself, then calls [`ExpectQueue::flush_synth`] for those
+    /// that follow it.
+    pub fn server_message(
+        &mut self,
+        tag: u8,
+        client: &mut ClientStatements,
+        server: &mut PreparedCache,
+        out: &mut Vec<u8>,
+    ) -> Disposition {
+        self.flush_synth(client, out);
+        if matches!(tag, b'N' | b'S' | b'A') {
+            return Disposition::Forward;
+        }
+        let Some(head) = self.q.front() else {
+            return Disposition::Forward;
+        };
+        if tag == b'G' {
+            self.copy_in = true;
+            // Syncs pipelined behind the COPY arrived during copy-in mode: ignored.
+            let mut i = 1;
+            while i < self.q.len() {
+                if matches!(self.q[i], Expect::Forward(Kind::Sync)) {
+                    self.q.remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+            return Disposition::Forward;
+        }
+        if tag == b'E' {
+            return match head.kind() {
+                // Inside a simple query an error ends that statement, not the query; at a
+                // Sync it is a commit failure; both still end with ReadyForQuery.
+                Kind::Query | Kind::FunctionCall | Kind::Sync => Disposition::Forward,
+                _ => {
+                    let failed = self.q.pop_front();
+                    self.after_error(client, failed.map(|f| (f, &mut *server)));
+                    Disposition::Forward
+                }
+            };
+        }
+        if tag == b'Z' {
+            // Pop up to and including the entry this ReadyForQuery ends; anything before
+            // it was skipped by the server.
+            while let Some(e) = self.q.pop_front() {
+                let ends = matches!(e.kind(), Kind::Sync | Kind::Query | Kind::FunctionCall);
+                if !ends {
+                    e.undo(client, server);
+                    continue;
+                }
+                break;
+            }
+            self.copy_in = false;
+            return Disposition::Forward;
+        }
+        let disposition = if head.swallowed() {
+            Disposition::Swallow
+        } else {
+            Disposition::Forward
+        };
+        if head.completed_by(tag) {
+            self.q.pop_front();
+        }
+        disposition
+    }
+
+    /// An extended-protocol message failed: the server skips to the next Sync, so the
+    /// entries before that Sync will never be answered.
+    fn after_error(
+        &mut self,
+        client: &mut ClientStatements,
+        failed: Option<(Expect, &mut PreparedCache)>,
+    ) {
+        let mut dummy = PreparedCache::default();
+        let server: &mut PreparedCache = match failed {
+            Some((e, server)) => {
+                e.undo(client, server);
+                server
+            }
+            None => &mut dummy,
+        };
+        while self
+            .q
+            .front()
+            .is_some_and(|e| !matches!(e.kind(), Kind::Sync))
+        {
+            if let Some(e) = self.q.pop_front() {
+                e.undo(client, server);
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.q.clear();
+        self.copy_in = false;
+        self.skipping = false;
+    }
+}
+
+fn write_synth(e: &Expect, out: &mut Vec<u8>) {
+    match e {
+        Expect::SynthParse { .. } => out.extend_from_slice(&[b'1', 0, 0, 0, 4]),
+        Expect::SynthClose { .. } => out.extend_from_slice(&[b'3', 0, 0, 0, 4]),
+        Expect::SynthError(bytes) => out.extend_from_slice(bytes),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> Box<[u8]> {
+        s.as_bytes().into()
+    }
+
+    #[test]
+    fn synthesized_parse_complete_comes_before_the_bind_complete() {
+        let mut q = ExpectQueue::default();
+        let mut client = ClientStatements::default();
+        let mut server = PreparedCache::default();
+        q.push(Expect::SynthParse {
+            client_name: name("s1"),
+        });
+        q.push(Expect::Forward(Kind::Bind));
+        q.push(Expect::Forward(Kind::Execute));
+        q.push(Expect::Forward(Kind::Sync));
+        let mut out = Vec::new();
+        q.flush_synth(&mut client, &mut out);
+        assert_eq!(out, vec![b'1', 0, 0, 0, 4]);
+        assert_eq!(
+            q.server_message(b'2', &mut client, &mut server, &mut out),
+            Disposition::Forward
+        );
+        out.clear();
+        for tag in [b'D', b'C', b'Z'] {
+            assert_eq!(
+                q.server_message(tag, &mut client, &mut server, &mut out),
+                Disposition::Forward
+            );
+        }
+        assert!(out.is_empty());
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn injected_parse_is_swallowed_and_an_error_skips_to_sync() {
+        let mut q = ExpectQueue::default();
+        let mut client = ClientStatements::default();
+        let mut server = PreparedCache::default();
+        server.insert(7, 10);
+        server.insert(8, 10);
+        client.insert(b"s2", Rc::new(StmtDef::new(b"x\0\0\0")));
+        q.push(Expect::InjectedParse { hash: 7 });
+        q.push(Expect::Forward(Kind::Bind));
+        q.push(Expect::Forward(Kind::Execute));
+        q.push(Expect::NamedParse {
+            hash: 8,
+            client_name: name("s2"),
+        });
+        q.push(Expect::Forward(Kind::Sync));
+        let mut out = Vec::new();
+        assert_eq!(
+            q.server_message(b'1', &mut client, &mut server, &mut out),
+            Disposition::Swallow
+        );
+        // The Bind fails: Execute and the later Parse are skipped by the server.
+        assert_eq!(
+            q.server_message(b'E', &mut client, &mut server, &mut out),
+            Disposition::Forward
+        );
+        assert!(server.contains(7));
+        assert!(!server.contains(8));
+        assert!(client.get(b"s2").is_none());
+        assert_eq!(
+            q.server_message(b'Z', &mut client, &mut server, &mut out),
+            Disposition::Forward
+        );
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn synthesized_error_drops_what_follows_until_sync() {
+        let mut q = ExpectQueue::default();
+        let mut client = ClientStatements::default();
+        let mut server = PreparedCache::default();
+        q.push(Expect::SynthError(name("Exx")));
+        q.push(Expect::Forward(Kind::Sync));
+        let mut out = Vec::new();
+        q.flush_synth(&mut client, &mut out);
+        assert_eq!(out, b"Exx");
+        assert_eq!(q.len(), 1);
+        assert_eq!(
+            q.server_message(b'Z', &mut client, &mut server, &mut out),
+            Disposition::Forward
+        );
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn copy_in_drops_pipelined_syncs() {
+        let mut q = ExpectQueue::default();
+        let mut client = ClientStatements::default();
+        let mut server = PreparedCache::default();
+        let mut out = Vec::new();
+        for k in [Kind::Parse, Kind::Bind, Kind::Execute, Kind::Sync] {
+            q.push(Expect::Forward(k));
+        }
+        for tag in [b'1', b'2'] {
+            q.server_message(tag, &mut client, &mut server, &mut out);
+        }
+        q.server_message(b'G', &mut client, &mut server, &mut out);
+        assert_eq!(q.len(), 1);
+        assert!(q.in_copy());
+        q.client_copy_end();
+        q.push(Expect::Forward(Kind::Sync));
+        for tag in [b'C', b'Z'] {
+            q.server_message(tag, &mut client, &mut server, &mut out);
+        }
+        assert!(q.is_empty());
+    }
+}
