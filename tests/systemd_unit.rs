@@ -32,7 +32,14 @@ const UNIT_BROKEN: &str = "pgsilo@broken.service";
 
 #[test]
 fn template_unit_under_systemd() {
-    if let Some(reason) = support::nspawn::unavailable() {
+    let make_missing = || {
+        std::process::Command::new("make")
+            .arg("--version")
+            .output()
+            .is_err()
+            .then(|| "make not found (the test runs `make install` in the machine)".to_string())
+    };
+    if let Some(reason) = support::nspawn::unavailable().or_else(make_missing) {
         println!("SKIPPED systemd_unit::template_unit_under_systemd: {reason}");
         return;
     }
