@@ -14,6 +14,7 @@
 
 #![allow(dead_code)]
 
+pub mod nspawn;
 mod ports;
 mod postgres;
 mod process;
