@@ -372,16 +372,6 @@ impl Flow {
                     }
                 }
                 Event::ServerRead(rd, res, buf) => {
-                    log::trace!(
-                        "C-{} server read {:?} tracker={:?} q={} partial={} skip={} upw={}",
-                        self.who.id,
-                        res.as_ref().ok(),
-                        self.tracker,
-                        self.queue.len(),
-                        self.dpartial,
-                        self.down_skip,
-                        self.up_write.is_some()
-                    );
                     if let Some(s) = self.server.as_mut() {
                         s.rd = Some(rd);
                     }
