@@ -24,6 +24,9 @@ pub struct DownState<'a> {
     pub initial: &'a Settings,
     /// Synthesized bytes, reused between calls.
     pub synth: &'a mut Vec<u8>,
+    /// Set when the client LISTENs: notifications only reach it while it keeps this
+    /// server, so transaction pooling keeps the server with the client from then on.
+    pub pinned: &'a mut bool,
 }
 
 impl DownState<'_> {
@@ -50,6 +53,7 @@ impl DownState<'_> {
                 self.reset_settings();
             }
             b"RESET" => self.reset_settings(),
+            b"LISTEN" => *self.pinned = true,
             _ => {}
         }
     }
@@ -179,6 +183,7 @@ mod tests {
         settings: Settings,
         initial: Settings,
         synth: Vec<u8>,
+        pinned: bool,
     }
 
     impl Fixture {
@@ -192,6 +197,7 @@ mod tests {
                 settings: Settings::default(),
                 initial: Settings::default(),
                 synth: Vec::new(),
+                pinned: false,
             }
         }
 
@@ -205,6 +211,7 @@ mod tests {
                 client_settings: &mut self.settings,
                 initial: &self.initial,
                 synth: &mut self.synth,
+                pinned: &mut self.pinned,
             };
             process(data, &mut st, out).unwrap()
         }
@@ -228,6 +235,14 @@ mod tests {
         assert!(f.tracker.is_idle());
         assert_eq!(f.settings.get("timezone"), Some("UTC"));
         assert_eq!(f.server.settings.get("TimeZone"), Some("UTC"));
+    }
+
+    #[test]
+    fn listen_pins_the_server() {
+        let mut f = Fixture::new();
+        let mut out = Vec::new();
+        f.run(&msg(b'C', b"LISTEN\0"), &mut out);
+        assert!(f.pinned);
     }
 
     #[test]

@@ -164,6 +164,8 @@ struct Flow {
     queue: ExpectQueue,
     statements: ClientStatements,
 
+    /// The client LISTENs: it keeps its server until it leaves, whatever the pool mode.
+    pinned: bool,
     /// No more reads from the client: it sent Terminate, closed, or failed.
     client_gone: bool,
     rollback_sent: bool,
@@ -215,6 +217,7 @@ pub async fn serve(
         tracker: TxTracker::default(),
         queue: ExpectQueue::default(),
         statements: ClientStatements::default(),
+        pinned: false,
         client_gone: false,
         rollback_sent: false,
         rollback_deadline: None,
@@ -623,7 +626,7 @@ impl Flow {
         };
         let whole = s.rd.is_some() && s.wr.is_some() && self.up_write.is_none();
         let nothing_partial = self.up_cur.skip == 0 && self.down_skip == 0 && self.dpartial == 0;
-        let mode_allows = self.mode == PoolMode::Transaction || self.client_gone;
+        let mode_allows = (self.mode == PoolMode::Transaction && !self.pinned) || self.client_gone;
         whole && nothing_partial && mode_allows && self.tracker.is_idle()
     }
 
@@ -640,8 +643,16 @@ impl Flow {
             client_settings: &mut self.who.settings,
             initial: &self.initial,
             synth: &mut self.synth,
+            pinned: &mut self.pinned,
         };
+        let was_pinned = *st.pinned;
         let r = downstream::process(buf.data(), &mut st, self.dpend.vec_mut())?;
+        if self.pinned && !was_pinned && self.mode == PoolMode::Transaction {
+            log::info!(
+                "C-{}: LISTEN under transaction pooling: the client keeps its server until it disconnects",
+                self.who.id
+            );
+        }
         server.meta.tx_status = self.tracker.status();
         self.tally.queries += r.ready_for_query as u64;
         self.tally.xacts += r.xact_ends as u64;
@@ -734,11 +745,21 @@ impl Flow {
         self.flush_tally();
         let reset = !self.reset_query.is_empty()
             && ((self.mode == PoolMode::Session && self.client_gone) || self.reset_always);
-        if reset {
-            match conn.internal_query(&self.reset_query).await {
+        // A departed listener's channels must not deliver to the next client.
+        let unlisten = self.pinned && !reset;
+        if reset || unlisten {
+            let sql = if reset {
+                self.reset_query.as_str()
+            } else {
+                "UNLISTEN *"
+            };
+            match conn.internal_query(sql).await {
                 Ok(o) if o.error.is_none() && o.tx_status == b'I' => {
-                    conn.meta.forget_unreported();
-                    conn.meta.prepared.clear();
+                    if reset {
+                        // What the reset query (DISCARD ALL, typically) threw away.
+                        conn.meta.forget_unreported();
+                        conn.meta.prepared.clear();
+                    }
                 }
                 Ok(o) => {
                     log::warn!(
