@@ -71,6 +71,20 @@ impl ServerMeta {
         }
     }
 
+    /// What a completed command (its CommandComplete tag) did to the session state
+    /// pgsilo keeps about this server.
+    pub fn command_done(&mut self, tag: &[u8]) {
+        match tag {
+            b"DISCARD ALL" => {
+                self.prepared.clear();
+                self.forget_unreported();
+            }
+            b"DEALLOCATE ALL" => self.prepared.clear(),
+            b"RESET" => self.forget_unreported(),
+            _ => {}
+        }
+    }
+
     /// After RESET ALL / DISCARD ALL every setting is back to the server's default; the
     /// reported ones announce their new values, the unreported ones pgsilo forgets.
     pub fn forget_unreported(&mut self) {
@@ -182,8 +196,11 @@ impl ServerConn {
                         self.meta.settings.set(name, value);
                     }
                 }
+                b'C' => self
+                    .meta
+                    .command_done(body.strip_suffix(&[0]).unwrap_or(body)),
                 // COPY cannot be started by pgsilo's own statements; anything else
-                // (rows, command tags, notices) is of no interest.
+                // (rows, notices) is of no interest.
                 _ => {}
             }
             buf.consume(h.total());

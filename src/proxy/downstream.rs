@@ -42,13 +42,10 @@ impl DownState<'_> {
     }
 
     fn command_complete(&mut self, tag: &[u8]) {
+        self.server.command_done(tag);
         match tag {
-            b"DEALLOCATE ALL" => {
-                self.server.prepared.clear();
-                self.statements.clear();
-            }
+            b"DEALLOCATE ALL" => self.statements.clear(),
             b"DISCARD ALL" => {
-                self.server.prepared.clear();
                 self.statements.clear();
                 self.reset_settings();
             }
@@ -61,7 +58,6 @@ impl DownState<'_> {
     /// After RESET ALL / DISCARD ALL PostgreSQL reverts to the session's startup values;
     /// this client's are what it logged in with.
     fn reset_settings(&mut self) {
-        self.server.forget_unreported();
         *self.client_settings = self.initial.clone();
     }
 }

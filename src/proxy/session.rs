@@ -754,13 +754,7 @@ impl Flow {
                 "UNLISTEN *"
             };
             match conn.internal_query(sql).await {
-                Ok(o) if o.error.is_none() && o.tx_status == b'I' => {
-                    if reset {
-                        // What the reset query (DISCARD ALL, typically) threw away.
-                        conn.meta.forget_unreported();
-                        conn.meta.prepared.clear();
-                    }
-                }
+                Ok(o) if o.error.is_none() && o.tx_status == b'I' => {}
                 Ok(o) => {
                     log::warn!(
                         "S-{}: server_reset_query failed: {}",
