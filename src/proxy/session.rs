@@ -568,9 +568,8 @@ impl Flow {
             self.dpend.clear();
             return None;
         }
-        if self.c_wr.is_none() {
-            return None;
-        }
+        // The client write half must be free before either buffer is taken.
+        self.c_wr.as_ref()?;
         if self.dfwd > 0 {
             let buf = self.dbuf.take()?;
             let wr = self.c_wr.take()?;
