@@ -25,11 +25,7 @@ fn main() -> ExitCode {
             for p in &problems {
                 eprintln!("{p}");
             }
-            eprintln!(
-                "pgsilo: {} problem(s) in {}",
-                problems.len(),
-                args.config.display()
-            );
+            eprintln!("pgsilo: {} problem(s) in {}", problems.len(), args.config.display());
             return ExitCode::from(1);
         }
     };

@@ -23,9 +23,7 @@ enum AuthRequest {
 
 fn first_auth_request(port: u16, user: &str, db: &str) -> AuthRequest {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut body = Vec::new();
     body.extend_from_slice(&196_608i32.to_be_bytes()); // protocol 3.0
     for (k, v) in [("user", user), ("database", db)] {
@@ -55,11 +53,7 @@ fn first_auth_request(port: u16, user: &str, db: &str) -> AuthRequest {
         0 => AuthRequest::Ok,
         3 => AuthRequest::Cleartext,
         5 => AuthRequest::Md5,
-        10 => AuthRequest::Sasl(
-            String::from_utf8_lossy(&payload[4..])
-                .trim_end_matches('\0')
-                .to_owned(),
-        ),
+        10 => AuthRequest::Sasl(String::from_utf8_lossy(&payload[4..]).trim_end_matches('\0').to_owned()),
         other => panic!("unexpected authentication request {other}"),
     }
 }
@@ -111,12 +105,7 @@ async fn check_cluster(cluster: &PgCluster) {
             "tenant_b_db",
             AuthRequest::Sasl("SCRAM-SHA-256".into()),
         ),
-        (
-            "pwd_user",
-            Some("pwd_pass"),
-            "app_db",
-            AuthRequest::Cleartext,
-        ),
+        ("pwd_user", Some("pwd_pass"), "app_db", AuthRequest::Cleartext),
     ];
     for (user, password, db, method) in cases {
         assert_eq!(
@@ -148,11 +137,7 @@ async fn check_cluster(cluster: &PgCluster) {
                 .await
                 .err()
                 .unwrap_or_else(|| panic!("{user} logged in with a wrong password"));
-            assert_eq!(
-                err.code(),
-                Some(&SqlState::INVALID_PASSWORD),
-                "{user}: {err:?}"
-            );
+            assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{user}: {err:?}");
         }
     }
 
@@ -170,9 +155,7 @@ async fn check_cluster(cluster: &PgCluster) {
         .unwrap();
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
 
-    let su = connect(cluster, "postgres", None, "postgres")
-        .await
-        .unwrap();
+    let su = connect(cluster, "postgres", None, "postgres").await.unwrap();
     for (setting, expected) in [
         ("password_encryption", "scram-sha-256"),
         ("max_connections", "200"),
@@ -227,8 +210,7 @@ fn two_clusters_in_parallel_with_all_roles() {
             })
         })
         .collect();
-    let clusters: Vec<(PgCluster, Duration)> =
-        threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let clusters: Vec<(PgCluster, Duration)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     eprintln!(
         "two clusters up in {:.2?} (each: {:.2?}, {:.2?})",
         started.elapsed(),
@@ -247,10 +229,7 @@ fn two_clusters_in_parallel_with_all_roles() {
             .exists());
     }
 
-    let dirs: Vec<_> = clusters
-        .iter()
-        .map(|(c, _)| c.socket_dir().to_path_buf())
-        .collect();
+    let dirs: Vec<_> = clusters.iter().map(|(c, _)| c.socket_dir().to_path_buf()).collect();
     drop(clusters);
     for dir in dirs {
         assert!(!dir.exists(), "{} still exists after drop", dir.display());
@@ -268,10 +247,7 @@ fn restart_keeps_port_and_drop_cleans_up() {
     let port = cluster.port();
     assert_eq!(cluster.psql("postgres", "SHOW max_connections"), "37");
     assert_eq!(cluster.psql("postgres", "SHOW work_mem"), "7MB");
-    cluster.psql(
-        "app_db",
-        "CREATE TABLE kept (x int); INSERT INTO kept VALUES (42);",
-    );
+    cluster.psql("app_db", "CREATE TABLE kept (x int); INSERT INTO kept VALUES (42);");
 
     let rt = runtime();
     let clients = rt.block_on(async {
@@ -322,46 +298,33 @@ fn tools_and_helpers() {
     assert!(cluster.bin("psql").exists());
     assert_eq!(cluster.psql("postgres", "SELECT 1 + 1"), "2");
     assert_eq!(
-        cluster.psql("postgres", "CREATE DATABASE scratch_db; SELECT datname FROM pg_database WHERE datname = 'scratch_db';"),
+        cluster.psql(
+            "postgres",
+            "CREATE DATABASE scratch_db; SELECT datname FROM pg_database WHERE datname = 'scratch_db';"
+        ),
         "scratch_db"
     );
     let conn = cluster.superuser_conn_string("app_db");
     runtime().block_on(async {
         let (client, connection) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
         tokio::spawn(connection);
-        let row = client
-            .query_one("SELECT current_database()::text", &[])
-            .await
-            .unwrap();
+        let row = client.query_one("SELECT current_database()::text", &[]).await.unwrap();
         assert_eq!(row.get::<_, String>(0), "app_db");
     });
 
     // psql failures carry the server's message.
     let err = cluster
-        .try_psql(
-            "postgres",
-            "SELECT 1; SELECT * FROM no_such_table; SELECT 2",
-        )
+        .try_psql("postgres", "SELECT 1; SELECT * FROM no_such_table; SELECT 2")
         .unwrap_err();
     assert!(err.contains("no_such_table"), "{err}");
 
     // pgbench from the same install runs against it.
     let out = std::process::Command::new(cluster.bin("pgbench"))
         .args(["-i", "-q", "-s", "1", "-h", cluster.host()])
-        .args([
-            "-p",
-            &cluster.port().to_string(),
-            "-U",
-            "postgres",
-            "app_db",
-        ])
+        .args(["-p", &cluster.port().to_string(), "-U", "postgres", "app_db"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let port = free_port();
     assert_ne!(port, cluster.port());

@@ -53,16 +53,10 @@ fn template_unit_under_systemd() {
     // PostgreSQL on the host. The roles get the SCRAM verifiers of the example userlists,
     // so the configs `make install` puts in /etc/pgsilo work as installed (passthrough).
     let cluster = PgCluster::start();
-    for (user, file) in [
-        ("user_a", "userlist_tenant_a.txt"),
-        ("user_b", "userlist_tenant_b.txt"),
-    ] {
+    for (user, file) in [("user_a", "userlist_tenant_a.txt"), ("user_b", "userlist_tenant_b.txt")] {
         let verifier = userlist_secret(&src.join("config").join(file), user);
         assert!(verifier.starts_with("SCRAM-SHA-256$"), "{file}: {user}");
-        cluster.psql(
-            "postgres",
-            &format!("ALTER ROLE {user} PASSWORD '{verifier}'"),
-        );
+        cluster.psql("postgres", &format!("ALTER ROLE {user} PASSWORD '{verifier}'"));
     }
     cluster.psql(
         "postgres",
@@ -84,12 +78,10 @@ fn template_unit_under_systemd() {
 
     // --- make install, as an admin would run it (no DESTDIR): user, unit, configs.
     // Whatever the host itself has installed must not leak into the test.
-    machine.sh(
-        "rm -rf /etc/pgsilo /etc/systemd/system/pgsilo@* /usr/local/bin/pgsilo
+    machine.sh("rm -rf /etc/pgsilo /etc/systemd/system/pgsilo@* /usr/local/bin/pgsilo
          if getent passwd pgsilo >/dev/null; then userdel pgsilo; fi
          if getent group pgsilo >/dev/null; then groupdel pgsilo; fi
-         systemctl daemon-reload",
-    );
+         systemctl daemon-reload");
     let out = machine.run_ok(&[
         "make",
         "-C",
@@ -138,13 +130,7 @@ fn template_unit_under_systemd() {
     let allowed = allowed_cores();
     let tenants = [
         (UNIT_A, "tenant_a", 6432, free_port(), allowed[0]),
-        (
-            UNIT_B,
-            "tenant_b",
-            6433,
-            free_port(),
-            allowed[1 % allowed.len()],
-        ),
+        (UNIT_B, "tenant_b", 6433, free_port(), allowed[1 % allowed.len()]),
     ];
     for &(unit, tenant, example_port, port, core) in &tenants {
         let path = machine.path(&format!("/etc/pgsilo/{tenant}.toml"));
@@ -162,11 +148,7 @@ fn template_unit_under_systemd() {
         fs::write(&path, toml).unwrap(); // same file: owner and mode stay
         let dropin = machine.path(&format!("/etc/systemd/system/{unit}.d"));
         fs::create_dir_all(&dropin).unwrap();
-        fs::write(
-            dropin.join("cpus.conf"),
-            format!("[Service]\nCPUAffinity={core}\n"),
-        )
-        .unwrap();
+        fs::write(dropin.join("cpus.conf"), format!("[Service]\nCPUAffinity={core}\n")).unwrap();
     }
     machine.run_ok(&["systemctl", "daemon-reload"]);
     let (port_a, port_b) = (tenants[0].3, tenants[1].3);
@@ -194,10 +176,7 @@ fn template_unit_under_systemd() {
             .lines()
             .map(|l| l.trim_start_matches("Cpus_allowed_list:").trim())
             .collect();
-        assert!(
-            lists.len() >= 3,
-            "{unit}: process, main thread, worker: {lists:?}"
-        );
+        assert!(lists.len() >= 3, "{unit}: process, main thread, worker: {lists:?}");
         assert!(
             lists.iter().all(|l| *l == core.to_string()),
             "{unit} (CPUAffinity={core}): Cpus_allowed_list of pid {pid} and its threads: {lists:?}"
@@ -217,14 +196,8 @@ fn template_unit_under_systemd() {
         rt.block_on(login(port, user, password, db))
             .unwrap_or_else(|e| panic!("{user}@{db} on port {port}: {e}"))
     };
-    assert_eq!(
-        ok(port_a, "user_a", "pass_a", "tenant_a_db"),
-        "user_a@tenant_a_db"
-    );
-    assert_eq!(
-        ok(port_b, "user_b", "pass_b", "tenant_b_db"),
-        "user_b@tenant_b_db"
-    );
+    assert_eq!(ok(port_a, "user_a", "pass_a", "tenant_a_db"), "user_a@tenant_a_db");
+    assert_eq!(ok(port_b, "user_b", "pass_b", "tenant_b_db"), "user_b@tenant_b_db");
     for (port, user, password, db) in [
         (port_b, "user_a", "pass_a", "tenant_b_db"),
         (port_b, "user_a", "pass_a", "tenant_a_db"),
@@ -240,8 +213,7 @@ fn template_unit_under_systemd() {
     let userlist = machine.path("/etc/pgsilo/userlist_tenant_a.txt");
     let original = fs::read_to_string(&userlist).unwrap();
     assert!(
-        rt.block_on(login(port_a, "user_a2", "pass_a2", "tenant_a_db"))
-            .is_err(),
+        rt.block_on(login(port_a, "user_a2", "pass_a2", "tenant_a_db")).is_err(),
         "user_a2 logged in before being added"
     );
     let with_a2 = format!("{original}\"user_a2\" \"pass_a2\"\n");
@@ -280,25 +252,15 @@ fn template_unit_under_systemd() {
         "--- systemctl status {UNIT_A} {UNIT_B}\n{}---",
         String::from_utf8_lossy(&status.stdout)
     );
-    assert!(
-        status.status.success(),
-        "systemctl status: {}",
-        status.status
-    );
+    assert!(status.status.success(), "systemctl status: {}", status.status);
 
     // A broken auth_file: `systemctl reload` fails (ExecReload runs --check first), the
     // service keeps running with what it had.
     fs::write(&userlist, format!("{with_a2}this is not a userlist line\n")).unwrap();
     let out = machine.run(&["systemctl", "reload", UNIT_A]);
-    assert!(
-        !out.status.success(),
-        "reload with a broken auth_file succeeded"
-    );
+    assert!(!out.status.success(), "reload with a broken auth_file succeeded");
     assert_eq!(machine.unit_state(UNIT_A), "active");
-    assert_eq!(
-        ok(port_a, "user_a2", "pass_a2", "tenant_a_db"),
-        "user_a2@tenant_a_db"
-    );
+    assert_eq!(ok(port_a, "user_a2", "pass_a2", "tenant_a_db"), "user_a2@tenant_a_db");
     fs::write(&userlist, &with_a2).unwrap();
 
     // --- Stop: both end cleanly (inactive, not failed), processes and listeners gone.
@@ -314,19 +276,13 @@ fn template_unit_under_systemd() {
         machine.wait_for(
             &format!("port {port} closed"),
             WAIT,
-            || match TcpStream::connect_timeout(
-                &(Ipv4Addr::LOCALHOST, port).into(),
-                Duration::from_secs(1),
-            ) {
+            || match TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(1)) {
                 Ok(_) => Err("still accepting".to_string()),
                 Err(_) => Ok(()),
             },
         );
         let journal = machine.journal(unit);
-        assert!(
-            journal.contains("got SIGINT"),
-            "{unit}: KillSignal=SIGINT:\n{journal}"
-        );
+        assert!(journal.contains("got SIGINT"), "{unit}: KillSignal=SIGINT:\n{journal}");
     }
 
     // --- Where io_uring is blocked, the filter's EPERM makes pgsilo fall back to epoll
@@ -345,10 +301,7 @@ fn template_unit_under_systemd() {
         .next_back()
         .map(str::to_string);
     assert_eq!(driver.as_deref(), Some("epoll"), "io_uring denied: driver");
-    assert_eq!(
-        ok(port_b, "user_b", "pass_b", "tenant_b_db"),
-        "user_b@tenant_b_db"
-    );
+    assert_eq!(ok(port_b, "user_b", "pass_b", "tenant_b_db"), "user_b@tenant_b_db");
     println!("tenant_b with io_uring denied by the filter: epoll driver, serving");
     machine.run_ok(&["systemctl", "stop", UNIT_B]);
     assert_eq!(machine.unit_property(UNIT_B, "Result"), "success");
@@ -360,19 +313,12 @@ fn template_unit_under_systemd() {
          pool_mode = \"sometimes\"\n\n[databases.broken_db]\nhost = \"127.0.0.1\"\n",
     )
     .unwrap();
-    let check = machine.run(&[
-        "/usr/local/bin/pgsilo",
-        "--check",
-        "/etc/pgsilo/broken.toml",
-    ]);
+    let check = machine.run(&["/usr/local/bin/pgsilo", "--check", "/etc/pgsilo/broken.toml"]);
     assert!(!check.status.success(), "--check accepted broken.toml");
     let problems = String::from_utf8_lossy(&check.stderr).into_owned();
     assert!(problems.contains("listen_port"), "{problems}");
     let out = machine.run(&["systemctl", "start", UNIT_BROKEN]);
-    assert!(
-        !out.status.success(),
-        "systemctl start {UNIT_BROKEN} succeeded"
-    );
+    assert!(!out.status.success(), "systemctl start {UNIT_BROKEN} succeeded");
     let journal = machine.wait_for("--check's messages in the journal", WAIT, || {
         let journal = machine.journal(UNIT_BROKEN);
         match problems.lines().find(|l| !journal.contains(l.trim())) {
@@ -394,13 +340,7 @@ fn template_unit_under_systemd() {
 
     // --- make uninstall: stops what runs, removes binary and unit, keeps the configs.
     machine.run_ok(&["systemctl", "start", UNIT_A]);
-    let out = machine.run_ok(&[
-        "make",
-        "-C",
-        "/pgsilo-src",
-        "--no-print-directory",
-        "uninstall",
-    ]);
+    let out = machine.run_ok(&["make", "-C", "/pgsilo-src", "--no-print-directory", "uninstall"]);
     println!("--- make uninstall\n{out}");
     assert_ne!(machine.unit_state(UNIT_A), "active");
     assert!(!machine.path("/usr/local/bin/pgsilo").exists());
@@ -461,10 +401,7 @@ async fn login(port: u16, user: &str, password: &str, db: &str) -> Result<String
             let _ = connection.await;
         });
         let row = client
-            .query_one(
-                "SELECT current_user::text || '@' || current_database()::text",
-                &[],
-            )
+            .query_one("SELECT current_user::text || '@' || current_database()::text", &[])
             .await
             .map_err(describe)?;
         Ok(row.get::<_, String>(0))

@@ -8,10 +8,5 @@ use crate::proxy::login::{send_fatal, AdminLogin};
 use crate::runtime::worker::WorkerCtx;
 
 pub async fn serve(_ctx: Rc<WorkerCtx>, mut stream: TcpStream, _who: AdminLogin) {
-    send_fatal(
-        &mut stream,
-        "0A000",
-        "the admin console is not available yet",
-    )
-    .await;
+    send_fatal(&mut stream, "0A000", "the admin console is not available yet").await;
 }

@@ -25,9 +25,7 @@ pub fn verify_cleartext(secret: Option<&Secret>, user: &str, password: &[u8]) ->
         return false;
     }
     match secret {
-        Some(Secret::Plain(expected)) => {
-            bool::from(sha256(expected.as_bytes()).ct_eq(&sha256(password)))
-        }
+        Some(Secret::Plain(expected)) => bool::from(sha256(expected.as_bytes()).ct_eq(&sha256(password))),
         Some(Secret::Md5(expected)) => {
             let candidate = md5_secret_bytes(user.as_bytes(), password);
             bool::from(candidate.as_bytes().ct_eq(expected.as_bytes()))
@@ -61,23 +59,11 @@ mod tests {
             Secret::Scram(new_scram_secret("pencil")),
         ];
         for secret in &secrets {
-            assert!(
-                verify_cleartext(Some(secret), "user", b"pencil"),
-                "{secret:?}"
-            );
-            assert!(
-                !verify_cleartext(Some(secret), "user", b"pencil!"),
-                "{secret:?}"
-            );
-            assert!(
-                !verify_cleartext(Some(secret), "user", b"pencil\0"),
-                "{secret:?}"
-            );
+            assert!(verify_cleartext(Some(secret), "user", b"pencil"), "{secret:?}");
+            assert!(!verify_cleartext(Some(secret), "user", b"pencil!"), "{secret:?}");
+            assert!(!verify_cleartext(Some(secret), "user", b"pencil\0"), "{secret:?}");
             assert!(!verify_cleartext(Some(secret), "user", b""), "{secret:?}");
-            assert!(
-                !verify_cleartext(Some(secret), "user", b"\xff\xfe"),
-                "{secret:?}"
-            );
+            assert!(!verify_cleartext(Some(secret), "user", b"\xff\xfe"), "{secret:?}");
         }
         // md5 secrets are bound to the user name.
         assert!(!verify_cleartext(Some(&secrets[1]), "other", b"pencil"));
@@ -89,11 +75,7 @@ mod tests {
         let mut bad_server_key = good.clone();
         bad_server_key.server_key[0] ^= 1;
         assert!(verify_cleartext(Some(&Secret::Scram(good)), "u", b"pencil"));
-        assert!(!verify_cleartext(
-            Some(&Secret::Scram(bad_server_key)),
-            "u",
-            b"pencil"
-        ));
+        assert!(!verify_cleartext(Some(&Secret::Scram(bad_server_key)), "u", b"pencil"));
     }
 
     #[test]

@@ -30,12 +30,7 @@ pub fn md5_salted_response(md5_secret: &str, salt: [u8; 4]) -> String {
 /// secret can be derived) or an unknown user (None) is checked against a dummy secret
 /// with the same hashing work, then refused, so that timing does not tell them apart
 /// from a wrong password. Callers should prefer SCRAM for users with a SCRAM secret.
-pub fn verify_md5_response(
-    secret: Option<&Secret>,
-    user: &str,
-    salt: [u8; 4],
-    response: &[u8],
-) -> bool {
+pub fn verify_md5_response(secret: Option<&Secret>, user: &str, salt: [u8; 4], response: &[u8]) -> bool {
     let (md5_secret, known) = match secret {
         Some(Secret::Plain(password)) => (md5_secret(user, password), true),
         Some(Secret::Md5(hash)) => (hash.clone(), true),
@@ -78,10 +73,7 @@ mod tests {
             md5_secret("postgres", "postgres"),
             "md53175bce1d3201d16594cebf9d7eb3f9d"
         );
-        assert_eq!(
-            md5_secret("user", "pencil"),
-            "md520c46e3762c864548e296b33c3406aa9"
-        );
+        assert_eq!(md5_secret("user", "pencil"), "md520c46e3762c864548e296b33c3406aa9");
         assert_eq!(
             md5_salted_response("md53175bce1d3201d16594cebf9d7eb3f9d", SALT),
             "md568be9ed08db75f318087ab337aaea044"
@@ -94,12 +86,7 @@ mod tests {
         let plain = Secret::Plain("postgres".into());
         let md5 = Secret::Md5(md5_secret("postgres", "postgres"));
         for secret in [&plain, &md5] {
-            assert!(verify_md5_response(
-                Some(secret),
-                "postgres",
-                SALT,
-                response.as_bytes()
-            ));
+            assert!(verify_md5_response(Some(secret), "postgres", SALT, response.as_bytes()));
             // Wrong salt, truncated, empty, trailing NUL: all refused.
             assert!(!verify_md5_response(
                 Some(secret),
@@ -115,12 +102,7 @@ mod tests {
             ));
             assert!(!verify_md5_response(Some(secret), "postgres", SALT, b""));
             let with_nul = [response.as_bytes(), b"\0"].concat();
-            assert!(!verify_md5_response(
-                Some(secret),
-                "postgres",
-                SALT,
-                &with_nul
-            ));
+            assert!(!verify_md5_response(Some(secret), "postgres", SALT, &with_nul));
         }
     }
 
@@ -128,12 +110,7 @@ mod tests {
     fn plain_secret_is_bound_to_the_user() {
         let response = md5_salted_response(&md5_secret("postgres", "postgres"), SALT);
         let plain = Secret::Plain("postgres".into());
-        assert!(!verify_md5_response(
-            Some(&plain),
-            "other",
-            SALT,
-            response.as_bytes()
-        ));
+        assert!(!verify_md5_response(Some(&plain), "other", SALT, response.as_bytes()));
     }
 
     #[test]
@@ -141,17 +118,7 @@ mod tests {
         // Even the response the dummy secret would accept.
         let dummy = md5_salted_response(&md5_secret("postgres", ""), SALT);
         let scram = Secret::Scram(new_scram_secret(""));
-        assert!(!verify_md5_response(
-            Some(&scram),
-            "postgres",
-            SALT,
-            dummy.as_bytes()
-        ));
-        assert!(!verify_md5_response(
-            None,
-            "postgres",
-            SALT,
-            dummy.as_bytes()
-        ));
+        assert!(!verify_md5_response(Some(&scram), "postgres", SALT, dummy.as_bytes()));
+        assert!(!verify_md5_response(None, "postgres", SALT, dummy.as_bytes()));
     }
 }

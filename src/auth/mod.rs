@@ -18,7 +18,5 @@ pub use md5::{md5_salted_response, md5_secret, verify_md5_response};
 pub use scram_client::{ScramClient, ScramClientKeys};
 pub use scram_common::{DEFAULT_ITERATIONS, MAX_ITERATIONS, MECHANISM};
 pub use scram_server::{ScramServer, ScramSuccess};
-pub use scram_verifier::{
-    mock_salt, new_scram_secret, scram_secret_from_password, scram_verifier_for,
-};
+pub use scram_verifier::{mock_salt, new_scram_secret, scram_secret_from_password, scram_verifier_for};
 pub use secret::{ScramSecret, Secret, SecretError};

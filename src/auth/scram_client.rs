@@ -9,8 +9,8 @@ use subtle::ConstantTimeEq;
 
 use super::error::AuthError;
 use super::scram_common::{
-    attr_value, b64_decode, b64_decode_key, b64_encode, derive_keys, hmac, is_printable,
-    parse_iterations, random_nonce, sha256, xor_into, Attrs, Key,
+    attr_value, b64_decode, b64_decode_key, b64_encode, derive_keys, hmac, is_printable, parse_iterations,
+    random_nonce, sha256, xor_into, Attrs, Key,
 };
 
 /// What the pooler proves its knowledge of the user's password with.
@@ -33,10 +33,9 @@ impl fmt::Debug for ScramClientKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ScramClientKeys::Password(_) => f.write_str("ScramClientKeys::Password(..)"),
-            ScramClientKeys::Passthrough { iterations, .. } => write!(
-                f,
-                "ScramClientKeys::Passthrough {{ iterations: {iterations}, .. }}"
-            ),
+            ScramClientKeys::Passthrough { iterations, .. } => {
+                write!(f, "ScramClientKeys::Passthrough {{ iterations: {iterations}, .. }}")
+            }
         }
     }
 }
@@ -91,13 +90,8 @@ impl ScramClient {
 
     /// server-first-message (AuthenticationSASLContinue data) → client-final-message.
     pub fn handle_server_first(&mut self, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
-        if !matches!(
-            std::mem::replace(&mut self.state, State::Failed),
-            State::Initial
-        ) {
-            return Err(AuthError::OutOfOrder(
-                "server-first-message after the exchange started",
-            ));
+        if !matches!(std::mem::replace(&mut self.state, State::Failed), State::Initial) {
+            return Err(AuthError::OutOfOrder("server-first-message after the exchange started"));
         }
 
         let mut attrs = Attrs::new(msg);
@@ -105,8 +99,7 @@ impl ScramClient {
             Some([b'm', b'=', ..]) => {
                 return Err(AuthError::Unsupported("mandatory extension (m=)"));
             }
-            Some(part) => attr_value(part, b'r')
-                .ok_or(AuthError::Malformed("server-first-message lacks nonce r="))?,
+            Some(part) => attr_value(part, b'r').ok_or(AuthError::Malformed("server-first-message lacks nonce r="))?,
             None => return Err(AuthError::Malformed("server-first-message is empty")),
         };
         let salt = attrs.require(b's', "server-first-message lacks salt s=")?;
@@ -177,9 +170,8 @@ impl ScramClient {
         if let Some(error) = attr_value(first, b'e') {
             return Err(AuthError::ServerError(sanitize_server_error(error)));
         }
-        let verifier = attr_value(first, b'v').ok_or(AuthError::Malformed(
-            "server-final-message has neither v= nor e=",
-        ))?;
+        let verifier =
+            attr_value(first, b'v').ok_or(AuthError::Malformed("server-final-message has neither v= nor e="))?;
         attrs.extensions()?;
         let signature = b64_decode_key(verifier, "server signature v= is not 32 bytes of base64")?;
         if bool::from(signature.ct_eq(server_signature)) {
@@ -212,13 +204,7 @@ fn sanitize_server_error(value: &[u8]) -> String {
     value
         .iter()
         .take(MAX_SERVER_ERROR_LEN)
-        .map(|&b| {
-            if (0x20..=0x7e).contains(&b) {
-                char::from(b)
-            } else {
-                '?'
-            }
-        })
+        .map(|&b| if (0x20..=0x7e).contains(&b) { char::from(b) } else { '?' })
         .collect()
 }
 
@@ -237,25 +223,19 @@ mod tests {
     const CLIENT_FIRST: &[u8] = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO";
     const SERVER_FIRST: &[u8] =
         b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
-    const CLIENT_FINAL: &[u8] = b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+    const CLIENT_FINAL: &[u8] =
+        b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     const SERVER_FINAL: &[u8] = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
 
     fn rfc_client() -> ScramClient {
-        ScramClient::with_nonce(
-            ScramClientKeys::Password("pencil".into()),
-            CLIENT_NONCE.into(),
-        )
-        .with_username("user")
+        ScramClient::with_nonce(ScramClientKeys::Password("pencil".into()), CLIENT_NONCE.into()).with_username("user")
     }
 
     #[test]
     fn rfc7677_vector() {
         let mut client = rfc_client();
         assert_eq!(client.client_first(), CLIENT_FIRST);
-        assert_eq!(
-            client.handle_server_first(SERVER_FIRST).unwrap(),
-            CLIENT_FINAL
-        );
+        assert_eq!(client.handle_server_first(SERVER_FIRST).unwrap(), CLIENT_FINAL);
         assert_eq!(client.verify_server_final(SERVER_FINAL), Ok(()));
         assert_eq!(
             client.verify_server_final(b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
@@ -273,10 +253,7 @@ mod tests {
     }
 
     /// Runs a full exchange, returning the server's outcome.
-    fn converse(
-        client: &mut ScramClient,
-        server: &mut ScramServer,
-    ) -> Result<crate::auth::ScramSuccess, AuthError> {
+    fn converse(client: &mut ScramClient, server: &mut ScramServer) -> Result<crate::auth::ScramSuccess, AuthError> {
         let server_first = server.handle_client_first(&client.client_first())?;
         let client_final = client.handle_server_first(&server_first)?;
         let success = server.handle_client_final(&client_final)?;
@@ -367,10 +344,7 @@ mod tests {
         );
         for bad in [b"".as_slice(), b"garbage", b"v=!!!", b"v=c2hvcnQ=", b"x=1"] {
             assert!(
-                matches!(
-                    client.verify_server_final(bad),
-                    Err(AuthError::Malformed(_))
-                ),
+                matches!(client.verify_server_final(bad), Err(AuthError::Malformed(_))),
                 "{bad:?}"
             );
         }
@@ -385,21 +359,11 @@ mod tests {
         let cases: Vec<(String, IsExpected)> = vec![
             (String::new(), |e| matches!(e, AuthError::Malformed(_))),
             ("garbage".into(), |e| matches!(e, AuthError::Malformed(_))),
-            (format!("r={n},i=4096"), |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
-            (format!("r={n},s=c2FsdA=="), |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
-            ("s=c2FsdA==,i=4096".into(), |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
-            (format!("r={n},s=!!,i=4096"), |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
-            (format!("r={n},s=,i=4096"), |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
+            (format!("r={n},i=4096"), |e| matches!(e, AuthError::Malformed(_))),
+            (format!("r={n},s=c2FsdA=="), |e| matches!(e, AuthError::Malformed(_))),
+            ("s=c2FsdA==,i=4096".into(), |e| matches!(e, AuthError::Malformed(_))),
+            (format!("r={n},s=!!,i=4096"), |e| matches!(e, AuthError::Malformed(_))),
+            (format!("r={n},s=,i=4096"), |e| matches!(e, AuthError::Malformed(_))),
             (format!("r={n},s=c2FsdA==,i=x"), |e| {
                 matches!(e, AuthError::Malformed(_))
             }),

@@ -144,9 +144,7 @@ pub fn b64_decode_key(text: &[u8], what: &'static str) -> Result<Key, AuthError>
 
 /// RFC 5802 `printable`: %x21-2B / %x2D-7E, i.e. visible ASCII except ','.
 pub fn is_printable(bytes: &[u8]) -> bool {
-    bytes
-        .iter()
-        .all(|&b| (0x21..=0x7e).contains(&b) && b != b',')
+    bytes.iter().all(|&b| (0x21..=0x7e).contains(&b) && b != b',')
 }
 
 /// Reads a message as comma-separated `attr=value` parts, front to back.
@@ -236,11 +234,7 @@ mod tests {
             let mut reference = <HmacSha256 as Mac>::new_from_slice(&key).unwrap();
             reference.update(b"message");
             let reference: Key = reference.finalize().into_bytes().into();
-            assert_eq!(
-                hmac(&key, &[b"mess", b"age"]),
-                reference,
-                "key length {len}"
-            );
+            assert_eq!(hmac(&key, &[b"mess", b"age"]), reference, "key length {len}");
         }
     }
 
@@ -248,9 +242,8 @@ mod tests {
     fn hi_matches_pbkdf2_known_answer() {
         // RFC 7914 section 11: PBKDF2-HMAC-SHA256 (P="passwd", S="salt", c=1), first block.
         let expected = [
-            0x55, 0xac, 0x04, 0x6e, 0x56, 0xe3, 0x08, 0x9f, 0xec, 0x16, 0x91, 0xc2, 0x25, 0x44,
-            0xb6, 0x05, 0xf9, 0x41, 0x85, 0x21, 0x6d, 0xde, 0x04, 0x65, 0xe6, 0x8b, 0x9d, 0x57,
-            0xc2, 0x0d, 0xac, 0xbc,
+            0x55, 0xac, 0x04, 0x6e, 0x56, 0xe3, 0x08, 0x9f, 0xec, 0x16, 0x91, 0xc2, 0x25, 0x44, 0xb6, 0x05, 0xf9, 0x41,
+            0x85, 0x21, 0x6d, 0xde, 0x04, 0x65, 0xe6, 0x8b, 0x9d, 0x57, 0xc2, 0x0d, 0xac, 0xbc,
         ];
         assert_eq!(hi(b"passwd", b"salt", 1), expected);
     }
@@ -267,19 +260,13 @@ mod tests {
         let mut a = Attrs::new(b"r=abc,");
         a.require(b'r', "r").unwrap();
         assert_eq!(a.remaining(), b"");
-        assert!(
-            a.extensions().is_err(),
-            "an empty trailing part is not an attribute"
-        );
+        assert!(a.extensions().is_err(), "an empty trailing part is not an attribute");
     }
 
     #[test]
     fn iterations_range() {
         assert_eq!(parse_iterations(b"4096"), Ok(4096));
-        assert_eq!(
-            parse_iterations(b"0"),
-            Err(AuthError::IterationsOutOfRange(0))
-        );
+        assert_eq!(parse_iterations(b"0"), Err(AuthError::IterationsOutOfRange(0)));
         assert_eq!(
             parse_iterations(b"1000001"),
             Err(AuthError::IterationsOutOfRange(1_000_001))
@@ -288,14 +275,8 @@ mod tests {
             parse_iterations(b"99999999999999999999999"),
             Err(AuthError::IterationsOutOfRange(u64::MAX))
         );
-        assert!(matches!(
-            parse_iterations(b"+5"),
-            Err(AuthError::Malformed(_))
-        ));
-        assert!(matches!(
-            parse_iterations(b""),
-            Err(AuthError::Malformed(_))
-        ));
+        assert!(matches!(parse_iterations(b"+5"), Err(AuthError::Malformed(_))));
+        assert!(matches!(parse_iterations(b""), Err(AuthError::Malformed(_))));
     }
 
     #[test]

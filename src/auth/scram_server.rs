@@ -10,8 +10,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::AuthError;
 use super::scram_common::{
-    attr_value, b64_decode, b64_decode_key, b64_encode, hmac, is_printable, random_nonce, sha256,
-    xor_into, Attrs, Key,
+    attr_value, b64_decode, b64_decode_key, b64_encode, hmac, is_printable, random_nonce, sha256, xor_into, Attrs, Key,
 };
 use super::scram_verifier::mock_verifier;
 use super::secret::ScramSecret;
@@ -89,9 +88,7 @@ impl ScramServer {
             std::mem::replace(&mut self.state, State::Finished),
             State::AwaitingClientFirst
         ) {
-            return Err(AuthError::OutOfOrder(
-                "client-first-message after the exchange started",
-            ));
+            return Err(AuthError::OutOfOrder("client-first-message after the exchange started"));
         }
 
         let (gs2_header, bare) = split_gs2_header(msg)?;
@@ -140,9 +137,7 @@ impl ScramServer {
         let proof = proof_part
             .get(1..)
             .and_then(|p| attr_value(p, b'p'))
-            .ok_or(AuthError::Malformed(
-                "client-final-message does not end with proof p=",
-            ))?;
+            .ok_or(AuthError::Malformed("client-final-message does not end with proof p="))?;
         let proof = b64_decode_key(proof, "proof p= is not 32 bytes of base64")?;
 
         let mut attrs = Attrs::new(without_proof);
@@ -160,14 +155,13 @@ impl ScramServer {
             ));
         }
 
-        let auth_message: [&[u8]; 5] =
-            [&client_first_bare, b",", &server_first, b",", without_proof];
+        let auth_message: [&[u8]; 5] = [&client_first_bare, b",", &server_first, b",", without_proof];
         let client_signature = hmac(&self.verifier.stored_key, &auth_message);
         let mut client_key: Key = proof;
         xor_into(&mut client_key, &client_signature);
         // Constant time, and the mock verifier fails only after the same work.
-        let proof_ok = sha256(&client_key).ct_eq(&self.verifier.stored_key)
-            & subtle::Choice::from(u8::from(!self.doomed));
+        let proof_ok =
+            sha256(&client_key).ct_eq(&self.verifier.stored_key) & subtle::Choice::from(u8::from(!self.doomed));
         if !bool::from(proof_ok) {
             return Err(AuthError::PasswordMismatch);
         }
@@ -234,17 +228,11 @@ fn parse_client_first_bare(bare: &[u8]) -> Result<&[u8], AuthError> {
             return Err(AuthError::Unsupported("mandatory extension (m=)"));
         }
         Some([b'n', b'=', ..]) => {}
-        _ => {
-            return Err(AuthError::Malformed(
-                "client-first-message lacks username n=",
-            ))
-        }
+        _ => return Err(AuthError::Malformed("client-first-message lacks username n=")),
     }
     let nonce = attrs.require(b'r', "client-first-message lacks nonce r=")?;
     if nonce.is_empty() || !is_printable(nonce) {
-        return Err(AuthError::Malformed(
-            "client nonce is empty or not printable ASCII",
-        ));
+        return Err(AuthError::Malformed("client nonce is empty or not printable ASCII"));
     }
     attrs.extensions()?;
     Ok(nonce)
@@ -263,7 +251,8 @@ mod tests {
     const CLIENT_FIRST: &[u8] = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO";
     const SERVER_FIRST: &[u8] =
         b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
-    const CLIENT_FINAL: &[u8] = b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+    const CLIENT_FINAL: &[u8] =
+        b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     const SERVER_FINAL: &[u8] = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
 
     fn rfc_verifier() -> ScramSecret {
@@ -278,10 +267,7 @@ mod tests {
     #[test]
     fn rfc7677_vector() {
         let mut server = rfc_server();
-        assert_eq!(
-            server.handle_client_first(CLIENT_FIRST).unwrap(),
-            SERVER_FIRST
-        );
+        assert_eq!(server.handle_client_first(CLIENT_FIRST).unwrap(), SERVER_FIRST);
         let success = server.handle_client_final(CLIENT_FINAL).unwrap();
         assert_eq!(success.server_final, SERVER_FINAL);
         // The recovered ClientKey is the password's.
@@ -297,8 +283,7 @@ mod tests {
     fn wrong_password_fails_at_proof() {
         let salt = b64_decode(b"W22ZaJ0SNY7soEsUEjb6gQ==", "salt").unwrap();
         let other = scram_secret_from_password("not pencil", &salt, 4096);
-        let mut server =
-            ScramServer::with_nonce(Some(other), "user", &MOCK_KEY, SERVER_NONCE.into());
+        let mut server = ScramServer::with_nonce(Some(other), "user", &MOCK_KEY, SERVER_NONCE.into());
         server.handle_client_first(CLIENT_FIRST).unwrap();
         assert_eq!(
             server.handle_client_final(CLIENT_FINAL).unwrap_err(),
@@ -324,10 +309,7 @@ mod tests {
             let mut server = rfc_server();
             server.handle_client_first(b"y,,n=,r=abc").unwrap();
             let msg = format!("c={cbind},r=abc{SERVER_NONCE},p={proof}");
-            assert_eq!(
-                server.handle_client_final(msg.as_bytes()).unwrap_err(),
-                expected
-            );
+            assert_eq!(server.handle_client_final(msg.as_bytes()).unwrap_err(), expected);
         }
     }
 
@@ -374,22 +356,14 @@ mod tests {
             (b"n,,n=user,x=abc", |e| matches!(e, AuthError::Malformed(_))),
             (b"n,,r=abc", |e| matches!(e, AuthError::Malformed(_))),
             (b"n,n=user,r=abc", |e| matches!(e, AuthError::Malformed(_))),
-            (b"n,,n=user,r=abc,", |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
-            (b"n,,n=user,r=abc,1", |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
+            (b"n,,n=user,r=abc,", |e| matches!(e, AuthError::Malformed(_))),
+            (b"n,,n=user,r=abc,1", |e| matches!(e, AuthError::Malformed(_))),
             (b"x,,n=user,r=abc", |e| matches!(e, AuthError::Malformed(_))),
             (b"p=tls-server-end-point,,n=,r=abc", |e| {
                 matches!(e, AuthError::UnsupportedChannelBinding(_))
             }),
-            (b"n,a=admin,n=,r=abc", |e| {
-                matches!(e, AuthError::Unsupported(_))
-            }),
-            (b"n,,m=ext,n=,r=abc", |e| {
-                matches!(e, AuthError::Unsupported(_))
-            }),
+            (b"n,a=admin,n=,r=abc", |e| matches!(e, AuthError::Unsupported(_))),
+            (b"n,,m=ext,n=,r=abc", |e| matches!(e, AuthError::Unsupported(_))),
         ];
         for (msg, ok) in cases {
             let err = rfc_server().handle_client_first(msg).unwrap_err();
@@ -406,21 +380,15 @@ mod tests {
         let cases: Vec<(String, IsExpected)> = vec![
             (String::new(), |e| matches!(e, AuthError::Malformed(_))),
             ("garbage".into(), |e| matches!(e, AuthError::Malformed(_))),
-            (format!("c=biws,r={nonce}"), |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
+            (format!("c=biws,r={nonce}"), |e| matches!(e, AuthError::Malformed(_))),
             (format!("c=biws,r={nonce},p=!!notbase64"), |e| {
                 matches!(e, AuthError::Malformed(_))
             }),
             (format!("c=biws,r={nonce},p=c2hvcnQ="), |e| {
                 matches!(e, AuthError::Malformed(_))
             }),
-            (format!("c=biws,p={proof}"), |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
-            (format!("r={nonce},p={proof}"), |e| {
-                matches!(e, AuthError::Malformed(_))
-            }),
+            (format!("c=biws,p={proof}"), |e| matches!(e, AuthError::Malformed(_))),
+            (format!("r={nonce},p={proof}"), |e| matches!(e, AuthError::Malformed(_))),
             (format!("c=!!,r={nonce},p={proof}"), |e| {
                 matches!(e, AuthError::Malformed(_))
             }),

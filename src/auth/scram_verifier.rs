@@ -12,11 +12,7 @@ pub fn scram_secret_from_password(password: &str, salt: &[u8], iterations: u32) 
 }
 
 /// As `scram_secret_from_password`, for password bytes that may not be UTF-8.
-pub(crate) fn scram_secret_from_password_bytes(
-    password: &[u8],
-    salt: &[u8],
-    iterations: u32,
-) -> ScramSecret {
+pub(crate) fn scram_secret_from_password_bytes(password: &[u8], salt: &[u8], iterations: u32) -> ScramSecret {
     let keys = derive_keys(password, salt, iterations);
     ScramSecret {
         iterations,
@@ -62,11 +58,7 @@ pub(crate) fn mock_verifier(mock_key: &[u8; 32], user: &str) -> ScramSecret {
 ///
 /// For a plain password this runs the 4096-iteration key derivation; callers that want to
 /// avoid that per login may cache the result per (user, password).
-pub fn scram_verifier_for(
-    secret: Option<&Secret>,
-    user: &str,
-    mock_key: &[u8; 32],
-) -> Option<ScramSecret> {
+pub fn scram_verifier_for(secret: Option<&Secret>, user: &str, mock_key: &[u8; 32]) -> Option<ScramSecret> {
     match secret? {
         Secret::Scram(verifier) => Some(verifier.clone()),
         Secret::Plain(password) => Some(scram_secret_from_password(
@@ -98,10 +90,7 @@ mod tests {
         };
         let built = scram_secret_from_password("pencil", &parsed.salt, 4096);
         assert_eq!(built.to_text(), expected);
-        assert_eq!(
-            ScramSecret::from_password("pencil", &parsed.salt, 4096),
-            built
-        );
+        assert_eq!(ScramSecret::from_password("pencil", &parsed.salt, 4096), built);
     }
 
     #[test]
@@ -133,11 +122,7 @@ mod tests {
         let plain = scram_verifier_for(Some(&Secret::Plain("pw".into())), "u", &key);
         assert_eq!(
             plain,
-            Some(scram_secret_from_password(
-                "pw",
-                &mock_salt(&key, "u"),
-                4096
-            ))
+            Some(scram_secret_from_password("pw", &mock_salt(&key, "u"), 4096))
         );
         let md5 = Secret::Md5("md5".to_string() + &"0".repeat(32));
         assert_eq!(scram_verifier_for(Some(&md5), "u", &key), None);

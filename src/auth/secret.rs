@@ -37,10 +37,7 @@ impl Secret {
         if let Some(rest) = text.strip_prefix("SCRAM-SHA-256$") {
             return ScramSecret::parse_body(rest).map(Secret::Scram);
         }
-        if text.len() == 35
-            && text.starts_with("md5")
-            && text[3..].bytes().all(|b| b.is_ascii_hexdigit())
-        {
+        if text.len() == 35 && text.starts_with("md5") && text[3..].bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(Secret::Md5(text.to_ascii_lowercase()));
         }
         Ok(Secret::Plain(text.to_string()))
@@ -64,9 +61,9 @@ impl ScramSecret {
         let (iter, salt) = params
             .split_once(':')
             .ok_or(SecretError::MalformedScram("expected <iterations>:<salt>"))?;
-        let (stored, server) = keys.split_once(':').ok_or(SecretError::MalformedScram(
-            "expected <storedkey>:<serverkey>",
-        ))?;
+        let (stored, server) = keys
+            .split_once(':')
+            .ok_or(SecretError::MalformedScram("expected <storedkey>:<serverkey>"))?;
         let iterations: u32 = iter
             .parse()
             .map_err(|_| SecretError::MalformedScram("iteration count is not a number"))?;

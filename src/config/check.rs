@@ -53,9 +53,7 @@ fn warn_about_users(config: &Config, list: &Userlist) {
     // Even with trust, PgBouncer only admits users named in the auth_file.
     for user in g.admin_users.iter().chain(&g.stats_users) {
         if list.get(user).is_none() {
-            log::warn!(
-                "admin or stats user \"{user}\" is not in auth_file {file}; it cannot log in"
-            );
+            log::warn!("admin or stats user \"{user}\" is not in auth_file {file}; it cannot log in");
         }
     }
 }
@@ -64,7 +62,8 @@ fn warn_about_users(config: &Config, list: &Userlist) {
 mod tests {
     use super::*;
 
-    const GOOD_CONFIG: &str = "[pgsilo]\nauth_file = \"users.txt\"\nadmin_users = \"admin\"\n\n[databases.app]\nhost = \"db\"\n";
+    const GOOD_CONFIG: &str =
+        "[pgsilo]\nauth_file = \"users.txt\"\nadmin_users = \"admin\"\n\n[databases.app]\nhost = \"db\"\n";
 
     #[test]
     fn accepts_a_good_pair() {
@@ -82,18 +81,12 @@ mod tests {
     fn reports_config_and_auth_file_problems_together() {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("tenant.toml");
-        std::fs::write(
-            &config,
-            GOOD_CONFIG.replace("host = \"db\"", "host = \"db\"\nport = 0"),
-        )
-        .unwrap();
+        std::fs::write(&config, GOOD_CONFIG.replace("host = \"db\"", "host = \"db\"\nport = 0")).unwrap();
         let users = dir.path().join("users.txt");
         std::fs::write(&users, "\"admin\" \"pw\"\nadmin pw\n").unwrap();
         let messages = check(&config).unwrap_err();
         assert_eq!(messages.len(), 2, "{messages:#?}");
-        assert!(
-            messages[0].contains("line 7: port in [databases.app]: must be at least 1, found 0")
-        );
+        assert!(messages[0].contains("line 7: port in [databases.app]: must be at least 1, found 0"));
         assert_eq!(
             messages[1],
             format!(

@@ -102,9 +102,7 @@ fn read_host(section: &mut Section) -> String {
     let present = section.has("host");
     let Some((host, span)) = section.string("host") else {
         if !present {
-            section.table_problem(
-                "host is required (a host name, an IP address or a Unix socket folder)",
-            );
+            section.table_problem("host is required (a host name, an IP address or a Unix socket folder)");
         }
         return String::new();
     };

@@ -82,9 +82,5 @@ impl ConfigError {
 }
 
 fn join_lines(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join("\n")
+    problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n")
 }

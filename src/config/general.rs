@@ -23,12 +23,7 @@ pub enum AuthType {
 }
 
 impl AuthType {
-    const ALL: [AuthType; 4] = [
-        AuthType::Trust,
-        AuthType::Plain,
-        AuthType::Md5,
-        AuthType::ScramSha256,
-    ];
+    const ALL: [AuthType; 4] = [AuthType::Trust, AuthType::Plain, AuthType::Md5, AuthType::ScramSha256];
 
     /// The config file spelling.
     pub fn as_str(self) -> &'static str {
@@ -41,9 +36,7 @@ impl AuthType {
     }
 
     fn parse(text: &str) -> Option<AuthType> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.as_str().eq_ignore_ascii_case(text))
+        Self::ALL.into_iter().find(|a| a.as_str().eq_ignore_ascii_case(text))
     }
 }
 
@@ -74,9 +67,7 @@ impl PoolMode {
     }
 
     fn parse(text: &str) -> Option<PoolMode> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.as_str().eq_ignore_ascii_case(text))
+        Self::ALL.into_iter().find(|m| m.as_str().eq_ignore_ascii_case(text))
     }
 }
 
@@ -307,25 +298,21 @@ impl General {
         let min_pool_size = section.uint("min_pool_size", d.min_pool_size, 0);
         let reserve_pool_size = section.uint("reserve_pool_size", d.reserve_pool_size, 0);
         let max_db_connections = section.uint("max_db_connections", d.max_db_connections, 0);
-        let max_prepared_statements =
-            section.uint("max_prepared_statements", d.max_prepared_statements, 0);
+        let max_prepared_statements = section.uint("max_prepared_statements", d.max_prepared_statements, 0);
         let server_reset_query = match section.string("server_reset_query") {
             Some((query, _)) if query.trim().is_empty() => None,
             Some((query, _)) => Some(query),
             None => d.server_reset_query,
         };
-        let server_reset_query_always =
-            section.bool("server_reset_query_always", d.server_reset_query_always);
+        let server_reset_query_always = section.bool("server_reset_query_always", d.server_reset_query_always);
         let server_check_delay = section.seconds("server_check_delay", d.server_check_delay);
-        let server_connect_timeout =
-            section.timeout("server_connect_timeout", d.server_connect_timeout);
+        let server_connect_timeout = section.timeout("server_connect_timeout", d.server_connect_timeout);
         let server_login_retry = section.seconds("server_login_retry", d.server_login_retry);
         let query_wait_timeout = section.timeout("query_wait_timeout", d.query_wait_timeout);
         let query_timeout = section.timeout("query_timeout", d.query_timeout);
         let client_login_timeout = section.timeout("client_login_timeout", d.client_login_timeout);
         let client_idle_timeout = section.timeout("client_idle_timeout", d.client_idle_timeout);
-        let idle_transaction_timeout =
-            section.timeout("idle_transaction_timeout", d.idle_transaction_timeout);
+        let idle_transaction_timeout = section.timeout("idle_transaction_timeout", d.idle_transaction_timeout);
         let server_idle_timeout = section.timeout("server_idle_timeout", d.server_idle_timeout);
         let server_lifetime = section.seconds("server_lifetime", d.server_lifetime);
         let shutdown_timeout = section.seconds("shutdown_timeout", d.shutdown_timeout);
@@ -346,23 +333,23 @@ impl General {
         let log_pooler_errors = section.bool("log_pooler_errors", d.log_pooler_errors);
         let verbose = section.uint("verbose", d.verbose, 0);
         let ignore_startup_parameters = section.names("ignore_startup_parameters");
-        let metrics_listen = section.string("metrics_listen").and_then(|(text, span)| {
-            match text.trim().parse::<SocketAddr>() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    section.invalid(
-                        "metrics_listen",
-                        span.as_ref(),
-                        format!("\"{text}\" is not an address:port such as \"127.0.0.1:9127\""),
-                    );
-                    None
-                }
-            }
-        });
+        let metrics_listen =
+            section
+                .string("metrics_listen")
+                .and_then(|(text, span)| match text.trim().parse::<SocketAddr>() {
+                    Ok(addr) => Some(addr),
+                    Err(_) => {
+                        section.invalid(
+                            "metrics_listen",
+                            span.as_ref(),
+                            format!("\"{text}\" is not an address:port such as \"127.0.0.1:9127\""),
+                        );
+                        None
+                    }
+                });
         let pkt_buf = section.uint("pkt_buf", d.pkt_buf, 1024);
         let tcp_keepalive = section.bool("tcp_keepalive", d.tcp_keepalive);
-        let application_name_add_host =
-            section.bool("application_name_add_host", d.application_name_add_host);
+        let application_name_add_host = section.bool("application_name_add_host", d.application_name_add_host);
 
         General {
             name,
@@ -439,32 +426,20 @@ impl General {
             ("min_pool_size", self.min_pool_size.to_string()),
             ("reserve_pool_size", self.reserve_pool_size.to_string()),
             ("max_db_connections", self.max_db_connections.to_string()),
-            (
-                "max_prepared_statements",
-                self.max_prepared_statements.to_string(),
-            ),
+            ("max_prepared_statements", self.max_prepared_statements.to_string()),
             (
                 "server_reset_query",
                 self.server_reset_query.clone().unwrap_or_default(),
             ),
-            (
-                "server_reset_query_always",
-                self.server_reset_query_always.to_string(),
-            ),
+            ("server_reset_query_always", self.server_reset_query_always.to_string()),
             ("server_check_delay", seconds_text(self.server_check_delay)),
-            (
-                "server_connect_timeout",
-                timeout(self.server_connect_timeout),
-            ),
+            ("server_connect_timeout", timeout(self.server_connect_timeout)),
             ("server_login_retry", seconds_text(self.server_login_retry)),
             ("query_wait_timeout", timeout(self.query_wait_timeout)),
             ("query_timeout", timeout(self.query_timeout)),
             ("client_login_timeout", timeout(self.client_login_timeout)),
             ("client_idle_timeout", timeout(self.client_idle_timeout)),
-            (
-                "idle_transaction_timeout",
-                timeout(self.idle_transaction_timeout),
-            ),
+            ("idle_transaction_timeout", timeout(self.idle_transaction_timeout)),
             ("server_idle_timeout", timeout(self.server_idle_timeout)),
             ("server_lifetime", seconds_text(self.server_lifetime)),
             ("shutdown_timeout", seconds_text(self.shutdown_timeout)),
@@ -475,22 +450,14 @@ impl General {
             ("log_disconnections", self.log_disconnections.to_string()),
             ("log_pooler_errors", self.log_pooler_errors.to_string()),
             ("verbose", self.verbose.to_string()),
-            (
-                "ignore_startup_parameters",
-                list(&self.ignore_startup_parameters),
-            ),
+            ("ignore_startup_parameters", list(&self.ignore_startup_parameters)),
             (
                 "metrics_listen",
-                self.metrics_listen
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
+                self.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
             ),
             ("pkt_buf", self.pkt_buf.to_string()),
             ("tcp_keepalive", self.tcp_keepalive.to_string()),
-            (
-                "application_name_add_host",
-                self.application_name_add_host.to_string(),
-            ),
+            ("application_name_add_host", self.application_name_add_host.to_string()),
         ];
         debug_assert!(items.iter().map(|(k, _)| *k).eq(Self::KEYS.iter().copied()));
         items
@@ -518,10 +485,7 @@ fn read_listen_addr(section: &mut Section) -> Option<Vec<IpAddr>> {
     let mut bad = false;
     for item in items {
         let parsed = if item == "*" {
-            vec![
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            ]
+            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
         } else if let Ok(addr) = item.parse::<IpAddr>() {
             vec![addr]
         } else {
@@ -556,11 +520,7 @@ fn read_cpus(section: &mut Section) -> Option<Vec<usize>> {
         return None;
     };
     if items.is_empty() {
-        section.invalid(
-            "cpus",
-            span.as_ref(),
-            "empty list; remove the key to let pgsilo choose",
-        );
+        section.invalid("cpus", span.as_ref(), "empty list; remove the key to let pgsilo choose");
         return None;
     }
     let mut cpus = Vec::with_capacity(items.len());
@@ -569,20 +529,12 @@ fn read_cpus(section: &mut Section) -> Option<Vec<usize>> {
         match item.get_ref() {
             Value::Integer(n) => match usize::try_from(*n) {
                 Ok(id) if cpus.contains(&id) => {
-                    section.invalid(
-                        "cpus",
-                        item.span().as_ref(),
-                        format!("core {id} is listed twice"),
-                    );
+                    section.invalid("cpus", item.span().as_ref(), format!("core {id} is listed twice"));
                     bad = true;
                 }
                 Ok(id) => cpus.push(id),
                 Err(_) => {
-                    section.invalid(
-                        "cpus",
-                        item.span().as_ref(),
-                        format!("{n} is not a core id"),
-                    );
+                    section.invalid("cpus", item.span().as_ref(), format!("{n} is not a core id"));
                     bad = true;
                 }
             },
@@ -614,9 +566,7 @@ fn read_auth_file(section: &mut Section, config_path: &Path) -> PathBuf {
         }
         None => {
             if !present {
-                section.table_problem(
-                    "auth_file is required (the userlist.txt with the users who may log in)",
-                );
+                section.table_problem("auth_file is required (the userlist.txt with the users who may log in)");
             }
             PathBuf::new()
         }
@@ -625,12 +575,7 @@ fn read_auth_file(section: &mut Section, config_path: &Path) -> PathBuf {
 
 /// A pool_mode value; also read for the per-database override.
 pub(super) fn read_pool_mode(section: &mut Section, key: &'static str) -> Option<PoolMode> {
-    read_choice(
-        section,
-        key,
-        PoolMode::parse,
-        &PoolMode::ALL.map(PoolMode::as_str),
-    )
+    read_choice(section, key, PoolMode::parse, &PoolMode::ALL.map(PoolMode::as_str))
 }
 
 fn read_choice<T>(
@@ -678,10 +623,7 @@ mod tests {
             assert_eq!(PoolMode::parse(&m.to_string()), Some(m));
         }
         assert_eq!(AuthType::ScramSha256.to_string(), "scram-sha-256");
-        assert_eq!(
-            AuthType::parse("SCRAM-SHA-256"),
-            Some(AuthType::ScramSha256)
-        );
+        assert_eq!(AuthType::parse("SCRAM-SHA-256"), Some(AuthType::ScramSha256));
         assert_eq!(PoolMode::parse("statement"), None);
     }
 

@@ -79,10 +79,7 @@ impl Loaded {
                     kind: FileKind::Config,
                     file: path.to_path_buf(),
                     line: auth_file_line,
-                    message: format!(
-                        "auth_file in [pgsilo]: cannot read {}: {why}",
-                        auth_file.display()
-                    ),
+                    message: format!("auth_file in [pgsilo]: cannot read {}: {why}", auth_file.display()),
                 }),
             }
         }
@@ -159,9 +156,7 @@ fn parse(text: &str, path: &Path) -> Parsed {
                     "pgbouncer" => Some("pgsilo"),
                     other => nearest(other, &TABLES),
                 };
-                let hint = hint
-                    .map(|h| format!(" (did you mean [{h}]?)"))
-                    .unwrap_or_default();
+                let hint = hint.map(|h| format!(" (did you mean [{h}]?)")).unwrap_or_default();
                 report.at(span.as_ref(), format!("unknown table [{key}]{hint}"));
             }
             (_, _) if General::KEYS.contains(&key.as_str()) => {
@@ -180,12 +175,7 @@ fn parse(text: &str, path: &Path) -> Parsed {
         .find(|(k, _)| k == "auth_file")
         .and_then(|(_, v)| v.span())
         .map(|span| line_of(text, span.start));
-    let mut section = Section::new(
-        &mut report,
-        "[pgsilo]".to_string(),
-        pgsilo_span,
-        pgsilo_entries,
-    );
+    let mut section = Section::new(&mut report, "[pgsilo]".to_string(), pgsilo_span, pgsilo_entries);
     config.general = General::read(&mut section, &absolute, default_name);
     section.finish();
     check_general(&mut report, &config.general);
@@ -193,13 +183,11 @@ fn parse(text: &str, path: &Path) -> Parsed {
     match databases {
         None => report.at(
             None,
-            "no databases: add a [databases.NAME] table for each database clients may use"
-                .to_string(),
+            "no databases: add a [databases.NAME] table for each database clients may use".to_string(),
         ),
         Some((entries, span)) if entries.is_empty() => report.at(
             span.as_ref(),
-            "[databases] is empty: add a [databases.NAME] table for each database clients may use"
-                .to_string(),
+            "[databases] is empty: add a [databases.NAME] table for each database clients may use".to_string(),
         ),
         Some((entries, _)) => {
             for (name, value) in entries {
@@ -224,9 +212,7 @@ fn check_general(report: &mut Report, g: &General) {
     if let Some(metrics) = g.metrics_listen {
         let clash = metrics.port() == g.listen_port
             && (metrics.ip().is_unspecified()
-                || g.listen_addr
-                    .iter()
-                    .any(|a| a.is_unspecified() || *a == metrics.ip()));
+                || g.listen_addr.iter().any(|a| a.is_unspecified() || *a == metrics.ip()));
         if clash {
             report.at(
                 None,
@@ -239,20 +225,13 @@ fn check_general(report: &mut Report, g: &General) {
     }
 }
 
-fn read_database(
-    report: &mut Report,
-    general: &General,
-    name: String,
-    value: Node,
-) -> Option<Database> {
+fn read_database(report: &mut Report, general: &General, name: String, value: Node) -> Option<Database> {
     let span = value.span();
     let table_name = format!("[databases.{}]", toml_key(&name));
     let name_problem = if name.is_empty() {
         Some("a database name must not be empty".to_string())
     } else if RESERVED_DATABASE_NAMES.contains(&name.as_str()) {
-        Some(format!(
-            "the name \"{name}\" is reserved for the admin console"
-        ))
+        Some(format!("the name \"{name}\" is reserved for the admin console"))
     } else if name == "*" {
         Some("the \"*\" fallback database is not supported; list each database".to_string())
     } else {
@@ -276,10 +255,7 @@ fn read_database(
 
 /// A table key as it would be written in TOML: bare when it can be, quoted otherwise.
 fn toml_key(key: &str) -> String {
-    let bare = !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let bare = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if bare {
         key.to_string()
     } else {
@@ -302,8 +278,7 @@ mod tests {
     use crate::config::{AuthType, PoolMode};
 
     const PATH: &str = "/etc/pgsilo/tenant_a.toml";
-    const MINIMAL: &str =
-        "[pgsilo]\nauth_file = \"users.txt\"\n\n[databases.app]\nhost = \"db.internal\"\n";
+    const MINIMAL: &str = "[pgsilo]\nauth_file = \"users.txt\"\n\n[databases.app]\nhost = \"db.internal\"\n";
 
     fn parse_ok(text: &str) -> Config {
         match Config::from_str(text, Path::new(PATH)) {
@@ -456,10 +431,7 @@ max_db_connections = 8
         assert_eq!(g.shutdown_timeout, Duration::from_secs(120));
         assert_eq!(g.admin_users, ["admin", "ops"]);
         assert_eq!(g.stats_users, ["monitor"]);
-        assert_eq!(
-            g.ignore_startup_parameters,
-            ["extra_float_digits", "search_path"]
-        );
+        assert_eq!(g.ignore_startup_parameters, ["extra_float_digits", "search_path"]);
         assert_eq!(g.metrics_listen, Some("127.0.0.1:9127".parse().unwrap()));
         assert_eq!(g.verbose, 2);
         assert!(g.application_name_add_host && !g.tcp_keepalive);
@@ -502,9 +474,7 @@ max_db_connections = 8
             find(&m, "prot"),
             "/etc/pgsilo/tenant_a.toml line 7: unknown key \"prot\" in [databases.app] (did you mean \"port\"?)"
         );
-        assert!(
-            find(&m, "[pgbouncer]").contains("unknown table [pgbouncer] (did you mean [pgsilo]?)")
-        );
+        assert!(find(&m, "[pgbouncer]").contains("unknown table [pgbouncer] (did you mean [pgsilo]?)"));
         assert_eq!(m.len(), 3, "{m:#?}");
     }
 
@@ -512,8 +482,7 @@ max_db_connections = 8
     fn keys_before_any_table_are_pointed_at_pgsilo() {
         let text = format!("listen_port = 6432\nfoo = 1\n{MINIMAL}");
         let m = messages(&text);
-        assert!(find(&m, "line 1:")
-            .contains("\"listen_port\" is outside any table; it belongs under [pgsilo]"));
+        assert!(find(&m, "line 1:").contains("\"listen_port\" is outside any table; it belongs under [pgsilo]"));
         assert!(find(&m, "line 2:").contains("unknown key \"foo\" at top level"));
     }
 
@@ -522,17 +491,13 @@ max_db_connections = 8
         let m = messages(&with_general(
             "listen_port = \"6432\"\nlog_connections = 1\nadmin_users = 5\nserver_idle_timeout = true\nauth_type = \"ldap\"",
         ));
-        assert!(find(&m, "listen_port").ends_with(
-            "listen_port in [pgsilo]: expected an integer from 1 to 65535, found a string"
-        ));
+        assert!(find(&m, "listen_port")
+            .ends_with("listen_port in [pgsilo]: expected an integer from 1 to 65535, found a string"));
         assert!(find(&m, "log_connections").ends_with("expected true or false, found an integer"));
-        assert!(find(&m, "admin_users")
-            .ends_with("expected a string or an array of strings, found an integer"));
-        assert!(find(&m, "server_idle_timeout")
-            .ends_with("expected a number of seconds, found a boolean"));
-        assert!(find(&m, "auth_type").contains(
-            "\"ldap\" is not supported; expected one of trust, plain, md5, scram-sha-256"
-        ));
+        assert!(find(&m, "admin_users").ends_with("expected a string or an array of strings, found an integer"));
+        assert!(find(&m, "server_idle_timeout").ends_with("expected a number of seconds, found a boolean"));
+        assert!(find(&m, "auth_type")
+            .contains("\"ldap\" is not supported; expected one of trust, plain, md5, scram-sha-256"));
         assert_eq!(m.len(), 5);
     }
 
@@ -584,10 +549,7 @@ pool_size = 0
         ];
         assert_eq!(m.len(), expected.len(), "{m:#?}");
         for (message, want) in m.iter().zip(expected) {
-            assert!(
-                message.contains(want),
-                "{message:?} should contain {want:?}"
-            );
+            assert!(message.contains(want), "{message:?} should contain {want:?}");
             assert!(message.starts_with(PATH), "{message}");
         }
         // Display puts one problem on each line.
@@ -636,10 +598,7 @@ pool_size = 0
             parse("[\"::1\", \"10.0.0.2\"]"),
             [IpAddr::V6(Ipv6Addr::LOCALHOST), v4(10, 0, 0, 2)]
         );
-        let all = [
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        ];
+        let all = [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
         assert_eq!(parse("\"*\""), all);
         assert_eq!(parse("[\"*\", \"0.0.0.0\"]"), all);
 
@@ -660,9 +619,7 @@ pool_size = 0
         assert_eq!(g.client_login_timeout, Some(Duration::from_millis(2500)));
         assert_eq!(g.server_connect_timeout, Some(Duration::from_millis(1500)));
         assert_eq!(g.server_check_delay, Duration::from_millis(250));
-        let m = messages(&with_general(
-            "query_timeout = -0.5\nclient_idle_timeout = \"soon\"",
-        ));
+        let m = messages(&with_general("query_timeout = -0.5\nclient_idle_timeout = \"soon\""));
         assert!(find(&m, "query_timeout").contains("-0.5 is not a usable number of seconds"));
         assert!(find(&m, "client_idle_timeout").contains("\"soon\" is not a duration"));
     }
@@ -693,11 +650,7 @@ pool_size = 0
     fn syntax_errors_give_the_line() {
         let m = messages("[pgsilo]\nauth_file = \"u.txt\"\nlisten_port = = 1\n");
         assert_eq!(m.len(), 1);
-        assert!(
-            m[0].starts_with(&format!("{PATH} line 3: not valid TOML:")),
-            "{}",
-            m[0]
-        );
+        assert!(m[0].starts_with(&format!("{PATH} line 3: not valid TOML:")), "{}", m[0]);
     }
 
     #[test]
@@ -708,11 +661,7 @@ pool_size = 0
         let err = Config::load(&path).unwrap_err();
         let m = err.messages();
         assert_eq!(m.len(), 1);
-        assert!(
-            m[0].contains("line 2: auth_file in [pgsilo]: cannot read"),
-            "{}",
-            m[0]
-        );
+        assert!(m[0].contains("line 2: auth_file in [pgsilo]: cannot read"), "{}", m[0]);
         assert!(m[0].contains("users.txt"));
 
         std::fs::write(dir.path().join("users.txt"), "\"a\" \"b\"\n").unwrap();
@@ -735,27 +684,18 @@ pool_size = 0
     fn inline_tables_and_dotted_keys_work_like_headers() {
         let text = "[pgsilo]\nauth_file = \"u\"\n[databases]\na = { host = \"db1\", port = 6000 }\nb.host = \"db2\"\n";
         let c = parse_ok(text);
-        assert_eq!(
-            (c.databases["a"].host.as_str(), c.databases["a"].port),
-            ("db1", 6000)
-        );
+        assert_eq!((c.databases["a"].host.as_str(), c.databases["a"].port), ("db1", 6000));
         assert_eq!(c.databases["b"].host, "db2");
 
-        let m = messages(
-            "[pgsilo]\nauth_file = \"u\"\n[databases]\na = { host = \"db1\", prot = 1 }\n",
-        );
+        let m = messages("[pgsilo]\nauth_file = \"u\"\n[databases]\na = { host = \"db1\", prot = 1 }\n");
         assert!(find(&m, "prot").starts_with(&format!("{PATH} line 4: unknown key \"prot\"")));
     }
 
     #[test]
     fn tables_where_values_belong_are_wrong_types() {
-        let m = messages(&with_general(
-            "listen_port = 1979-05-27\n[pgsilo.auth_type.x]\ny = 1",
-        ));
-        assert!(find(&m, "listen_port")
-            .ends_with("expected an integer from 1 to 65535, found a datetime"));
-        assert!(find(&m, "auth_type")
-            .ends_with("auth_type in [pgsilo]: expected a string, found a table"));
+        let m = messages(&with_general("listen_port = 1979-05-27\n[pgsilo.auth_type.x]\ny = 1"));
+        assert!(find(&m, "listen_port").ends_with("expected an integer from 1 to 65535, found a datetime"));
+        assert!(find(&m, "auth_type").ends_with("auth_type in [pgsilo]: expected a string, found a table"));
         assert_eq!(m.len(), 2, "{m:#?}");
     }
 }

@@ -93,10 +93,7 @@ impl<'r, 'a> Section<'r, 'a> {
 
     /// Where the key's value is, without consuming it.
     pub(super) fn span_of(&self, key: &str) -> Option<Span> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k == key)
-            .and_then(|(_, v)| v.span())
+        self.entries.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.span())
     }
 
     /// Removes and returns the key's value; the key becomes known either way.
@@ -107,12 +104,7 @@ impl<'r, 'a> Section<'r, 'a> {
     }
 
     /// A problem with a key's value, located at the value.
-    pub(super) fn invalid(
-        &mut self,
-        key: &str,
-        span: Option<&Span>,
-        message: impl std::fmt::Display,
-    ) {
+    pub(super) fn invalid(&mut self, key: &str, span: Option<&Span>, message: impl std::fmt::Display) {
         let message = format!("{key} in {}: {message}", self.name);
         self.report.at(span, message);
     }
@@ -202,11 +194,10 @@ impl<'r, 'a> Section<'r, 'a> {
             Value::Integer(n) => u64::try_from(*n)
                 .map(Duration::from_secs)
                 .map_err(|_| format!("{n} is negative")),
-            Value::Float(x) => Duration::try_from_secs_f64(*x)
-                .map_err(|_| format!("{x} is not a usable number of seconds")),
-            Value::String(s) => {
-                humantime::parse_duration(s).map_err(|e| format!("\"{s}\" is not a duration ({e})"))
+            Value::Float(x) => {
+                Duration::try_from_secs_f64(*x).map_err(|_| format!("{x} is not a usable number of seconds"))
             }
+            Value::String(s) => humantime::parse_duration(s).map_err(|e| format!("\"{s}\" is not a duration ({e})")),
             _ => {
                 self.wrong_type(key, &value, "a number of seconds");
                 return default;
@@ -219,19 +210,13 @@ impl<'r, 'a> Section<'r, 'a> {
     }
 
     /// A timeout PgBouncer treats as disabled when 0: `None` means disabled.
-    pub(super) fn timeout(
-        &mut self,
-        key: &'static str,
-        default: Option<Duration>,
-    ) -> Option<Duration> {
+    pub(super) fn timeout(&mut self, key: &'static str, default: Option<Duration>) -> Option<Duration> {
         Some(self.seconds(key, default.unwrap_or(Duration::ZERO))).filter(|d| !d.is_zero())
     }
 
     /// A list of names, written as PgBouncer does ("a, b") or as a TOML array.
     pub(super) fn names(&mut self, key: &'static str) -> Vec<String> {
-        self.string_list(key)
-            .map(|(items, _)| items)
-            .unwrap_or_default()
+        self.string_list(key).map(|(items, _)| items).unwrap_or_default()
     }
 
     /// A string split on commas, or an array of strings; blanks around items are trimmed

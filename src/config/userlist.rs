@@ -175,9 +175,7 @@ mod tests {
         );
         let list = parse(&text).unwrap();
         assert_eq!(list.len(), 4);
-        assert!(
-            matches!(list.get("alice"), Some(Secret::Md5(h)) if h == "md50123456789abcdef0123456789abcdef")
-        );
+        assert!(matches!(list.get("alice"), Some(Secret::Md5(h)) if h == "md50123456789abcdef0123456789abcdef"));
         assert!(matches!(list.get("bob"), Some(Secret::Scram(s)) if s.iterations == 4096));
         assert!(matches!(list.get("carol"), Some(Secret::Plain(p)) if p == "pencil"));
         assert!(matches!(list.get("us\"er"), Some(Secret::Plain(p)) if p == "pa\"ss\""));
@@ -242,12 +240,6 @@ mod tests {
 
         std::fs::write(&path, b"\"a\" \"b\"\n\"\xff\" \"c\"\n").unwrap();
         let m = Userlist::load(&path).unwrap_err().messages();
-        assert_eq!(
-            m,
-            [format!(
-                "auth_file {} line 2: not valid UTF-8",
-                path.display()
-            )]
-        );
+        assert_eq!(m, [format!("auth_file {} line 2: not valid UTF-8", path.display())]);
     }
 }

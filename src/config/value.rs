@@ -224,10 +224,7 @@ pub(super) fn parse_document(text: &str) -> Result<Entries, (String, Option<Span
     match toml::from_str::<Value>(text) {
         Ok(Value::Table(entries)) => Ok(entries),
         // A document always deserializes as a table.
-        Ok(other) => Err((
-            format!("expected a table, found {}", other.type_name()),
-            None,
-        )),
+        Ok(other) => Err((format!("expected a table, found {}", other.type_name()), None)),
         Err(err) => Err((err.message().trim().to_string(), err.span())),
     }
 }
@@ -235,11 +232,7 @@ pub(super) fn parse_document(text: &str) -> Result<Entries, (String, Option<Span
 /// 1-based line number of a byte offset.
 pub(super) fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 #[cfg(test)]

@@ -1,1 +1,9 @@
-//! Counters and the Prometheus endpoint.
+//! Counters, the connection registry, and the Prometheus endpoint.
+
+pub mod histogram;
+pub mod pool_stats;
+pub mod prometheus;
+pub mod registry;
+
+pub use pool_stats::{PoolStats, PoolTotals, WorkerPoolStats};
+pub use registry::{ConnEntry, ConnState, Registered, CLIENTS, ERRORS, SERVERS};

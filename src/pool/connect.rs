@@ -11,6 +11,7 @@ use super::target::{Credential, ServerTarget};
 use super::PoolError;
 use crate::auth::md5::{md5_salted_response, md5_secret};
 use crate::auth::{ScramClient, ScramClientKeys};
+use crate::metrics::{ConnEntry, ConnState, Registered, SERVERS};
 use crate::protocol::io::{read_message, write_out, WireError};
 use crate::protocol::{frontend, ErrorFields, MsgBuf};
 
@@ -39,9 +40,19 @@ pub fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, PoolError> {
 pub async fn connect(
     target: &ServerTarget,
     client_key: Option<[u8; 32]>,
+    database: &str,
+    worker: usize,
 ) -> Result<ServerConn, PoolError> {
     match monoio::time::timeout(target.connect_timeout, connect_inner(target, client_key)).await {
-        Ok(res) => res,
+        Ok(Ok(mut conn)) => {
+            let local = conn.stream.local_addr().ok();
+            let mut e = ConnEntry::new(conn.meta.id, &target.user, database, conn.meta.addr, local, worker);
+            e.remote_pid = conn.meta.backend_pid;
+            conn.meta.entry = Some(Registered::new(&SERVERS, e));
+            conn.meta.mark(ConnState::Active, 0);
+            Ok(conn)
+        }
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(PoolError::Connect(format!(
             "timeout connecting to {}:{} after {:?} (server_connect_timeout)",
             target.host, target.port, target.connect_timeout
@@ -49,10 +60,7 @@ pub async fn connect(
     }
 }
 
-async fn connect_inner(
-    target: &ServerTarget,
-    client_key: Option<[u8; 32]>,
-) -> Result<ServerConn, PoolError> {
+async fn connect_inner(target: &ServerTarget, client_key: Option<[u8; 32]>) -> Result<ServerConn, PoolError> {
     let addrs = resolve(&target.host, target.port)?;
     let mut last_err = None;
     let mut stream = None;
@@ -66,9 +74,7 @@ async fn connect_inner(
         }
     }
     let Some((mut stream, addr)) = stream else {
-        return Err(PoolError::Connect(
-            last_err.unwrap_or_else(|| "no address".into()),
-        ));
+        return Err(PoolError::Connect(last_err.unwrap_or_else(|| "no address".into())));
     };
     let _ = stream.set_nodelay(true);
     if target.tcp_keepalive {
@@ -80,10 +86,7 @@ async fn connect_inner(
     let mut out = Vec::with_capacity(128);
     frontend::startup_message(
         &mut out,
-        [
-            ("user", target.user.as_str()),
-            ("database", target.dbname.as_str()),
-        ],
+        [("user", target.user.as_str()), ("database", target.dbname.as_str())],
     );
     let (res, mut out) = write_out(&mut stream, out).await;
     res.map_err(login_wire)?;
@@ -122,7 +125,9 @@ async fn connect_inner(
                     }
                     10 => {
                         if !sasl_offers(data, "SCRAM-SHA-256") {
-                            return Err(PoolError::Login("server offers no SASL mechanism pgsilo supports".into()));
+                            return Err(PoolError::Login(
+                                "server offers no SASL mechanism pgsilo supports".into(),
+                            ));
                         }
                         let keys = match &target.credential {
                             Credential::Password(p) => ScramClientKeys::Password(p.clone()),
@@ -182,8 +187,7 @@ async fn connect_inner(
                     meta.backend_pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                 }
                 if body.len() == 8 {
-                    meta.backend_secret =
-                        Some(u32::from_be_bytes([body[4], body[5], body[6], body[7]]));
+                    meta.backend_secret = Some(u32::from_be_bytes([body[4], body[5], body[6], body[7]]));
                 }
             }
             b'Z' => {

@@ -42,13 +42,8 @@ impl PoolError {
     /// own code and text, as PgBouncer passes them through.
     pub fn client_error(&self) -> (String, String) {
         match self {
-            PoolError::ServerRefused(f) | PoolError::Query(f) => {
-                (f.code.clone(), f.message.clone())
-            }
-            PoolError::WaitTimeout => (
-                self.sqlstate().0.to_string(),
-                "query_wait_timeout".to_string(),
-            ),
+            PoolError::ServerRefused(f) | PoolError::Query(f) => (f.code.clone(), f.message.clone()),
+            PoolError::WaitTimeout => (self.sqlstate().0.to_string(), "query_wait_timeout".to_string()),
             other => (other.sqlstate().0.to_string(), other.to_string()),
         }
     }

@@ -23,16 +23,14 @@ use super::connect::connect;
 use super::server::{ServerConn, ServerParts};
 use super::shared::SharedPool;
 use super::PoolError;
+use crate::metrics::{ConnState, WorkerPoolStats};
 
 /// Messages between workers about one pool.
 pub enum PoolMsg {
     /// "I have clients waiting; send me an idle server if you have one to spare."
     Steal { pool: Arc<SharedPool>, to: usize },
     /// A server moving to the receiving worker.
-    Handover {
-        pool: Arc<SharedPool>,
-        parts: ServerParts,
-    },
+    Handover { pool: Arc<SharedPool>, parts: ServerParts },
     /// One connection slot under the cap, transferred: the receiver may open a server.
     Slot { pool: Arc<SharedPool> },
 }
@@ -75,6 +73,16 @@ impl LocalPool {
         }
     }
 
+    /// This worker's counters for the pool.
+    #[inline]
+    pub fn stats(&self) -> &WorkerPoolStats {
+        self.shared.stats.worker(self.worker)
+    }
+
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
     pub fn idle_len(&self) -> usize {
         self.idle.borrow().len()
     }
@@ -85,18 +93,13 @@ impl LocalPool {
 
     /// Gets a server for a client: an idle one here, a new one under the cap, or the next
     /// one released anywhere in the instance. Gives up after `wait_timeout` (None: never).
-    pub async fn acquire(
-        self: &Rc<Self>,
-        wait_timeout: Option<Duration>,
-    ) -> Result<ServerConn, PoolError> {
+    pub async fn acquire(self: &Rc<Self>, wait_timeout: Option<Duration>) -> Result<ServerConn, PoolError> {
         let deadline = wait_timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(conn) = self.pop_idle() {
                 return Ok(conn);
             }
-            if !self.shared.paused.load(std::sync::atomic::Ordering::SeqCst)
-                && self.shared.try_reserve()
-            {
+            if !self.shared.paused.load(std::sync::atomic::Ordering::SeqCst) && self.shared.try_reserve() {
                 return self.open().await;
             }
             match self.wait(deadline).await? {
@@ -113,15 +116,17 @@ impl LocalPool {
     /// Opens a server on a slot this worker already holds; the slot goes on to someone
     /// else if the connection fails.
     async fn open(self: &Rc<Self>) -> Result<ServerConn, PoolError> {
-        let stats = &self.shared.stats;
-        stats
-            .servers_connecting
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stats = self.stats();
+        WorkerPoolStats::add(&stats.servers_login, 1);
         let target = self.shared.target();
-        let res = connect(&target, self.shared.scram_client_key()).await;
-        stats
-            .servers_connecting
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let res = connect(
+            &target,
+            self.shared.scram_client_key(),
+            &self.shared.database,
+            self.worker,
+        )
+        .await;
+        WorkerPoolStats::add(&stats.servers_login, -1);
         match res {
             Ok(conn) => {
                 self.shared.set_welcome(&conn.meta.settings);
@@ -165,15 +170,8 @@ impl LocalPool {
         });
         self.waiters.borrow_mut().push_back(waiter.clone());
         self.shared.waiting_add(self.worker, 1);
-        self.shared
-            .stats
-            .clients_waiting
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _count = WaitingCount(&self.shared);
         // Published as waiting; now look for what others may have freed meanwhile.
-        if !self.shared.paused.load(std::sync::atomic::Ordering::SeqCst)
-            && self.shared.try_reserve()
-        {
+        if !self.shared.paused.load(std::sync::atomic::Ordering::SeqCst) && self.shared.try_reserve() {
             self.grant_to(&waiter, Grant::Slot);
         } else if let Some(w) = self.shared.worker_with_idle(self.worker) {
             self.post(
@@ -228,6 +226,7 @@ impl LocalPool {
             return;
         }
         conn.meta.last_used = Instant::now();
+        conn.meta.mark(ConnState::Idle, 0);
         self.give(conn);
     }
 
@@ -302,7 +301,7 @@ impl LocalPool {
                     }
                 }
             }
-            PoolMsg::Handover { parts, .. } => match ServerConn::adopt(parts) {
+            PoolMsg::Handover { parts, .. } => match ServerConn::adopt(parts, self.worker) {
                 Ok(conn) => self.give(conn),
                 Err(e) => {
                     log::warn!("could not adopt a server connection from another worker: {e}");
@@ -391,18 +390,6 @@ impl LocalPool {
                 )
             })
             .collect()
-    }
-}
-
-/// Keeps clients_waiting honest however the wait ends.
-struct WaitingCount<'a>(&'a SharedPool);
-
-impl Drop for WaitingCount<'_> {
-    fn drop(&mut self) {
-        self.0
-            .stats
-            .clients_waiting
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

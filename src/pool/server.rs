@@ -12,6 +12,7 @@ use monoio::net::TcpStream;
 use super::prepared::PreparedCache;
 use super::settings::{parse_parameter_status, Settings};
 use super::PoolError;
+use crate::metrics::{ConnState, Registered};
 use crate::protocol::io::{read_message, write_out};
 use crate::protocol::{frontend, ErrorFields, MsgBuf};
 
@@ -51,6 +52,8 @@ pub struct ServerMeta {
     pub tx_status: u8,
     /// Statements prepared on this server under pgsilo's names.
     pub prepared: PreparedCache,
+    /// This connection's row in SHOW SERVERS; removed when the connection is dropped.
+    pub entry: Option<Registered>,
 }
 
 impl ServerMeta {
@@ -68,6 +71,16 @@ impl ServerMeta {
             last_used: now,
             tx_status: b'I',
             prepared: PreparedCache::default(),
+            entry: None,
+        }
+    }
+
+    /// Records the server's state (and the client it serves) for SHOW SERVERS.
+    #[inline]
+    pub fn mark(&self, state: ConnState, client: u64) {
+        if let Some(e) = &self.entry {
+            e.entry.set_state(state);
+            e.entry.set_link(client);
         }
     }
 
@@ -140,9 +153,7 @@ impl ServerConn {
     /// Puts the halves back together. Fails only if they came from different sockets,
     /// which would be a bug; the caller then drops both (closing the socket).
     pub fn reunite(rd: ServerRd, wr: ServerWr, meta: ServerMeta) -> Option<ServerConn> {
-        rd.reunite(wr)
-            .ok()
-            .map(|stream| ServerConn { stream, meta })
+        rd.reunite(wr).ok().map(|stream| ServerConn { stream, meta })
     }
 
     /// Takes the socket out of this worker's runtime so another worker can adopt it.
@@ -151,13 +162,13 @@ impl ServerConn {
         let raw = self.stream.into_raw_fd();
         // SAFETY: into_raw_fd hands over sole ownership of a valid, open descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        ServerParts {
-            fd,
-            meta: self.meta,
-        }
+        ServerParts { fd, meta: self.meta }
     }
 
-    pub fn adopt(parts: ServerParts) -> std::io::Result<ServerConn> {
+    pub fn adopt(parts: ServerParts, worker: usize) -> std::io::Result<ServerConn> {
+        if let Some(e) = &parts.meta.entry {
+            e.entry.set_worker(worker);
+        }
         let std_stream = std::net::TcpStream::from(parts.fd);
         std_stream.set_nonblocking(true)?;
         let stream = TcpStream::from_std(std_stream)?;
@@ -196,9 +207,7 @@ impl ServerConn {
                         self.meta.settings.set(name, value);
                     }
                 }
-                b'C' => self
-                    .meta
-                    .command_done(body.strip_suffix(&[0]).unwrap_or(body)),
+                b'C' => self.meta.command_done(body.strip_suffix(&[0]).unwrap_or(body)),
                 // COPY cannot be started by pgsilo's own statements; anything else
                 // (rows, notices) is of no interest.
                 _ => {}

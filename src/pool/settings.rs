@@ -29,9 +29,7 @@ pub fn is_tracked_reported(lower: &str) -> bool {
 
 impl Settings {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.map
-            .get(&name.to_ascii_lowercase())
-            .map(|(_, v)| v.as_str())
+        self.map.get(&name.to_ascii_lowercase()).map(|(_, v)| v.as_str())
     }
 
     pub fn set(&mut self, name: &str, value: &str) {
@@ -44,8 +42,7 @@ impl Settings {
                 }
             }
             None => {
-                self.map
-                    .insert(lower, (name.to_string(), value.to_string()));
+                self.map.insert(lower, (name.to_string(), value.to_string()));
             }
         }
     }
@@ -77,10 +74,7 @@ pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     use crate::protocol::framing::read_cstr;
     let (name, at) = read_cstr(body, 0)?;
     let (value, _) = read_cstr(body, at)?;
-    Some((
-        std::str::from_utf8(name).ok()?,
-        std::str::from_utf8(value).ok()?,
-    ))
+    Some((std::str::from_utf8(name).ok()?, std::str::from_utf8(value).ok()?))
 }
 
 #[cfg(test)]
@@ -100,10 +94,7 @@ mod tests {
 
     #[test]
     fn parses_parameter_status() {
-        assert_eq!(
-            parse_parameter_status(b"TimeZone\0UTC\0"),
-            Some(("TimeZone", "UTC"))
-        );
+        assert_eq!(parse_parameter_status(b"TimeZone\0UTC\0"), Some(("TimeZone", "UTC")));
         assert_eq!(parse_parameter_status(b"TimeZone\0UTC"), None);
     }
 }

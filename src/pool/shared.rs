@@ -3,12 +3,13 @@
 //! and waiting clients without locks.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::settings::Settings;
 use super::target::ServerTarget;
 use crate::config::PoolMode;
+use crate::metrics::PoolStats;
 
 pub struct SharedPool {
     pub id: usize,
@@ -33,23 +34,6 @@ pub struct SharedPool {
     validated: Mutex<HashMap<(String, String), String>>,
     pub paused: AtomicBool,
     pub stats: PoolStats,
-}
-
-/// Counters for SHOW STATS / metrics, updated with relaxed atomics off the lock path.
-#[derive(Default)]
-pub struct PoolStats {
-    pub xact_count: AtomicU64,
-    pub query_count: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub bytes_sent: AtomicU64,
-    pub xact_time_us: AtomicU64,
-    pub query_time_us: AtomicU64,
-    pub wait_time_us: AtomicU64,
-    pub max_wait_us: AtomicU64,
-    pub clients_active: AtomicUsize,
-    pub clients_waiting: AtomicUsize,
-    pub servers_active: AtomicUsize,
-    pub servers_connecting: AtomicUsize,
 }
 
 impl SharedPool {
@@ -82,7 +66,7 @@ impl SharedPool {
             scram_client_key: Mutex::new(None),
             validated: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
-            stats: PoolStats::default(),
+            stats: PoolStats::new(workers),
         }
     }
 
@@ -120,9 +104,7 @@ impl SharedPool {
     }
 
     pub fn unreserve(&self) {
-        let _ = self
-            .total
-            .fetch_update(SeqCst, SeqCst, |t| t.checked_sub(1));
+        let _ = self.total.fetch_update(SeqCst, SeqCst, |t| t.checked_sub(1));
     }
 
     pub(crate) fn idle_add(&self, worker: usize, delta: isize) {
@@ -152,9 +134,7 @@ impl SharedPool {
 
     fn find_other(&self, counters: &[AtomicUsize], me: usize) -> Option<usize> {
         let n = counters.len();
-        (1..n)
-            .map(|i| (me + i) % n)
-            .find(|&w| counters[w].load(SeqCst) > 0)
+        (1..n).map(|i| (me + i) % n).find(|&w| counters[w].load(SeqCst) > 0)
     }
 
     pub fn welcome(&self) -> Option<Arc<Settings>> {
@@ -190,10 +170,7 @@ impl SharedPool {
         let mut v = lock(&self.validated);
         // Bounded: a client cycling through values must not grow memory without end.
         if v.len() < 1024 {
-            v.insert(
-                (name.to_ascii_lowercase(), value.to_string()),
-                normalised.to_string(),
-            );
+            v.insert((name.to_ascii_lowercase(), value.to_string()), normalised.to_string());
         }
     }
 }
@@ -232,10 +209,7 @@ impl PoolRegistry {
         make: impl FnOnce() -> (PoolMode, usize, ServerTarget),
     ) -> Arc<SharedPool> {
         let mut pools = lock(&self.pools);
-        if let Some(p) = pools
-            .iter()
-            .find(|p| p.database == database && p.user == user)
-        {
+        if let Some(p) = pools.iter().find(|p| p.database == database && p.user == user) {
             return p.clone();
         }
         let (mode, cap, target) = make();

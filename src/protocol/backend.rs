@@ -34,7 +34,11 @@ impl Severity {
     }
 }
 
+/// An ErrorResponse pgsilo raises itself; counted with the servers' errors by SQLSTATE.
 pub fn error_response(out: &mut Vec<u8>, severity: Severity, code: SqlState, text: &str) {
+    if let Ok(c) = code.0.as_bytes().try_into() {
+        crate::metrics::ERRORS.count(c);
+    }
     message(out, b'E', |b| {
         b.push(b'S');
         cstr(b, severity.as_str());

@@ -82,11 +82,7 @@ impl ErrorFields {
 
 impl std::fmt::Display for ErrorFields {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: {} (SQLSTATE {})",
-            self.severity, self.message, self.code
-        )
+        write!(f, "{}: {} (SQLSTATE {})", self.severity, self.message, self.code)
     }
 }
 
@@ -98,12 +94,7 @@ mod tests {
     #[test]
     fn parses_what_backend_writes() {
         let mut out = Vec::new();
-        error_response(
-            &mut out,
-            Severity::Error,
-            SqlState::QUERY_CANCELED,
-            "canceled",
-        );
+        error_response(&mut out, Severity::Error, SqlState::QUERY_CANCELED, "canceled");
         let f = ErrorFields::parse(&out[5..]);
         assert_eq!(f.severity, "ERROR");
         assert_eq!(f.code, "57014");

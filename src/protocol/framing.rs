@@ -112,13 +112,7 @@ mod tests {
     #[test]
     fn partial_header_and_partial_body() {
         let m = msg(b'D', &[1u8; 50]);
-        assert_eq!(
-            scan(&m[..3]),
-            Scan::Partial {
-                header: None,
-                have: 3
-            }
-        );
+        assert_eq!(scan(&m[..3]), Scan::Partial { header: None, have: 3 });
         match scan(&m[..20]) {
             Scan::Partial {
                 header: Some(h),

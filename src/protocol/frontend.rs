@@ -4,10 +4,7 @@
 use super::backend::{cstr, message};
 use super::startup::{CANCEL_REQUEST, PROTOCOL_3_0};
 
-pub fn startup_message<'a>(
-    out: &mut Vec<u8>,
-    params: impl IntoIterator<Item = (&'a str, &'a str)>,
-) {
+pub fn startup_message<'a>(out: &mut Vec<u8>, params: impl IntoIterator<Item = (&'a str, &'a str)>) {
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&PROTOCOL_3_0.to_be_bytes());

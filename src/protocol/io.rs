@@ -32,10 +32,7 @@ pub async fn read_message<S: AsyncReadRent>(
                 Ok(()) => return (Ok(h), buf),
                 Err(e) => return (Err(e.into()), buf),
             },
-            Scan::Partial {
-                header: Some(h),
-                have,
-            } => {
+            Scan::Partial { header: Some(h), have } => {
                 if let Err(e) = h.validate(limit) {
                     return (Err(e.into()), buf);
                 }
@@ -74,10 +71,7 @@ pub async fn read_at_least<S: AsyncReadRent>(
 }
 
 /// Writes all of `out` and hands the (cleared) vector back for reuse.
-pub async fn write_out<S: AsyncWriteRent>(
-    stream: &mut S,
-    out: Vec<u8>,
-) -> (Result<(), WireError>, Vec<u8>) {
+pub async fn write_out<S: AsyncWriteRent>(stream: &mut S, out: Vec<u8>) -> (Result<(), WireError>, Vec<u8>) {
     if out.is_empty() {
         return (Ok(()), out);
     }

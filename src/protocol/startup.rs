@@ -31,10 +31,7 @@ pub struct Startup {
 
 impl Startup {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -60,14 +57,10 @@ pub fn parse(packet: &[u8]) -> Result<StartupPacket, ProtocolError> {
             let pid = packet
                 .get(8..12)
                 .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                .ok_or(ProtocolError::BadStartup(
-                    "cancel request without a process id",
-                ))?;
+                .ok_or(ProtocolError::BadStartup("cancel request without a process id"))?;
             let secret = packet.get(12..).unwrap_or_default().to_vec();
             if secret.is_empty() {
-                return Err(ProtocolError::BadStartup(
-                    "cancel request without a secret key",
-                ));
+                return Err(ProtocolError::BadStartup("cancel request without a secret key"));
             }
             Ok(StartupPacket::Cancel { pid, secret })
         }
@@ -87,20 +80,17 @@ fn parse_params(body: &[u8], minor: u16) -> Result<Startup, ProtocolError> {
     let mut protocol_options = Vec::new();
     let mut at = 0;
     loop {
-        let (name, next) =
-            read_cstr(body, at).ok_or(ProtocolError::BadStartup("missing terminator"))?;
+        let (name, next) = read_cstr(body, at).ok_or(ProtocolError::BadStartup("missing terminator"))?;
         if name.is_empty() {
             if next != body.len() {
                 return Err(ProtocolError::BadStartup("data after the final terminator"));
             }
             break;
         }
-        let (value, next) =
-            read_cstr(body, next).ok_or(ProtocolError::BadStartup("parameter without a value"))?;
-        let name = std::str::from_utf8(name)
-            .map_err(|_| ProtocolError::BadStartup("parameter name is not UTF-8"))?;
-        let value = std::str::from_utf8(value)
-            .map_err(|_| ProtocolError::BadStartup("parameter value is not UTF-8"))?;
+        let (value, next) = read_cstr(body, next).ok_or(ProtocolError::BadStartup("parameter without a value"))?;
+        let name = std::str::from_utf8(name).map_err(|_| ProtocolError::BadStartup("parameter name is not UTF-8"))?;
+        let value =
+            std::str::from_utf8(value).map_err(|_| ProtocolError::BadStartup("parameter value is not UTF-8"))?;
         if name.starts_with("_pq_.") {
             protocol_options.push(name.to_string());
         } else {
@@ -149,16 +139,13 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
     let mut it = words.into_iter();
     while let Some(w) = it.next() {
         let assignment = if w == "-c" {
-            it.next()
-                .ok_or_else(|| "option -c without a setting".to_string())?
+            it.next().ok_or_else(|| "option -c without a setting".to_string())?
         } else if let Some(rest) = w.strip_prefix("-c") {
             rest.to_string()
         } else if let Some(rest) = w.strip_prefix("--") {
             rest.to_string()
         } else {
-            return Err(format!(
-                "unsupported option \"{w}\" (only -c name=value is supported)"
-            ));
+            return Err(format!("unsupported option \"{w}\" (only -c name=value is supported)"));
         };
         let (name, value) = assignment
             .split_once('=')
@@ -196,10 +183,7 @@ mod tests {
 
     #[test]
     fn recognises_special_requests() {
-        assert_eq!(
-            parse(&packet(SSL_REQUEST, b"")).unwrap(),
-            StartupPacket::SslRequest
-        );
+        assert_eq!(parse(&packet(SSL_REQUEST, b"")).unwrap(), StartupPacket::SslRequest);
         assert_eq!(
             parse(&packet(GSSENC_REQUEST, b"")).unwrap(),
             StartupPacket::GssEncRequest

@@ -63,10 +63,7 @@ impl CancelRegistry {
     }
 
     pub fn unregister(&self, pid: u32) {
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&pid);
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
     }
 
     /// The server to cancel for a client key, if the key is valid and the client has a
@@ -128,10 +125,7 @@ mod tests {
         assert_eq!(reg.lookup(pid, &slot.secret.to_be_bytes()), None);
         slot.set(Some(target));
         assert_eq!(reg.lookup(pid, &slot.secret.to_be_bytes()), Some(target));
-        assert_eq!(
-            reg.lookup(pid, &slot.secret.wrapping_add(1).to_be_bytes()),
-            None
-        );
+        assert_eq!(reg.lookup(pid, &slot.secret.wrapping_add(1).to_be_bytes()), None);
         assert_eq!(reg.lookup(pid, &[1, 2]), None);
         reg.unregister(pid);
         assert!(reg.is_empty());

@@ -5,10 +5,11 @@
 use super::expect::{Disposition, ExpectQueue};
 use super::prepared::ClientStatements;
 use super::tx_tracker::TxTracker;
+use crate::metrics::ERRORS;
 use crate::pool::settings::{is_tracked_reported, parse_parameter_status};
 use crate::pool::{ServerMeta, Settings};
 use crate::protocol::framing::{Header, HEADER_LEN};
-use crate::protocol::ProtocolError;
+use crate::protocol::{ErrorFields, ProtocolError};
 
 pub const SERVER_MESSAGE_LIMIT: u32 = i32::MAX as u32;
 
@@ -75,11 +76,7 @@ pub struct DownResult {
 
 /// Processes server bytes. When `out` already holds bytes waiting for the client, new
 /// output is appended after them so order is kept.
-pub fn process(
-    data: &[u8],
-    st: &mut DownState,
-    out: &mut Vec<u8>,
-) -> Result<DownResult, ProtocolError> {
+pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<DownResult, ProtocolError> {
     let mut res = DownResult::default();
     let mut copying = !out.is_empty();
     let mut at = 0;
@@ -120,12 +117,17 @@ pub fn process(
             }
             b'S' => st.parameter_status(body),
             b'C' => st.command_complete(body.strip_suffix(&[0]).unwrap_or(body)),
+            b'E' => {
+                if let Some(code) = whole.then(|| ErrorFields::code_of(body)).flatten() {
+                    ERRORS.count(code);
+                }
+            }
             tag => st.tracker.server_message(tag, None),
         }
         st.synth.clear();
-        let disposition =
-            st.queue
-                .server_message(h.tag, st.statements, &mut st.server.prepared, st.synth);
+        let disposition = st
+            .queue
+            .server_message(h.tag, st.statements, &mut st.server.prepared, st.synth);
         if !st.synth.is_empty() || disposition == Disposition::Swallow {
             if !copying {
                 out.extend_from_slice(&data[..at]);
@@ -245,10 +247,8 @@ mod tests {
     fn deallocate_all_forgets_statements() {
         let mut f = Fixture::new();
         f.server.prepared.insert(5, 10);
-        f.stmts.insert(
-            b"s",
-            std::rc::Rc::new(crate::proxy::prepared::StmtDef::new(b"x\0\0\0")),
-        );
+        f.stmts
+            .insert(b"s", std::rc::Rc::new(crate::proxy::prepared::StmtDef::new(b"x\0\0\0")));
         let mut out = Vec::new();
         f.run(&msg(b'C', b"DEALLOCATE ALL\0"), &mut out);
         assert!(f.server.prepared.is_empty());

@@ -41,24 +41,13 @@ impl SessionError {
     pub fn client_error(&self) -> Option<(String, String)> {
         match self {
             SessionError::ClientGone(_) => None,
-            SessionError::Protocol(e) => {
-                Some((SqlState::PROTOCOL_VIOLATION.0.into(), e.to_string()))
-            }
+            SessionError::Protocol(e) => Some((SqlState::PROTOCOL_VIOLATION.0.into(), e.to_string())),
             SessionError::Refused { code, message } => Some((code.0.into(), message.clone())),
             SessionError::Pool(e) => Some(e.client_error()),
-            SessionError::ServerGone => {
-                Some((SqlState::CONNECTION_FAILURE.0.into(), self.to_string()))
-            }
-            SessionError::LoginTimeout => {
-                Some((SqlState::PROTOCOL_VIOLATION.0.into(), self.to_string()))
-            }
-            SessionError::Shutdown => Some((
-                SqlState::ADMIN_SHUTDOWN.0.into(),
-                "pgsilo is shutting down".into(),
-            )),
-            SessionError::Idle(what) => {
-                Some((SqlState::IDLE_SESSION_TIMEOUT.0.into(), (*what).into()))
-            }
+            SessionError::ServerGone => Some((SqlState::CONNECTION_FAILURE.0.into(), self.to_string())),
+            SessionError::LoginTimeout => Some((SqlState::PROTOCOL_VIOLATION.0.into(), self.to_string())),
+            SessionError::Shutdown => Some((SqlState::ADMIN_SHUTDOWN.0.into(), "pgsilo is shutting down".into())),
+            SessionError::Idle(what) => Some((SqlState::IDLE_SESSION_TIMEOUT.0.into(), (*what).into())),
         }
     }
 }

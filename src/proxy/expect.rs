@@ -63,9 +63,7 @@ impl Expect {
     fn kind(&self) -> Kind {
         match self {
             Expect::Forward(k) => *k,
-            Expect::NamedParse { .. }
-            | Expect::InjectedParse { .. }
-            | Expect::SynthParse { .. } => Kind::Parse,
+            Expect::NamedParse { .. } | Expect::InjectedParse { .. } | Expect::SynthParse { .. } => Kind::Parse,
             Expect::InjectedClose { .. } | Expect::SynthClose { .. } => Kind::Close,
             // An error pgsilo raised behaves like a message the server failed.
             Expect::SynthError(_) => Kind::Parse,
@@ -73,10 +71,7 @@ impl Expect {
     }
 
     fn swallowed(&self) -> bool {
-        matches!(
-            self,
-            Expect::InjectedParse { .. } | Expect::InjectedClose { .. }
-        )
+        matches!(self, Expect::InjectedParse { .. } | Expect::InjectedClose { .. })
     }
 
     fn completed_by(&self, tag: u8) -> bool {
@@ -234,11 +229,7 @@ impl ExpectQueue {
 
     /// An extended-protocol message failed: the server skips to the next Sync, so the
     /// entries before that Sync will never be answered.
-    fn after_error(
-        &mut self,
-        client: &mut ClientStatements,
-        failed: Option<(Expect, &mut PreparedCache)>,
-    ) {
+    fn after_error(&mut self, client: &mut ClientStatements, failed: Option<(Expect, &mut PreparedCache)>) {
         let mut dummy = PreparedCache::default();
         let server: &mut PreparedCache = match failed {
             Some((e, server)) => {
@@ -247,11 +238,7 @@ impl ExpectQueue {
             }
             None => &mut dummy,
         };
-        while self
-            .q
-            .front()
-            .is_some_and(|e| !matches!(e.kind(), Kind::Sync))
-        {
+        while self.q.front().is_some_and(|e| !matches!(e.kind(), Kind::Sync)) {
             if let Some(e) = self.q.pop_front() {
                 e.undo(client, server);
             }

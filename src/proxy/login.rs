@@ -14,6 +14,7 @@ use super::params::{after_sync, initial_settings, sync_statement};
 use super::SessionError;
 use crate::auth::{verify_cleartext, verify_md5_response, ScramSecret, ScramServer, Secret};
 use crate::config::{AuthType, Config};
+use crate::metrics::{ConnEntry, Registered, CLIENTS};
 use crate::pool::{Credential, LocalPool, ServerTarget, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::framing::read_cstr;
@@ -38,6 +39,8 @@ pub struct LoggedIn {
     pub settings: Settings,
     pub cancel_pid: u32,
     pub cancel: Arc<CancelSlot>,
+    /// This client's row in SHOW CLIENTS.
+    pub entry: Registered,
 }
 
 pub struct AdminLogin {
@@ -46,6 +49,7 @@ pub struct AdminLogin {
     pub peer: SocketAddr,
     /// stats_users may only look; admin_users may also act.
     pub can_act: bool,
+    pub entry: Registered,
 }
 
 pub enum Opening {
@@ -125,12 +129,7 @@ pub async fn login(
         .to_string();
     let config = ctx.instance.config();
     let general = &config.general;
-    if ctx
-        .instance
-        .clients
-        .load(std::sync::atomic::Ordering::SeqCst)
-        > general.max_client_conn
-    {
+    if ctx.instance.clients.load(std::sync::atomic::Ordering::SeqCst) > general.max_client_conn {
         return Err(SessionError::refused(
             SqlState::TOO_MANY_CONNECTIONS,
             "no more connections allowed (max_client_conn)",
@@ -174,11 +173,13 @@ pub async fn login(
             ));
         }
         welcome_admin(stream, out).await?;
+        let entry = register_client(ctx, stream, id, &user, &database, peer, "", 0);
         return Ok(Opening::Admin(AdminLogin {
             id,
             user,
             peer,
             can_act,
+            entry,
         }));
     }
 
@@ -186,19 +187,14 @@ pub async fn login(
         pool_definition(&config, &database, &user, secret.as_ref())
     });
     if let (Some(key), Some(Secret::Scram(_))) = (client_key, secret.as_ref()) {
-        if config
-            .databases
-            .get(&database)
-            .is_some_and(|d| d.user.is_none())
-        {
+        if config.databases.get(&database).is_some_and(|d| d.user.is_none()) {
             shared.set_scram_client_key(key);
         }
     }
     let pool = ctx.local_pool(&shared);
 
     let options = match startup.get("options") {
-        Some(o) => startup::parse_options(o)
-            .map_err(|e| SessionError::refused(SqlState::FEATURE_NOT_SUPPORTED, e))?,
+        Some(o) => startup::parse_options(o).map_err(|e| SessionError::refused(SqlState::FEATURE_NOT_SUPPORTED, e))?,
         None => Vec::new(),
     };
     let settings = client_settings(
@@ -218,9 +214,7 @@ pub async fn login(
         backend::parameter_status(&mut out, name, value);
     }
     for (name, value) in settings.iter() {
-        if !welcome.contains(name)
-            && crate::pool::settings::is_tracked_reported(&name.to_ascii_lowercase())
-        {
+        if !welcome.contains(name) && crate::pool::settings::is_tracked_reported(&name.to_ascii_lowercase()) {
             backend::parameter_status(&mut out, name, value);
         }
     }
@@ -234,6 +228,7 @@ pub async fn login(
     if general.log_connections {
         log::info!("C-{id}: {database}/{user}@{peer} login ok");
     }
+    let entry = register_client(ctx, stream, id, &user, &database, peer, &application_name, cancel_pid);
     Ok(Opening::Session(LoggedIn {
         id,
         user,
@@ -244,7 +239,25 @@ pub async fn login(
         settings,
         cancel_pid,
         cancel,
+        entry,
     }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn register_client(
+    ctx: &WorkerCtx,
+    stream: &TcpStream,
+    id: u64,
+    user: &str,
+    database: &str,
+    peer: SocketAddr,
+    application_name: &str,
+    cancel_pid: u32,
+) -> Registered {
+    let mut e = ConnEntry::new(id, user, database, peer, stream.local_addr().ok(), ctx.id);
+    e.application_name = application_name.to_string();
+    e.remote_pid = cancel_pid;
+    Registered::new(&CLIENTS, e)
 }
 
 /// Where this pool's servers are and how pgsilo logs in to them.
@@ -327,9 +340,9 @@ async fn client_settings(
         .filter(|(k, _)| !ignored.iter().any(|i| i.eq_ignore_ascii_case(k)))
         .collect();
     let unjudged = |pool: &LocalPool| {
-        overrides.iter().any(|(k, v)| {
-            !k.eq_ignore_ascii_case("application_name") && pool.shared.validated(k, v).is_none()
-        })
+        overrides
+            .iter()
+            .any(|(k, v)| !k.eq_ignore_ascii_case("application_name") && pool.shared.validated(k, v).is_none())
     };
     if let Some(welcome) = pool.shared.welcome() {
         if !unjudged(pool) {
@@ -378,14 +391,8 @@ async fn client_settings(
 /// SQLSTATEs are five characters from a small alphabet; map the server's to the matching
 /// constant where one exists so nothing is allocated per error for good.
 fn leak_code(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "22023", "42704", "0A000", "22P02", "42501", "55P02", "XX000",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == code)
-        .copied()
-        .unwrap_or("22023")
+    const KNOWN: &[&str] = &["22023", "42704", "0A000", "22P02", "42501", "55P02", "XX000"];
+    KNOWN.iter().find(|k| **k == code).copied().unwrap_or("22023")
 }
 
 async fn welcome_admin(stream: &mut TcpStream, mut out: Vec<u8>) -> Result<(), SessionError> {
@@ -475,9 +482,7 @@ async fn authenticate(
             let server_first = server.handle_client_first(data).map_err(|_| failed())?;
             backend::auth_sasl_continue(out, &server_first);
             let client_final = exchange(stream, buf, out).await?;
-            let ok = server
-                .handle_client_final(&client_final)
-                .map_err(|_| failed())?;
+            let ok = server.handle_client_final(&client_final).map_err(|_| failed())?;
             backend::auth_sasl_final(out, &ok.server_final);
             Ok(Some(ok.client_key))
         }
@@ -485,11 +490,7 @@ async fn authenticate(
 }
 
 /// Sends what is in `out` and reads the client's PasswordMessage-family reply body.
-async fn exchange(
-    stream: &mut TcpStream,
-    buf: &mut MsgBuf,
-    out: &mut Vec<u8>,
-) -> Result<Vec<u8>, SessionError> {
+async fn exchange(stream: &mut TcpStream, buf: &mut MsgBuf, out: &mut Vec<u8>) -> Result<Vec<u8>, SessionError> {
     let (res, back) = write_out(stream, std::mem::take(out)).await;
     *out = back;
     res.map_err(SessionError::ClientGone)?;
@@ -498,12 +499,10 @@ async fn exchange(
     *buf = back;
     let h = res?;
     if h.tag != b'p' {
-        return Err(SessionError::Protocol(
-            crate::protocol::ProtocolError::Unexpected {
-                expected: "password",
-                got: h.tag as char,
-            },
-        ));
+        return Err(SessionError::Protocol(crate::protocol::ProtocolError::Unexpected {
+            expected: "password",
+            got: h.tag as char,
+        }));
     }
     let body = buf.data()[5..h.total()].to_vec();
     buf.consume(h.total());
@@ -513,19 +512,14 @@ async fn exchange(
 /// Sends a FATAL error to a client that is about to be closed. Best effort.
 pub async fn send_fatal(stream: &mut TcpStream, code: &str, message: &str) {
     let mut out = Vec::with_capacity(64 + message.len());
-    backend::error_response(
-        &mut out,
-        Severity::Fatal,
-        SqlState(leak_static(code)),
-        message,
-    );
+    backend::error_response(&mut out, Severity::Fatal, SqlState(leak_static(code)), message);
     let _ = write_out(stream, out).await;
 }
 
 fn leak_static(code: &str) -> &'static str {
     const ALL: &[&str] = &[
-        "08P01", "08006", "08000", "3D000", "28P01", "28000", "53300", "0A000", "57P01", "57P03",
-        "57014", "XX000", "42501", "22023", "57P05", "25P03", "53400", "08004",
+        "08P01", "08006", "08000", "3D000", "28P01", "28000", "53300", "0A000", "57P01", "57P03", "57014", "XX000",
+        "42501", "22023", "57P05", "25P03", "53400", "08004",
     ];
     ALL.iter().find(|c| **c == code).copied().unwrap_or("08P01")
 }

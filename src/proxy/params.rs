@@ -44,11 +44,7 @@ pub fn sync_statement(desired: &Settings, server: &ServerMeta) -> Option<String>
             sets.push((name, value));
         }
     }
-    let resets: Vec<&String> = server
-        .unreported
-        .iter()
-        .filter(|n| !desired.contains(n))
-        .collect();
+    let resets: Vec<&String> = server.unreported.iter().filter(|n| !desired.contains(n)).collect();
     if sets.is_empty() && resets.is_empty() {
         return None;
     }
@@ -79,10 +75,7 @@ pub fn sync_statement(desired: &Settings, server: &ServerMeta) -> Option<String>
 /// server, reset ones are gone, and the client adopts the server's spelling of values it
 /// set (PostgreSQL normalises `utc` to `UTC`), so the next comparison matches.
 pub fn after_sync(desired: &mut Settings, server: &mut ServerMeta, welcome: &Settings) {
-    let names: Vec<(String, String)> = desired
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.to_string()))
-        .collect();
+    let names: Vec<(String, String)> = desired.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
     for (name, value) in names {
         let lower = name.to_ascii_lowercase();
         if is_tracked_reported(&lower) || welcome.contains(&lower) {
@@ -199,12 +192,7 @@ mod tests {
             ("extra_float_digits".to_string(), "3".to_string()),
         ];
         let options = vec![("search_path".to_string(), "a,b".to_string())];
-        let s = initial_settings(
-            &welcome,
-            &startup,
-            &options,
-            &["extra_float_digits".to_string()],
-        );
+        let s = initial_settings(&welcome, &startup, &options, &["extra_float_digits".to_string()]);
         assert_eq!(s.get("server_version"), None);
         assert_eq!(s.get("TimeZone"), Some("UTC"));
         assert_eq!(s.get("client_encoding"), Some("LATIN1"));

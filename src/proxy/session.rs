@@ -14,9 +14,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
-};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
 use super::cancel::{send_cancel, CancelTarget};
@@ -29,6 +27,7 @@ use super::tx_tracker::TxTracker;
 use super::upstream::{self, UpCursor, UpState};
 use super::SessionError;
 use crate::config::PoolMode;
+use crate::metrics::{ConnState, WorkerPoolStats};
 use crate::pool::{LocalPool, PoolError, ServerConn, ServerMeta, ServerRd, ServerWr, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frontend, MsgBuf, SqlState};
@@ -71,19 +70,12 @@ async fn read_op<R: AsyncReadRent>(mut r: R, buf: MsgBuf) -> (R, std::io::Result
     (r, res, back.into_inner())
 }
 
-async fn write_op<W: AsyncWriteRent>(
-    mut w: W,
-    buf: MsgBuf,
-    n: usize,
-) -> (W, std::io::Result<usize>, MsgBuf) {
+async fn write_op<W: AsyncWriteRent>(mut w: W, buf: MsgBuf, n: usize) -> (W, std::io::Result<usize>, MsgBuf) {
     let (res, back) = w.write_all(buf.into_write(n)).await;
     (w, res, back.into_inner())
 }
 
-async fn acquire(
-    pool: Rc<LocalPool>,
-    wait: Option<Duration>,
-) -> Result<Box<ServerConn>, PoolError> {
+async fn acquire(pool: Rc<LocalPool>, wait: Option<Duration>) -> Result<Box<ServerConn>, PoolError> {
     pool.acquire(wait).await.map(Box::new)
 }
 
@@ -100,7 +92,6 @@ struct Attached {
     rd: Option<ServerRd>,
     wr: Option<ServerWr>,
     meta: ServerMeta,
-    since: Instant,
 }
 
 /// What the up slot is writing to the server, to settle when the write completes.
@@ -120,7 +111,8 @@ struct Tally {
     xacts: u64,
     bytes_in: u64,
     bytes_out: u64,
-    server_time: Duration,
+    query_time: Duration,
+    xact_time: Duration,
 }
 
 struct Flow {
@@ -170,25 +162,23 @@ struct Flow {
     client_gone: bool,
     rollback_sent: bool,
     rollback_deadline: Option<Instant>,
+    /// When the request now in flight was sent, when its transaction began, and when
+    /// the client started waiting for a server.
+    req_started: Option<Instant>,
+    xact_started: Option<Instant>,
+    wait_started: Option<Instant>,
     tally: Tally,
 }
 
-pub async fn serve(
-    ctx: Rc<WorkerCtx>,
-    stream: TcpStream,
-    who: LoggedIn,
-) -> Result<(), SessionError> {
+pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Result<(), SessionError> {
     let config = ctx.instance.config();
     let g = &config.general;
     let pkt_buf = g.pkt_buf.max(1024);
     let mode = who.pool.shared.mode;
-    let welcome = who
-        .pool
-        .shared
-        .welcome()
-        .map(|w| (*w).clone())
-        .unwrap_or_default();
+    let welcome = who.pool.shared.welcome().map(|w| (*w).clone()).unwrap_or_default();
     let (c_rd, c_wr) = stream.into_split();
+    WorkerPoolStats::add(&who.pool.stats().clients, 1);
+    who.entry.entry.set_state(ConnState::Active);
     let mut flow = Flow {
         mode,
         pkt_buf,
@@ -221,6 +211,9 @@ pub async fn serve(
         client_gone: false,
         rollback_sent: false,
         rollback_deadline: None,
+        req_started: None,
+        xact_started: None,
+        wait_started: None,
         tally: Tally::default(),
         who,
     };
@@ -230,12 +223,7 @@ pub async fn serve(
     if let Err(e) = &result {
         if let (Some((code, message)), Some(mut wr)) = (e.client_error(), flow.c_wr.take()) {
             let mut out = Vec::with_capacity(64 + message.len());
-            backend::error_response(
-                &mut out,
-                Severity::Fatal,
-                SqlState(code_static(&code)),
-                &message,
-            );
+            backend::error_response(&mut out, Severity::Fatal, SqlState(code_static(&code)), &message);
             let _ = wr.write_all(out).await;
         }
     }
@@ -263,6 +251,8 @@ impl Flow {
                 if let Some(step) = self.next_up_step()? {
                     up.set(Some(run_step(step)));
                 } else if self.wants_acquire() {
+                    self.wait_started = Some(Instant::now());
+                    self.who.entry.entry.set_state(ConnState::Waiting);
                     acq.set(Some(acquire(self.who.pool.clone(), self.wait_timeout)));
                 }
             }
@@ -393,8 +383,13 @@ impl Flow {
                     }
                     self.settle_client_write(buf);
                 }
-                Event::Acquired(Ok(conn)) => self.attach(*conn).await?,
-                Event::Acquired(Err(e)) => return Err(e.into()),
+                Event::Acquired(res) => {
+                    if let Some(t) = self.wait_started.take() {
+                        self.who.pool.stats().record_wait(t.elapsed());
+                    }
+                    self.who.entry.entry.set_state(ConnState::Active);
+                    self.attach(*res?).await?;
+                }
                 Event::Deadline => {
                     if self.rollback_deadline.is_some_and(|d| Instant::now() >= d) {
                         log::info!(
@@ -420,11 +415,7 @@ impl Flow {
                 return Ok(None);
             };
             let step = match kind {
-                UpWrite::Range(n) => Step::Write(
-                    wr,
-                    self.ubuf.take().unwrap_or_else(|| MsgBuf::with_capacity(0)),
-                    n,
-                ),
+                UpWrite::Range(n) => Step::Write(wr, self.ubuf.take().unwrap_or_else(|| MsgBuf::with_capacity(0)), n),
                 UpWrite::Copy(_) => {
                     let out = self.uout.take().unwrap_or_else(|| MsgBuf::with_capacity(0));
                     let n = out.len();
@@ -515,6 +506,12 @@ impl Flow {
         if r.consumed == 0 {
             self.up_want = r.want;
         }
+        if r.consumed > 0 && self.req_started.is_none() && self.tracker.outstanding() > 0 {
+            let now = Instant::now();
+            self.req_started = Some(now);
+            self.xact_started.get_or_insert(now);
+            self.who.entry.entry.touch();
+        }
         if r.zero_copy {
             if r.consumed > 0 {
                 self.up_write = Some(UpWrite::Range(r.consumed));
@@ -527,8 +524,7 @@ impl Flow {
         }
         // Answers pgsilo owes with nothing before them go to the client now.
         self.synth.clear();
-        self.queue
-            .flush_synth(&mut self.statements, &mut self.synth);
+        self.queue.flush_synth(&mut self.statements, &mut self.synth);
         if !self.synth.is_empty() {
             self.dpend.extend_from_slice(&self.synth);
         }
@@ -577,10 +573,7 @@ impl Flow {
         }
         if !self.dpend.is_empty() {
             let wr = self.c_wr.take()?;
-            let mut spare = self
-                .dspare
-                .take()
-                .unwrap_or_else(|| MsgBuf::with_capacity(0));
+            let mut spare = self.dspare.take().unwrap_or_else(|| MsgBuf::with_capacity(0));
             spare.clear();
             std::mem::swap(&mut spare, &mut self.dpend);
             let n = spare.len();
@@ -662,6 +655,9 @@ impl Flow {
             b.consume(r.consumed);
         }
         self.dpartial = len - r.consumed;
+        if r.ready_for_query > 0 {
+            self.timed(r.xact_ends > 0);
+        }
         Ok(())
     }
 
@@ -680,10 +676,7 @@ impl Flow {
                         .map(|e| e.to_string())
                         .unwrap_or_else(|| "settings left a transaction open".into());
                     log::warn!("C-{}: could not apply session settings: {msg}", self.who.id);
-                    return Err(PoolError::Connect(format!(
-                        "could not apply session settings: {msg}"
-                    ))
-                    .into());
+                    return Err(PoolError::Connect(format!("could not apply session settings: {msg}")).into());
                 }
                 Err(e) => {
                     self.who.pool.release(conn, false);
@@ -691,25 +684,20 @@ impl Flow {
                 }
             }
         }
-        self.who
-            .cancel
-            .set(conn.meta.backend_secret.map(|secret| CancelTarget {
-                addr: conn.meta.addr,
-                pid: conn.meta.backend_pid,
-                secret,
-            }));
-        self.who
-            .pool
-            .shared
-            .stats
-            .servers_active
-            .fetch_add(1, Relaxed);
+        self.who.cancel.set(conn.meta.backend_secret.map(|secret| CancelTarget {
+            addr: conn.meta.addr,
+            pid: conn.meta.backend_pid,
+            secret,
+        }));
+        WorkerPoolStats::add(&self.who.pool.stats().servers_active, 1);
+        conn.meta.mark(ConnState::Active, self.who.id);
+        self.who.entry.entry.set_state(ConnState::Active);
+        self.who.entry.entry.set_link(conn.meta.id);
         let (rd, wr, meta) = conn.split();
         self.server = Some(Attached {
             rd: Some(rd),
             wr: Some(wr),
             meta,
-            since: Instant::now(),
         });
         Ok(())
     }
@@ -717,14 +705,7 @@ impl Flow {
     /// Takes the server out of the session; None if its halves are not both here.
     fn detach(&mut self) -> Option<ServerConn> {
         let s = self.server.take()?;
-        self.who.cancel.set(None);
-        self.who
-            .pool
-            .shared
-            .stats
-            .servers_active
-            .fetch_sub(1, Relaxed);
-        self.tally.server_time += s.since.elapsed();
+        self.server_left();
         self.queue.clear();
         self.rollback_sent = false;
         self.rollback_deadline = None;
@@ -742,16 +723,12 @@ impl Flow {
             return;
         };
         self.flush_tally();
-        let reset = !self.reset_query.is_empty()
-            && ((self.mode == PoolMode::Session && self.client_gone) || self.reset_always);
+        let reset =
+            !self.reset_query.is_empty() && ((self.mode == PoolMode::Session && self.client_gone) || self.reset_always);
         // A departed listener's channels must not deliver to the next client.
         let unlisten = self.pinned && !reset;
         if reset || unlisten {
-            let sql = if reset {
-                self.reset_query.as_str()
-            } else {
-                "UNLISTEN *"
-            };
+            let sql = if reset { self.reset_query.as_str() } else { "UNLISTEN *" };
             match conn.internal_query(sql).await {
                 Ok(o) if o.error.is_none() && o.tx_status == b'I' => {}
                 Ok(o) => {
@@ -794,13 +771,7 @@ impl Flow {
         let Some(s) = self.server.take() else {
             return;
         };
-        self.who.cancel.set(None);
-        self.who
-            .pool
-            .shared
-            .stats
-            .servers_active
-            .fetch_sub(1, Relaxed);
+        self.server_left();
         if let Some(secret) = s.meta.backend_secret {
             let target = CancelTarget {
                 addr: s.meta.addr,
@@ -811,10 +782,7 @@ impl Flow {
                 let _ = send_cancel(target).await;
             });
         }
-        log::info!(
-            "S-{}: closing because: client left with a request in flight",
-            s.meta.id
-        );
+        log::info!("S-{}: closing because: client left with a request in flight", s.meta.id);
         drop(s);
         self.who.pool.slot_freed();
     }
@@ -828,13 +796,7 @@ impl Flow {
                 s.meta.id,
                 self.who.id
             );
-            self.who.cancel.set(None);
-            self.who
-                .pool
-                .shared
-                .stats
-                .servers_active
-                .fetch_sub(1, Relaxed);
+            self.server_left();
             drop(s);
             self.who.pool.slot_freed();
         }
@@ -858,16 +820,44 @@ impl Flow {
         Err(SessionError::ServerGone)
     }
 
+    /// A request (or several, pipelined) got its ReadyForQuery: record how long it took,
+    /// and how long the transaction took if it ended.
+    fn timed(&mut self, xact_ended: bool) {
+        let now = Instant::now();
+        let stats = self.who.pool.stats();
+        if let Some(t) = self.req_started.take() {
+            let d = now - t;
+            stats.query_time.record(d);
+            self.tally.query_time += d;
+        }
+        if self.tracker.outstanding() > 0 {
+            self.req_started = Some(now);
+        }
+        if xact_ended && self.tracker.status() == b'I' {
+            if let Some(t) = self.xact_started.take() {
+                let d = now - t;
+                stats.xact_time.record(d);
+                self.tally.xact_time += d;
+            }
+        }
+    }
+
+    /// Bookkeeping for a server leaving this session, whichever way it goes.
+    fn server_left(&mut self) {
+        self.who.cancel.set(None);
+        WorkerPoolStats::add(&self.who.pool.stats().servers_active, -1);
+        self.who.entry.entry.set_link(0);
+    }
+
     fn flush_tally(&mut self) {
-        let stats = &self.who.pool.shared.stats;
+        let stats = self.who.pool.stats();
         let t = std::mem::take(&mut self.tally);
         stats.query_count.fetch_add(t.queries, Relaxed);
         stats.xact_count.fetch_add(t.xacts, Relaxed);
         stats.bytes_received.fetch_add(t.bytes_in, Relaxed);
         stats.bytes_sent.fetch_add(t.bytes_out, Relaxed);
-        stats
-            .xact_time_us
-            .fetch_add(t.server_time.as_micros() as u64, Relaxed);
+        stats.query_time_us.fetch_add(t.query_time.as_micros() as u64, Relaxed);
+        stats.xact_time_us.fetch_add(t.xact_time.as_micros() as u64, Relaxed);
     }
 
     fn finish_tally(&mut self) {
@@ -875,15 +865,10 @@ impl Flow {
         if let Some(s) = self.server.take() {
             // The loop ended with a server still attached (an error path): its state is
             // unknown, so it is closed rather than reused.
-            self.who.cancel.set(None);
-            self.who
-                .pool
-                .shared
-                .stats
-                .servers_active
-                .fetch_sub(1, Relaxed);
+            self.server_left();
             drop(s);
             self.who.pool.slot_freed();
         }
+        WorkerPoolStats::add(&self.who.pool.stats().clients, -1);
     }
 }

@@ -7,8 +7,8 @@ use std::rc::Rc;
 
 use super::expect::{Expect, ExpectQueue, Kind};
 use super::prepared::{
-    bind_statement, split_parse, target, write_bind_prefix, write_close_statement,
-    write_describe_statement, write_parse, ClientStatements, StmtDef,
+    bind_statement, split_parse, target, write_bind_prefix, write_close_statement, write_describe_statement,
+    write_parse, ClientStatements, StmtDef,
 };
 use super::tx_tracker::TxTracker;
 use crate::pool::prepared::PreparedCache;
@@ -110,11 +110,7 @@ impl Emit<'_> {
 }
 
 /// Processes client bytes for the attached server. `out` must be empty on entry.
-pub fn process(
-    data: &[u8],
-    st: &mut UpState,
-    out: &mut Vec<u8>,
-) -> Result<UpResult, ProtocolError> {
+pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpResult, ProtocolError> {
     let mut e = Emit {
         data,
         out,
@@ -173,8 +169,7 @@ pub fn process(
             }
             b'P' if ps => {
                 let body = &data[at + HEADER_LEN..end];
-                let (name, def_body) =
-                    split_parse(body).ok_or(ProtocolError::Malformed("Parse"))?;
+                let (name, def_body) = split_parse(body).ok_or(ProtocolError::Malformed("Parse"))?;
                 if name.is_empty() {
                     st.tracker.client_message(h.tag);
                     st.queue.push(Expect::Forward(Kind::Parse));
@@ -214,8 +209,7 @@ pub fn process(
                 }
             }
             b'D' if ps => {
-                let (kind, name) = target(&data[at + HEADER_LEN..end])
-                    .ok_or(ProtocolError::Malformed("Describe"))?;
+                let (kind, name) = target(&data[at + HEADER_LEN..end]).ok_or(ProtocolError::Malformed("Describe"))?;
                 st.tracker.client_message(h.tag);
                 let def = (kind == b'S' && !name.is_empty())
                     .then(|| st.statements.as_ref().and_then(|s| s.get(name).cloned()))
@@ -235,8 +229,7 @@ pub fn process(
                 }));
             }
             b'C' if ps => {
-                let (kind, name) =
-                    target(&data[at + HEADER_LEN..end]).ok_or(ProtocolError::Malformed("Close"))?;
+                let (kind, name) = target(&data[at + HEADER_LEN..end]).ok_or(ProtocolError::Malformed("Close"))?;
                 st.tracker.client_message(h.tag);
                 if kind == b'S' && !name.is_empty() {
                     // The server keeps the statement for others; the client's name goes.
@@ -309,12 +302,7 @@ fn parse_named(name: &[u8], def_body: &[u8], st: &mut UpState, out: &mut Vec<u8>
             "prepared statement \"{}\" already exists",
             String::from_utf8_lossy(name)
         );
-        error_response(
-            &mut msg,
-            Severity::Error,
-            SqlState::DUPLICATE_PREPARED_STATEMENT,
-            &text,
-        );
+        error_response(&mut msg, Severity::Error, SqlState::DUPLICATE_PREPARED_STATEMENT, &text);
         st.queue.push(Expect::SynthError(msg.into()));
         st.queue.skipping = true;
         return;
@@ -442,8 +430,7 @@ mod tests {
     #[test]
     fn bind_on_a_server_without_the_statement_prepares_it_first() {
         let mut f = Fixture::new();
-        f.stmts
-            .insert(b"s1", Rc::new(StmtDef::new(b"select 1\0\0\0")));
+        f.stmts.insert(b"s1", Rc::new(StmtDef::new(b"select 1\0\0\0")));
         let data = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
         let (_, out) = f.run(&data, true);
         assert_eq!(tags(&out), b"PB");
@@ -452,8 +439,7 @@ mod tests {
     #[test]
     fn duplicate_name_raises_an_error_and_skips_to_sync() {
         let mut f = Fixture::new();
-        f.stmts
-            .insert(b"s1", Rc::new(StmtDef::new(b"select 1\0\0\0")));
+        f.stmts.insert(b"s1", Rc::new(StmtDef::new(b"select 1\0\0\0")));
         let mut data = msg(b'P', b"s1\0select 2\0\0\0");
         data.extend(msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
         data.extend(msg(b'S', b""));
@@ -466,8 +452,7 @@ mod tests {
     #[test]
     fn close_of_a_named_statement_is_answered_locally() {
         let mut f = Fixture::new();
-        f.stmts
-            .insert(b"s1", Rc::new(StmtDef::new(b"select 1\0\0\0")));
+        f.stmts.insert(b"s1", Rc::new(StmtDef::new(b"select 1\0\0\0")));
         let mut data = msg(b'C', b"Ss1\0");
         data.extend(msg(b'S', b""));
         let (_, out) = f.run(&data, true);
@@ -495,8 +480,7 @@ mod tests {
     #[test]
     fn a_large_bind_streams_after_its_rewritten_prefix() {
         let mut f = Fixture::new();
-        f.stmts
-            .insert(b"s1", Rc::new(StmtDef::new(b"select $1\0\0\0")));
+        f.stmts.insert(b"s1", Rc::new(StmtDef::new(b"select $1\0\0\0")));
         let mut body = b"\0s1\0\0\0\0\x01".to_vec();
         body.extend_from_slice(&(20_000i32).to_be_bytes());
         body.extend(vec![b'x'; 20_000]);

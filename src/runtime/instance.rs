@@ -74,17 +74,11 @@ impl Instance {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn userlist(&self) -> Arc<Userlist> {
-        self.userlist
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.userlist.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn replace_config(&self, config: Config) {
@@ -93,10 +87,7 @@ impl Instance {
 
     pub fn replace_userlist(&self, userlist: Userlist) {
         *self.userlist.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(userlist);
-        self.scram_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.scram_cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub fn next_client_id(&self) -> u64 {
@@ -120,12 +111,7 @@ impl Instance {
     /// The SCRAM verifier for a plain-text password, derived once per (user, password).
     pub fn scram_for_plain(&self, user: &str, password: &str) -> ScramSecret {
         let key = (user.to_string(), password.to_string());
-        if let Some(s) = self
-            .scram_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        if let Some(s) = self.scram_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return s.clone();
         }
         let secret = crate::auth::new_scram_secret(password);

@@ -16,19 +16,13 @@ pub fn ensure_port_free(addr: IpAddr, port: u16) -> Result<(), RuntimeError> {
     let _ = probe.set_reuse_address(true);
     match probe.bind(&SockAddr::from(SocketAddr::new(addr, port))) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            Err(RuntimeError::PortInUse { addr, port })
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(RuntimeError::PortInUse { addr, port }),
         Err(source) => Err(RuntimeError::Bind { addr, port, source }),
     }
 }
 
 /// One worker's listener on one address.
-pub fn bind_shared(
-    addr: IpAddr,
-    port: u16,
-    backlog: u32,
-) -> Result<std::net::TcpListener, RuntimeError> {
+pub fn bind_shared(addr: IpAddr, port: u16, backlog: u32) -> Result<std::net::TcpListener, RuntimeError> {
     let err = |source| RuntimeError::Bind { addr, port, source };
     let socket = new_socket(addr).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
@@ -38,20 +32,12 @@ pub fn bind_shared(
         let _ = socket.set_only_v6(true);
     }
     socket.set_nonblocking(true).map_err(err)?;
-    socket
-        .bind(&SockAddr::from(SocketAddr::new(addr, port)))
-        .map_err(err)?;
-    socket
-        .listen(backlog.min(i32::MAX as u32) as i32)
-        .map_err(err)?;
+    socket.bind(&SockAddr::from(SocketAddr::new(addr, port))).map_err(err)?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32).map_err(err)?;
     Ok(socket.into())
 }
 
 fn new_socket(addr: IpAddr) -> std::io::Result<Socket> {
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
+    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))
 }

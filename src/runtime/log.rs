@@ -49,12 +49,7 @@ impl log::Log for StderrLogger {
         // humantime gives RFC 3339; PgBouncer's layout puts a space and the zone name there.
         let ts = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let ts = ts.trim_end_matches('Z').replacen('T', " ", 1);
-        let line = format!(
-            "{ts} UTC [{}] {} {level} {}\n",
-            self.pid,
-            self.name,
-            record.args()
-        );
+        let line = format!("{ts} UTC [{}] {} {level} {}\n", self.pid, self.name, record.args());
         // One write per line keeps lines from different threads whole.
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }

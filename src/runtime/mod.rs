@@ -73,11 +73,7 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
     for (id, (core, inbox)) in cores.iter().zip(inboxes).enumerate() {
         let mut listeners = Vec::new();
         for addr in &g.listen_addr {
-            listeners.push(listener::bind_shared(
-                *addr,
-                g.listen_port,
-                g.listen_backlog,
-            )?);
+            listeners.push(listener::bind_shared(*addr, g.listen_port, g.listen_backlog)?);
         }
         let spec = worker::WorkerSpec {
             id,
@@ -86,11 +82,9 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
             pool_inbox: inbox,
             postman: postman.clone(),
         };
-        let handle = worker::spawn(instance.clone(), spec, ready_tx.clone()).map_err(|e| {
-            RuntimeError::Worker {
-                worker: id,
-                reason: e.to_string(),
-            }
+        let handle = worker::spawn(instance.clone(), spec, ready_tx.clone()).map_err(|e| RuntimeError::Worker {
+            worker: id,
+            reason: e.to_string(),
         })?;
         threads.push(handle);
     }
@@ -101,16 +95,10 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
                 ::log::info!(
                     "worker {} running on core {} with the {} driver",
                     info.id,
-                    info.core
-                        .map(|c| c.to_string())
-                        .unwrap_or_else(|| "-".into()),
+                    info.core.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                     info.driver
                 );
-                instance
-                    .workers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(info);
+                instance.workers.lock().unwrap_or_else(|p| p.into_inner()).push(info);
             }
             Ok(Err(reason)) => return Err(RuntimeError::Worker { worker: 0, reason }),
             Err(_) => {
@@ -167,15 +155,11 @@ fn restrict_process_to(cores: &[core_affinity::CoreId]) -> Result<(), RuntimeErr
 
 fn wait_for_signals(instance: &Arc<Instance>) -> Result<(), RuntimeError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
-        .map_err(RuntimeError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(RuntimeError::Signals)?;
     for sig in signals.forever() {
         match sig {
             SIGHUP => {
-                notify::notify(&format!(
-                    "RELOADING=1\nMONOTONIC_USEC={}",
-                    notify::monotonic_usec()
-                ));
+                notify::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", notify::monotonic_usec()));
                 reload(instance);
                 notify::notify("READY=1");
             }
@@ -201,11 +185,10 @@ pub fn reload(instance: &Arc<Instance>) {
         Ok((config, userlist)) => {
             let g = &config.general;
             let old = &current.general;
-            if g.listen_port != old.listen_port
-                || g.listen_addr != old.listen_addr
-                || g.cpus != old.cpus
-            {
-                ::log::warn!("reload: listen_addr, listen_port and cpus take effect only at restart; keeping the running values");
+            if g.listen_port != old.listen_port || g.listen_addr != old.listen_addr || g.cpus != old.cpus {
+                ::log::warn!(
+                    "reload: listen_addr, listen_port and cpus take effect only at restart; keeping the running values"
+                );
             }
             log::set_verbosity(g.verbose.min(255) as u8);
             let users = userlist.len();

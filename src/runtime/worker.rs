@@ -31,11 +31,7 @@ impl WorkerCtx {
         if let Some(p) = self.pools.borrow().get(&shared.id) {
             return p.clone();
         }
-        let pool = Rc::new(LocalPool::new(
-            shared.clone(),
-            self.id,
-            self.postman.clone(),
-        ));
+        let pool = Rc::new(LocalPool::new(shared.clone(), self.id, self.postman.clone()));
         self.apply_timeouts(&pool);
         self.pools.borrow_mut().insert(shared.id, pool.clone());
         pool
@@ -71,37 +67,35 @@ pub fn spawn(
     ready: std::sync::mpsc::Sender<Result<WorkerInfo, String>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let name = format!("{}:w{}", instance.name, spec.id);
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || {
-            super::title::set_thread_name(&name);
-            if let Some(core) = spec.core {
-                if !core_affinity::set_for_current(core) {
-                    let _ = ready.send(Err(format!("cannot pin to core {}", core.id)));
-                    return;
-                }
+    std::thread::Builder::new().name(name.clone()).spawn(move || {
+        super::title::set_thread_name(&name);
+        if let Some(core) = spec.core {
+            if !core_affinity::set_for_current(core) {
+                let _ = ready.send(Err(format!("cannot pin to core {}", core.id)));
+                return;
             }
-            let builder = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                .enable_timer()
-                .with_entries(1024);
-            let mut rt = match builder.build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready.send(Err(format!("cannot build the runtime: {e}")));
-                    return;
-                }
-            };
-            let driver = match &rt {
-                monoio::FusionRuntime::Uring(_) => "io_uring",
-                monoio::FusionRuntime::Legacy(_) => "epoll",
-            };
-            let info = WorkerInfo {
-                id: spec.id,
-                core: spec.core.map(|c| c.id),
-                driver,
-            };
-            rt.block_on(run(instance, spec, info, ready));
-        })
+        }
+        let builder = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .with_entries(1024);
+        let mut rt = match builder.build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot build the runtime: {e}")));
+                return;
+            }
+        };
+        let driver = match &rt {
+            monoio::FusionRuntime::Uring(_) => "io_uring",
+            monoio::FusionRuntime::Legacy(_) => "epoll",
+        };
+        let info = WorkerInfo {
+            id: spec.id,
+            core: spec.core.map(|c| c.id),
+            driver,
+        };
+        rt.block_on(run(instance, spec, info, ready));
+    })
 }
 
 async fn run(
@@ -149,13 +143,9 @@ async fn run(
 
 async fn pool_inbox(ctx: Rc<WorkerCtx>, mut inbox: UnboundedReceiver<PoolMsg>) {
     use futures_core::Stream;
-    while let Some(msg) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut inbox).poll_next(cx)).await
-    {
+    while let Some(msg) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut inbox).poll_next(cx)).await {
         let shared = match &msg {
-            PoolMsg::Steal { pool, .. }
-            | PoolMsg::Handover { pool, .. }
-            | PoolMsg::Slot { pool } => pool.clone(),
+            PoolMsg::Steal { pool, .. } | PoolMsg::Handover { pool, .. } | PoolMsg::Slot { pool } => pool.clone(),
         };
         ctx.local_pool(&shared).on_message(msg);
     }

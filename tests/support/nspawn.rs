@@ -70,9 +70,7 @@ pub fn unavailable() -> Option<String> {
         ("nsenter", "util-linux"),
     ] {
         if find_in_path(program).is_none() {
-            return Some(format!(
-                "{program} not found (Debian: apt-get install {package})"
-            ));
+            return Some(format!("{program} not found (Debian: apt-get install {package})"));
         }
     }
     if !["/lib/systemd/systemd", "/usr/lib/systemd/systemd"]
@@ -278,21 +276,13 @@ impl Machine {
 
     /// Polls `check` (Ok: done; Err: why not yet) until it succeeds; panics after `timeout`
     /// with the last reason.
-    pub fn wait_for<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut check: impl FnMut() -> Result<T, String>,
-    ) -> T {
+    pub fn wait_for<T>(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
         let deadline = Instant::now() + timeout;
         loop {
             match check() {
                 Ok(v) => return v,
                 Err(why) if Instant::now() >= deadline => {
-                    panic!(
-                        "in machine {}: {what}: not after {timeout:?}: {why}",
-                        self.name
-                    )
+                    panic!("in machine {}: {what}: not after {timeout:?}: {why}", self.name)
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
@@ -377,11 +367,7 @@ fn remove_stale_scratch_dirs() {
 fn find_leader(nspawn: i32) -> Option<i32> {
     let own_ns = fs::read_link("/proc/self/ns/pid").ok()?;
     for entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -391,10 +377,7 @@ fn find_leader(nspawn: i32) -> Option<i32> {
         let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
             continue;
         };
-        let ppid = after
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse::<i32>().ok());
+        let ppid = after.split_whitespace().nth(1).and_then(|s| s.parse::<i32>().ok());
         if ppid != Some(nspawn) {
             continue;
         }
@@ -417,14 +400,7 @@ impl Drop for Machine {
     fn drop(&mut self) {
         if std::thread::panicking() && self.leader != 0 {
             if let Ok(out) = self
-                .command(&[
-                    "journalctl",
-                    "--no-pager",
-                    "-n",
-                    "150",
-                    "-o",
-                    "short-monotonic",
-                ])
+                .command(&["journalctl", "--no-pager", "-n", "150", "-o", "short-monotonic"])
                 .output()
             {
                 eprintln!(

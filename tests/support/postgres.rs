@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::ports::{free_port, next_random};
 use super::process::{
-    chown_to_server, force_kill_postmaster, is_executable, process_alive, remove_dir_quietly, run,
-    run_ok, scratch_base, server_command, write_server_file, FileLock,
+    chown_to_server, force_kill_postmaster, is_executable, process_alive, remove_dir_quietly, run, run_ok,
+    scratch_base, server_command, write_server_file, FileLock,
 };
 
 /// Bump when the template layout changes in a way the hashed texts below don't show.
@@ -96,8 +96,7 @@ const INITDB_ARGS: &[&str] = &[
 
 /// Per-cluster config while building the template: Unix socket only (no TCP port to race
 /// for), and little recycled WAL left at shutdown.
-const BUILD_CONF: &str =
-    "listen_addresses = ''\nport = 5432\nmin_wal_size = 2MB\nmax_wal_size = 4MB\n";
+const BUILD_CONF: &str = "listen_addresses = ''\nport = 5432\nmin_wal_size = 2MB\nmax_wal_size = 4MB\n";
 
 const CLUSTER_CONF: &str = "pgsilo_cluster.conf";
 const DEFAULT_MAX_CONNECTIONS: u32 = 200;
@@ -163,11 +162,7 @@ fn find_bindir() -> PathBuf {
     if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Ok(version) = name
-                .split('.')
-                .map(str::parse::<u32>)
-                .collect::<Result<Vec<_>, _>>()
-            else {
+            let Ok(version) = name.split('.').map(str::parse::<u32>).collect::<Result<Vec<_>, _>>() else {
                 continue;
             };
             let bin = entry.path().join("bin");
@@ -259,11 +254,7 @@ fn template_dir() -> PathBuf {
             // Leftovers of a build that died half-way (we hold the lock: nobody else builds).
             if let Ok(entries) = fs::read_dir(&root) {
                 for entry in entries.flatten() {
-                    if entry
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("{name}.tmp-"))
-                    {
+                    if entry.file_name().to_string_lossy().starts_with(&format!("{name}.tmp-")) {
                         remove_dir_quietly(&entry.path());
                     }
                 }
@@ -295,8 +286,7 @@ fn build_template(bindir: &Path, root: &Path, name: &str) {
         None,
     );
     let conf_path = data.join("postgresql.conf");
-    let mut conf = fs::read_to_string(&conf_path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", conf_path.display()));
+    let mut conf = fs::read_to_string(&conf_path).unwrap_or_else(|e| panic!("read {}: {e}", conf_path.display()));
     conf.push_str(BASE_CONF);
     write_server_file(&conf_path, &conf);
     write_server_file(&data.join("pg_hba.conf"), PG_HBA);
@@ -320,18 +310,14 @@ fn build_template(bindir: &Path, root: &Path, name: &str) {
         Some(SETUP_SQL),
     );
     if !postmaster.stop(StopMode::Fast) {
-        panic!(
-            "stopping the template cluster failed:\n{}",
-            log_tail(&log, 40)
-        );
+        panic!("stopping the template cluster failed:\n{}", log_tail(&log, 40));
     }
     for leftover in [CLUSTER_CONF, "postmaster.opts", "postmaster.pid"] {
         let _ = fs::remove_file(data.join(leftover));
     }
     let tmp = root.join(format!("{name}.tmp-{}", std::process::id()));
     run_ok(Command::new("cp").arg("-a").arg(&data).arg(&tmp), None);
-    fs::rename(&tmp, root.join(name))
-        .unwrap_or_else(|e| panic!("rename {} into place: {e}", tmp.display()));
+    fs::rename(&tmp, root.join(name)).unwrap_or_else(|e| panic!("rename {} into place: {e}", tmp.display()));
 }
 
 /// Quote a postgresql.conf value.
@@ -448,9 +434,7 @@ impl Postmaster {
             .append(true)
             .open(log)
             .map_err(|e| format!("open {}: {e}", log.display()))?;
-        let log_err = log_file
-            .try_clone()
-            .map_err(|e| format!("dup log fd: {e}"))?;
+        let log_err = log_file.try_clone().map_err(|e| format!("dup log fd: {e}"))?;
         let mut child = server_command(&bindir.join("postgres"), cwd)
             .arg("-D")
             .arg(data)
@@ -495,11 +479,7 @@ impl Postmaster {
             StopMode::Fast => libc::SIGINT,
             StopMode::Immediate => libc::SIGQUIT,
         };
-        for (signal, secs) in [
-            (first, STOP_TIMEOUT_SECS),
-            (libc::SIGQUIT, 10),
-            (libc::SIGKILL, 10),
-        ] {
+        for (signal, secs) in [(first, STOP_TIMEOUT_SECS), (libc::SIGQUIT, 10), (libc::SIGKILL, 10)] {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return signal == first;
             }
@@ -695,9 +675,8 @@ impl PgCluster {
     /// return its stdout, trimmed. Statements run one by one (so `CREATE DATABASE` works).
     /// Panics with psql's stderr on failure.
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        self.try_psql(db, sql).unwrap_or_else(|e| {
-            panic!("psql on {db} (port {}) failed: {e}\nSQL:\n{sql}", self.port)
-        })
+        self.try_psql(db, sql)
+            .unwrap_or_else(|e| panic!("psql on {db} (port {}) failed: {e}\nSQL:\n{sql}", self.port))
     }
 
     /// Like [`psql`](Self::psql), but a failure is returned as psql's stderr, trimmed.
@@ -765,11 +744,7 @@ impl PgCluster {
                 sql_literal(user)
             ),
         );
-        let pids: Vec<&str> = pids
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
+        let pids: Vec<&str> = pids.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
         if pids.is_empty() {
             return 0;
         }

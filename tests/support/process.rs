@@ -47,13 +47,7 @@ fn lookup_user(name: &str) -> Option<ServerUser> {
         let mut pwd: libc::passwd = std::mem::zeroed();
         let mut buf = vec![0 as libc::c_char; 16 * 1024];
         let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        );
+        let rc = libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
         if rc != 0 || result.is_null() {
             return None;
         }
@@ -104,13 +98,9 @@ pub fn write_server_file(path: &Path, contents: &str) {
 /// Run to completion with stdin from `input` (or /dev/null), capturing output.
 /// Returns `Err(description)` if it could not be spawned.
 pub fn run(cmd: &mut Command, input: Option<&str>) -> Result<Output, String> {
-    cmd.stdin(if input.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("spawn {cmd:?}: {e}"))?;
     if let Some(input) = input {
         let mut stdin = child.stdin.take().expect("piped stdin");
@@ -123,9 +113,7 @@ pub fn run(cmd: &mut Command, input: Option<&str>) -> Result<Output, String> {
         let _ = writer.join();
         out.map_err(|e| format!("wait {cmd:?}: {e}"))
     } else {
-        child
-            .wait_with_output()
-            .map_err(|e| format!("wait {cmd:?}: {e}"))
+        child.wait_with_output().map_err(|e| format!("wait {cmd:?}: {e}"))
     }
 }
 
@@ -252,8 +240,7 @@ pub fn scratch_base() -> PathBuf {
     BASE.get_or_init(|| {
         if let Some(dir) = std::env::var_os("PGSILO_TEST_TMPDIR").filter(|d| !d.is_empty()) {
             let dir = PathBuf::from(dir);
-            fs::create_dir_all(&dir)
-                .unwrap_or_else(|e| panic!("PGSILO_TEST_TMPDIR={}: {e}", dir.display()));
+            fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("PGSILO_TEST_TMPDIR={}: {e}", dir.display()));
             return dir;
         }
         let shm = Path::new("/dev/shm");
