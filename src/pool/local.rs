@@ -30,7 +30,7 @@ pub enum PoolMsg {
     /// "I have clients waiting; send me an idle server if you have one to spare."
     Steal { pool: Arc<SharedPool>, to: usize },
     /// A server moving to the receiving worker.
-    Handover { pool: Arc<SharedPool>, parts: ServerParts },
+    Handover { pool: Arc<SharedPool>, parts: Box<ServerParts> },
     /// One connection slot under the cap, transferred: the receiver may open a server.
     Slot { pool: Arc<SharedPool> },
 }
@@ -257,7 +257,7 @@ impl LocalPool {
                     w,
                     PoolMsg::Handover {
                         pool: self.shared.clone(),
-                        parts: conn.detach(),
+                        parts: Box::new(conn.detach()),
                     },
                 );
             }
@@ -295,13 +295,13 @@ impl LocalPool {
                             to,
                             PoolMsg::Handover {
                                 pool: self.shared.clone(),
-                                parts: conn.detach(),
+                                parts: Box::new(conn.detach()),
                             },
                         );
                     }
                 }
             }
-            PoolMsg::Handover { parts, .. } => match ServerConn::adopt(parts, self.worker) {
+            PoolMsg::Handover { parts, .. } => match ServerConn::adopt(*parts, self.worker) {
                 Ok(conn) => self.give(conn),
                 Err(e) => {
                     log::warn!("could not adopt a server connection from another worker: {e}");
