@@ -30,7 +30,10 @@ pub enum PoolMsg {
     /// "I have clients waiting; send me an idle server if you have one to spare."
     Steal { pool: Arc<SharedPool>, to: usize },
     /// A server moving to the receiving worker.
-    Handover { pool: Arc<SharedPool>, parts: Box<ServerParts> },
+    Handover {
+        pool: Arc<SharedPool>,
+        parts: Box<ServerParts>,
+    },
     /// One connection slot under the cap, transferred: the receiver may open a server.
     Slot { pool: Arc<SharedPool> },
 }
@@ -96,11 +99,13 @@ impl LocalPool {
     pub async fn acquire(self: &Rc<Self>, wait_timeout: Option<Duration>) -> Result<ServerConn, PoolError> {
         let deadline = wait_timeout.map(|t| Instant::now() + t);
         loop {
-            if let Some(conn) = self.pop_idle() {
-                return Ok(conn);
-            }
-            if !self.shared.paused.load(std::sync::atomic::Ordering::SeqCst) && self.shared.try_reserve() {
-                return self.open().await;
+            if !self.paused() {
+                if let Some(conn) = self.pop_idle() {
+                    return Ok(conn);
+                }
+                if self.shared.try_reserve() {
+                    return self.open().await;
+                }
             }
             match self.wait(deadline).await? {
                 Grant::Server(conn) if conn.is_alive() => return Ok(*conn),
@@ -171,7 +176,7 @@ impl LocalPool {
         self.waiters.borrow_mut().push_back(waiter.clone());
         self.shared.waiting_add(self.worker, 1);
         // Published as waiting; now look for what others may have freed meanwhile.
-        if !self.shared.paused.load(std::sync::atomic::Ordering::SeqCst) && self.shared.try_reserve() {
+        if !self.paused() && self.shared.try_reserve() {
             self.grant_to(&waiter, Grant::Slot);
         } else if let Some(w) = self.shared.worker_with_idle(self.worker) {
             self.post(
@@ -244,7 +249,7 @@ impl LocalPool {
     /// A usable server: to a waiting client here, else idle here, and if another worker
     /// has clients waiting, over there.
     fn give(&self, conn: ServerConn) {
-        if let Some(w) = self.next_waiter() {
+        if let Some(w) = self.next_waiter().filter(|_| !self.paused()) {
             self.grant_to(&w, Grant::Server(Box::new(conn)));
             return;
         }
@@ -267,7 +272,7 @@ impl LocalPool {
     /// A connection closed (or failed to open): its slot goes to a waiting client here,
     /// else to a worker with waiting clients, else back under the cap.
     pub fn slot_freed(&self) {
-        if let Some(w) = self.next_waiter() {
+        if let Some(w) = self.next_waiter().filter(|_| !self.paused()) {
             self.grant_to(&w, Grant::Slot);
             return;
         }
@@ -363,6 +368,26 @@ impl LocalPool {
         for conn in expired {
             self.shared.idle_add(self.worker, -1);
             self.close(conn, "server idle timeout, lifetime, or lost while idle");
+        }
+    }
+
+    fn paused(&self) -> bool {
+        self.shared.paused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// After RESUME: serve waiting clients from idle servers or fresh slots.
+    pub fn kick(&self) {
+        while !self.paused() {
+            let Some(w) = self.next_waiter() else {
+                return;
+            };
+            if let Some(conn) = self.pop_idle() {
+                self.grant_to(&w, Grant::Server(Box::new(conn)));
+            } else if self.shared.try_reserve() {
+                self.grant_to(&w, Grant::Slot);
+            } else {
+                return;
+            }
         }
     }
 

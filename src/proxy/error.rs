@@ -24,6 +24,9 @@ pub enum SessionError {
     LoginTimeout,
     #[error("pgsilo is shutting down")]
     Shutdown,
+    /// Ended by the admin console or shutdown, with the reason the client is told.
+    #[error("{0}")]
+    Killed(&'static str),
     #[error("{0}")]
     Idle(&'static str),
 }
@@ -47,6 +50,7 @@ impl SessionError {
             SessionError::ServerGone => Some((SqlState::CONNECTION_FAILURE.0.into(), self.to_string())),
             SessionError::LoginTimeout => Some((SqlState::PROTOCOL_VIOLATION.0.into(), self.to_string())),
             SessionError::Shutdown => Some((SqlState::ADMIN_SHUTDOWN.0.into(), "pgsilo is shutting down".into())),
+            SessionError::Killed(why) => Some((SqlState::ADMIN_SHUTDOWN.0.into(), (*why).into())),
             SessionError::Idle(what) => Some((SqlState::IDLE_SESSION_TIMEOUT.0.into(), (*what).into())),
         }
     }

@@ -31,6 +31,7 @@ use crate::metrics::{ConnState, WorkerPoolStats};
 use crate::pool::{LocalPool, PoolError, ServerConn, ServerMeta, ServerRd, ServerWr, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frontend, MsgBuf, SqlState};
+use crate::runtime::control::SessionSignal;
 use crate::runtime::worker::WorkerCtx;
 
 type ClientRd = OwnedReadHalf<TcpStream>;
@@ -85,6 +86,8 @@ enum Event {
     ClientWrite(ClientWr, std::io::Result<usize>, MsgBuf),
     Acquired(Result<Box<ServerConn>, PoolError>),
     Deadline,
+    /// KILL or a shutdown phase reached this session.
+    Signal,
 }
 
 /// The server a client is using, in pieces while the operations own them.
@@ -158,6 +161,9 @@ struct Flow {
 
     /// The client LISTENs: it keeps its server until it leaves, whatever the pool mode.
     pinned: bool,
+    signal: Rc<SessionSignal>,
+    /// Shutting down: end the session at the first moment no transaction is open.
+    draining: bool,
     /// No more reads from the client: it sent Terminate, closed, or failed.
     client_gone: bool,
     rollback_sent: bool,
@@ -208,6 +214,8 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         queue: ExpectQueue::default(),
         statements: ClientStatements::default(),
         pinned: false,
+        signal: ctx.sessions.add(&who.database),
+        draining: false,
         client_gone: false,
         rollback_sent: false,
         rollback_deadline: None,
@@ -244,6 +252,8 @@ impl Flow {
         let mut cli = pin!(None::<(ClientWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut acq = pin!(None::<(Rc<LocalPool>, Option<Duration>)>.map(|(p, w)| acquire(p, w)));
         let mut timer = pin!(None::<Instant>.map(|d| monoio::time::sleep_until(d.into())));
+        let signal = self.signal.clone();
+        let mut signal_seen = (false, false);
 
         loop {
             // Client -> server: settle, process, write, or read more.
@@ -286,6 +296,16 @@ impl Flow {
             if self.client_gone && self.server.is_none() && up.is_none() && acq.is_none() {
                 return Ok(());
             }
+            if self.draining && acq.is_none() && self.up_write.is_none() && self.tracker.is_idle() {
+                // Between transactions: this is the moment to close the client.
+                if self.server.is_some() && self.releasable_when_gone() {
+                    self.client_gone = true;
+                    self.release().await;
+                }
+                if self.server.is_none() {
+                    return Err(SessionError::Shutdown);
+                }
+            }
             if timer.is_none() {
                 if let Some(d) = self.rollback_deadline {
                     timer.set(Some(monoio::time::sleep_until(d.into())));
@@ -322,6 +342,9 @@ impl Flow {
                         timer.set(None);
                         return Poll::Ready(Event::Deadline);
                     }
+                }
+                if signal.poll_changed(cx, &mut signal_seen).is_ready() {
+                    return Poll::Ready(Event::Signal);
                 }
                 Poll::Pending
             })
@@ -389,6 +412,17 @@ impl Flow {
                     }
                     self.who.entry.entry.set_state(ConnState::Active);
                     self.attach(*res?).await?;
+                }
+                Event::Signal => {
+                    if let Some(why) = self.signal.killed() {
+                        up.set(None);
+                        srv.set(None);
+                        self.abandon_server();
+                        return Err(SessionError::Killed(why));
+                    }
+                    if self.signal.draining() {
+                        self.draining = true;
+                    }
                 }
                 Event::Deadline => {
                     if self.rollback_deadline.is_some_and(|d| Instant::now() >= d) {
@@ -607,6 +641,14 @@ impl Flow {
     /// pooling is about to hand it back.
     fn wants_server_read(&self) -> bool {
         self.server.as_ref().is_some_and(|s| s.rd.is_some()) && !self.releasable()
+    }
+
+    /// As [`Flow::releasable`], whatever the pool mode: for ending a session-mode client.
+    fn releasable_when_gone(&self) -> bool {
+        let Some(s) = self.server.as_ref() else {
+            return false;
+        };
+        s.rd.is_some() && s.wr.is_some() && self.up_cur.skip == 0 && self.down_skip == 0 && self.dpartial == 0
     }
 
     /// The server owes nothing, holds no transaction, and no message is half-way across:

@@ -1,11 +1,15 @@
 //! The state one pgsilo process shares between its workers: configuration, the auth_file,
 //! pools, client accounting, cancel keys, and the shutdown phase.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
+use futures_channel::mpsc::UnboundedSender;
+
+use super::control::ControlMsg;
+use super::stats::Averages;
 use crate::auth::ScramSecret;
 use crate::config::{Config, Userlist};
 use crate::pool::{PoolRegistry, Postman};
@@ -39,6 +43,8 @@ pub struct Instance {
     pub pools: PoolRegistry,
     pub cancels: CancelRegistry,
     pub postman: OnceLock<Postman>,
+    /// Each worker's control inbox.
+    pub control: OnceLock<Vec<UnboundedSender<ControlMsg>>>,
     /// Clients connected (logging in or logged in), for max_client_conn.
     pub clients: AtomicUsize,
     next_client_id: AtomicU64,
@@ -51,6 +57,7 @@ pub struct Instance {
     pub workers: Mutex<Vec<WorkerInfo>>,
     pub worker_count: usize,
     phase: AtomicU8,
+    averages: Mutex<BTreeMap<String, Averages>>,
 }
 
 impl Instance {
@@ -62,6 +69,7 @@ impl Instance {
             pools: PoolRegistry::new(worker_count),
             cancels: CancelRegistry::default(),
             postman: OnceLock::new(),
+            control: OnceLock::new(),
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(1),
             mock_key: rand::random(),
@@ -70,6 +78,7 @@ impl Instance {
             workers: Mutex::new(Vec::new()),
             worker_count,
             phase: AtomicU8::new(Phase::Running as u8),
+            averages: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -90,6 +99,15 @@ impl Instance {
         self.scram_cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
+    /// The last stats_period's averages per database.
+    pub fn averages(&self) -> BTreeMap<String, Averages> {
+        self.averages.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_averages(&self, a: BTreeMap<String, Averages>) {
+        *self.averages.lock().unwrap_or_else(|p| p.into_inner()) = a;
+    }
+
     pub fn next_client_id(&self) -> u64 {
         self.next_client_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -103,9 +121,26 @@ impl Instance {
         }
     }
 
-    /// Moves to a later phase; never back.
+    /// Moves to a later phase (never back) and tells the workers.
     pub fn advance(&self, to: Phase) {
-        self.phase.fetch_max(to as u8, Ordering::SeqCst);
+        let before = self.phase.fetch_max(to as u8, Ordering::SeqCst);
+        if before < to as u8 {
+            self.broadcast(|| ControlMsg::Phase(to));
+        }
+    }
+
+    /// Sends a control message to every worker.
+    pub fn broadcast(&self, msg: impl Fn() -> ControlMsg) {
+        if let Some(workers) = self.control.get() {
+            for w in workers {
+                let _ = w.unbounded_send(msg());
+            }
+        }
+    }
+
+    /// Server connections attached to clients, across pools and workers.
+    pub fn active_servers(&self) -> i64 {
+        self.pools.all().iter().map(|p| p.stats.totals().servers_active).sum()
     }
 
     /// The SCRAM verifier for a plain-text password, derived once per (user, password).

@@ -1,11 +1,13 @@
 //! The process: worker threads (one per core, pinned), their listeners, signals, and
 //! the order things start and stop in.
 
+pub mod control;
 pub mod error;
 pub mod instance;
 pub mod listener;
 pub mod log;
 pub mod notify;
+pub mod stats;
 pub mod title;
 pub mod worker;
 
@@ -60,17 +62,23 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
     let instance = Arc::new(Instance::new(config, userlist, cores.len()));
     let mut senders = Vec::new();
     let mut inboxes = Vec::new();
+    let mut control_senders = Vec::new();
+    let mut control_inboxes = Vec::new();
     for _ in &cores {
         let (tx, rx) = futures_channel::mpsc::unbounded::<PoolMsg>();
         senders.push(tx);
         inboxes.push(rx);
+        let (tx, rx) = futures_channel::mpsc::unbounded::<control::ControlMsg>();
+        control_senders.push(tx);
+        control_inboxes.push(rx);
     }
     let postman = Arc::new(senders);
     let _ = instance.postman.set(postman.clone());
+    let _ = instance.control.set(control_senders);
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::new();
-    for (id, (core, inbox)) in cores.iter().zip(inboxes).enumerate() {
+    for (id, ((core, inbox), control_inbox)) in cores.iter().zip(inboxes).zip(control_inboxes).enumerate() {
         let mut listeners = Vec::new();
         for addr in &g.listen_addr {
             listeners.push(listener::bind_shared(*addr, g.listen_port, g.listen_backlog)?);
@@ -80,6 +88,7 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
             core: Some(*core),
             listeners,
             pool_inbox: inbox,
+            control_inbox,
             postman: postman.clone(),
         };
         let handle = worker::spawn(instance.clone(), spec, ready_tx.clone()).map_err(|e| RuntimeError::Worker {
@@ -119,6 +128,7 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
         g.pool_mode
     );
 
+    stats::spawn(instance.clone());
     notify::notify(&format!(
         "READY=1\nSTATUS=serving {} on {}:{} with {} worker(s)",
         instance.name,

@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_channel::mpsc::UnboundedReceiver;
+use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
 
+use super::control::{ControlMsg, Sessions};
 use super::instance::{Instance, Phase, WorkerInfo};
 use crate::pool::{LocalPool, PoolMsg, Postman, SharedPool};
 use crate::proxy::login::{login, send_fatal, Opening};
@@ -23,6 +25,10 @@ pub struct WorkerCtx {
     pub id: usize,
     postman: Postman,
     pools: RefCell<HashMap<usize, Rc<LocalPool>>>,
+    /// The worker's client sessions, for KILL and shutdown.
+    pub sessions: Sessions,
+    /// Stops the accept loops (cancelling their in-flight accepts) when draining.
+    accept_stop: RefCell<Option<Canceller>>,
 }
 
 impl WorkerCtx {
@@ -41,6 +47,55 @@ impl WorkerCtx {
         self.pools.borrow().values().cloned().collect()
     }
 
+    fn local_pools_of(&self, database: Option<&str>) -> Vec<Rc<LocalPool>> {
+        self.local_pools()
+            .into_iter()
+            .filter(|p| database.is_none_or(|d| p.shared.database == d))
+            .collect()
+    }
+
+    fn stop_accepting(&self) {
+        if let Some(c) = self.accept_stop.borrow_mut().take() {
+            let _ = c.cancel();
+        }
+    }
+
+    /// Acts on a control message from the main thread or an admin session.
+    fn on_control(&self, msg: ControlMsg) {
+        match msg {
+            ControlMsg::Phase(phase) => {
+                if phase >= Phase::Draining {
+                    self.stop_accepting();
+                }
+                match phase {
+                    Phase::Closing => self.sessions.each(|s| s.drain()),
+                    Phase::Exiting => self.sessions.each(|s| s.kill("pgsilo is shutting down")),
+                    _ => {}
+                }
+            }
+            ControlMsg::Kill { database } => {
+                self.sessions.each(|s| {
+                    if database.as_deref().is_none_or(|d| d == s.database) {
+                        s.kill("database connections killed by the admin console (KILL)");
+                    }
+                });
+                for pool in self.local_pools_of(database.as_deref()) {
+                    pool.close_all_idle("KILL");
+                }
+            }
+            ControlMsg::CloseIdle { database } => {
+                for pool in self.local_pools_of(database.as_deref()) {
+                    pool.close_all_idle("PAUSE");
+                }
+            }
+            ControlMsg::Kick => {
+                for pool in self.local_pools() {
+                    pool.kick();
+                }
+            }
+        }
+    }
+
     fn apply_timeouts(&self, pool: &LocalPool) {
         let config = self.instance.config();
         let g = &config.general;
@@ -56,6 +111,7 @@ pub struct WorkerSpec {
     pub core: Option<core_affinity::CoreId>,
     pub listeners: Vec<std::net::TcpListener>,
     pub pool_inbox: UnboundedReceiver<PoolMsg>,
+    pub control_inbox: UnboundedReceiver<ControlMsg>,
     pub postman: Postman,
 }
 
@@ -109,6 +165,8 @@ async fn run(
         id: spec.id,
         postman: spec.postman,
         pools: RefCell::new(HashMap::new()),
+        sessions: Sessions::default(),
+        accept_stop: RefCell::new(Some(Canceller::new())),
     });
     let mut listeners = Vec::new();
     for l in spec.listeners {
@@ -124,6 +182,7 @@ async fn run(
         monoio::spawn(accept_loop(ctx.clone(), l));
     }
     monoio::spawn(pool_inbox(ctx.clone(), spec.pool_inbox));
+    monoio::spawn(control_inbox(ctx.clone(), spec.control_inbox));
     let _ = ready.send(Ok(info));
     drop(ready);
 
@@ -132,7 +191,7 @@ async fn run(
         for pool in ctx.local_pools() {
             pool.close_expired();
         }
-        if instance.phase() >= Phase::Exiting {
+        if instance.phase() >= Phase::Exiting && ctx.sessions.live() == 0 {
             for pool in ctx.local_pools() {
                 pool.close_all_idle("shutdown");
             }
@@ -151,17 +210,30 @@ async fn pool_inbox(ctx: Rc<WorkerCtx>, mut inbox: UnboundedReceiver<PoolMsg>) {
     }
 }
 
+async fn control_inbox(ctx: Rc<WorkerCtx>, mut inbox: UnboundedReceiver<ControlMsg>) {
+    use futures_core::Stream;
+    while let Some(msg) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut inbox).poll_next(cx)).await {
+        ctx.on_control(msg);
+    }
+}
+
 async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener) {
     loop {
         if ctx.instance.phase() >= Phase::Draining {
             return;
         }
-        match listener.accept().await {
+        let Some(handle) = ctx.accept_stop.borrow().as_ref().map(|c| c.handle()) else {
+            return;
+        };
+        // A cancelled accept still completes with the connection if one raced in, so
+        // stopping never drops a client the kernel already handed over.
+        match listener.cancelable_accept(handle).await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
                 monoio::spawn(client(ctx.clone(), stream, peer));
             }
+            Err(_) if ctx.accept_stop.borrow().is_none() => return,
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning.
                 log::warn!("accept failed: {e}");

@@ -1,0 +1,107 @@
+//! Telling sessions about events they do not see on their sockets: KILL from the admin
+//! console, and the shutdown phases. The main thread (or an admin session) sends a
+//! [`ControlMsg`] to every worker; each worker flags the affected sessions and wakes them.
+
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+use std::task::{Context, Poll, Waker};
+
+use super::instance::Phase;
+
+pub enum ControlMsg {
+    /// The instance moved to a new shutdown phase.
+    Phase(Phase),
+    /// Drop every client of a database (all databases with None) and its servers.
+    Kill { database: Option<String> },
+    /// Close idle servers of a database (all with None), e.g. after PAUSE.
+    CloseIdle { database: Option<String> },
+    /// Paused pools resumed: give waiting clients a chance.
+    Kick,
+}
+
+/// What a session is told, read and cleared by the session itself.
+#[derive(Default)]
+pub struct SessionSignal {
+    pub database: String,
+    /// End now, telling the client why.
+    kill: Cell<Option<&'static str>>,
+    /// End at the next moment the client has no transaction open.
+    drain: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl SessionSignal {
+    pub fn new(database: &str) -> SessionSignal {
+        SessionSignal {
+            database: database.to_string(),
+            ..Default::default()
+        }
+    }
+
+    pub fn kill(&self, why: &'static str) {
+        self.kill.set(Some(why));
+        self.wake();
+    }
+
+    pub fn drain(&self) {
+        self.drain.set(true);
+        self.wake();
+    }
+
+    pub fn killed(&self) -> Option<&'static str> {
+        self.kill.get()
+    }
+
+    pub fn draining(&self) -> bool {
+        self.drain.get()
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Ready whenever a signal is set that the session has not yet acted on; `seen`
+    /// remembers what it has acted on.
+    pub fn poll_changed(&self, cx: &mut Context<'_>, seen: &mut (bool, bool)) -> Poll<()> {
+        let now = (self.kill.get().is_some(), self.drain.get());
+        if now != *seen {
+            *seen = now;
+            return Poll::Ready(());
+        }
+        self.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
+/// The sessions of one worker.
+#[derive(Default)]
+pub struct Sessions {
+    list: RefCell<Vec<Weak<SessionSignal>>>,
+}
+
+impl Sessions {
+    pub fn add(&self, database: &str) -> Rc<SessionSignal> {
+        let s = Rc::new(SessionSignal::new(database));
+        let mut list = self.list.borrow_mut();
+        // Forget sessions that have ended, now and then, so the list stays short.
+        if list.len() >= 64 && list.len().is_power_of_two() {
+            list.retain(|w| w.strong_count() > 0);
+        }
+        list.push(Rc::downgrade(&s));
+        s
+    }
+
+    pub fn each(&self, mut f: impl FnMut(&SessionSignal)) {
+        let mut list = self.list.borrow_mut();
+        list.retain(|w| w.strong_count() > 0);
+        for s in list.iter().filter_map(|w| w.upgrade()) {
+            f(&s);
+        }
+    }
+
+    pub fn live(&self) -> usize {
+        self.list.borrow().iter().filter(|w| w.strong_count() > 0).count()
+    }
+}
