@@ -6,6 +6,7 @@ pub mod error;
 pub mod instance;
 pub mod listener;
 pub mod log;
+pub mod metrics_http;
 pub mod notify;
 pub mod stats;
 pub mod title;
@@ -129,6 +130,9 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
     );
 
     stats::spawn(instance.clone());
+    if let Some(addr) = g.metrics_listen {
+        metrics_http::start(instance.clone(), addr)?;
+    }
     notify::notify(&format!(
         "READY=1\nSTATUS=serving {} on {}:{} with {} worker(s)",
         instance.name,
