@@ -24,6 +24,10 @@ pub struct WorkerView {
     pub totals: PoolTotals,
 }
 
+/// (metric name, help text, how to read it from totals)
+type CounterDef = (&'static str, &'static str, fn(&PoolTotals) -> u64);
+type HistogramDef = (&'static str, &'static str, fn(&PoolTotals) -> &HistogramSnapshot);
+
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -103,7 +107,7 @@ pub fn render(instance_name: &str, pools: &[PoolView], workers: &[WorkerView]) -
     for p in pools {
         let _ = writeln!(out, "pgsilo_pool_size{{{},pool_mode=\"{}\"}} {}", pl(p), p.mode, p.cap);
     }
-    let counters: [(&str, &str, fn(&PoolTotals) -> u64); 4] = [
+    let counters: [CounterDef; 4] = [
         ("pgsilo_pool_transactions_total", "Transactions completed.", |t| {
             t.xact_count
         }),
@@ -127,7 +131,7 @@ pub fn render(instance_name: &str, pools: &[PoolView], workers: &[WorkerView]) -
             let _ = writeln!(out, "{name}{{{}}} {}", pl(p), f(&p.totals));
         }
     }
-    let hists: [(&str, &str, fn(&PoolTotals) -> &HistogramSnapshot); 3] = [
+    let hists: [HistogramDef; 3] = [
         (
             "pgsilo_pool_query_duration_seconds",
             "Time from a request to its ReadyForQuery.",
@@ -196,7 +200,7 @@ pub fn render(instance_name: &str, pools: &[PoolView], workers: &[WorkerView]) -
             let _ = writeln!(out, "pgsilo_worker_servers{{{},state=\"{label}\"}} {n}", wl(w));
         }
     }
-    let wcounters: [(&str, &str, fn(&PoolTotals) -> u64); 4] = [
+    let wcounters: [CounterDef; 4] = [
         (
             "pgsilo_worker_transactions_total",
             "Transactions completed by each worker.",

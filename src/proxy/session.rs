@@ -296,7 +296,8 @@ impl Flow {
             if self.client_gone && self.server.is_none() && up.is_none() && acq.is_none() {
                 return Ok(());
             }
-            if self.draining && acq.is_none() && self.up_write.is_none() && self.tracker.is_idle() {
+            let output_flushed = cli.is_none() && self.dfwd == 0 && self.dpend.is_empty();
+            if self.draining && output_flushed && acq.is_none() && self.up_write.is_none() && self.tracker.is_idle() {
                 // Between transactions: this is the moment to close the client.
                 if self.server.is_some() && self.releasable_when_gone() {
                     self.client_gone = true;

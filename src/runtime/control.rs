@@ -17,6 +17,8 @@ pub enum ControlMsg {
     CloseIdle { database: Option<String> },
     /// Paused pools resumed: give waiting clients a chance.
     Kick,
+    /// The configuration was reloaded: re-read per-worker settings.
+    Reload,
 }
 
 /// What a session is told, read and cleared by the session itself.

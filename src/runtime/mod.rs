@@ -13,6 +13,7 @@ pub mod title;
 pub mod worker;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use error::RuntimeError;
 pub use instance::{Instance, Phase, WorkerInfo};
@@ -144,6 +145,11 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
     wait_for_signals(&instance)?;
     notify::notify("STOPPING=1");
     instance.advance(Phase::Exiting);
+    // Give the workers a moment to tell the remaining clients why they are closed.
+    let grace = Instant::now() + Duration::from_secs(1);
+    while instance.clients.load(std::sync::atomic::Ordering::SeqCst) > 0 && Instant::now() < grace {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     ::log::info!("shutting down");
     Ok(())
 }
@@ -167,28 +173,77 @@ fn restrict_process_to(cores: &[core_affinity::CoreId]) -> Result<(), RuntimeErr
     Ok(())
 }
 
+/// How a shutdown is going.
+enum Stopping {
+    No,
+    /// SIGINT: new transactions wait, running ones finish, then exit (PgBouncer's safe
+    /// shutdown, PAUSE then SHUTDOWN).
+    Safe,
+    /// SIGTERM: each client is closed when its current transaction ends; exit when all
+    /// are gone or at the deadline.
+    Closing(Instant),
+}
+
+/// Runs signals until the process should exit: SIGHUP reloads; SIGINT and SIGTERM stop
+/// as PgBouncer's do; a second SIGINT or SIGTERM exits at once.
 fn wait_for_signals(instance: &Arc<Instance>) -> Result<(), RuntimeError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(RuntimeError::Signals)?;
-    for sig in signals.forever() {
-        match sig {
-            SIGHUP => {
-                notify::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", notify::monotonic_usec()));
-                reload(instance);
-                notify::notify("READY=1");
+    let mut stopping = Stopping::No;
+    loop {
+        for sig in signals.pending() {
+            match (sig, &stopping) {
+                (SIGHUP, _) => {
+                    notify::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", notify::monotonic_usec()));
+                    reload(instance);
+                    notify::notify("READY=1");
+                }
+                (SIGINT | SIGTERM, Stopping::Safe | Stopping::Closing(_)) => {
+                    ::log::info!("second shutdown signal: exiting now");
+                    return Ok(());
+                }
+                (SIGINT, Stopping::No) => {
+                    ::log::info!("got SIGINT, safe shutdown: no new connections, waiting for running transactions");
+                    notify::notify("STOPPING=1\nSTATUS=safe shutdown: waiting for running transactions");
+                    for p in instance.pools.all() {
+                        p.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    instance.advance(Phase::Draining);
+                    stopping = Stopping::Safe;
+                }
+                (SIGTERM, Stopping::No) => {
+                    let timeout = instance.config().general.shutdown_timeout;
+                    ::log::info!(
+                        "got SIGTERM, shutdown: closing clients as their transactions end (at most {}s)",
+                        timeout.as_secs()
+                    );
+                    notify::notify("STOPPING=1\nSTATUS=shutdown: closing clients as their transactions end");
+                    instance.advance(Phase::Closing);
+                    stopping = Stopping::Closing(Instant::now() + timeout);
+                }
+                _ => {}
             }
-            SIGINT => {
-                ::log::info!("got SIGINT, shutting down");
-                return Ok(());
-            }
-            SIGTERM => {
-                ::log::info!("got SIGTERM, shutting down");
-                return Ok(());
-            }
-            _ => {}
         }
+        match stopping {
+            Stopping::No => {}
+            Stopping::Safe => {
+                if instance.active_servers() <= 0 {
+                    return Ok(());
+                }
+            }
+            Stopping::Closing(deadline) => {
+                let clients = instance.clients.load(std::sync::atomic::Ordering::SeqCst);
+                if clients == 0 {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    ::log::info!("shutdown_timeout reached with {clients} client(s) left: closing them");
+                    return Ok(());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 /// Re-reads the config file and the auth_file. Settings that only take effect at start
@@ -206,8 +261,21 @@ pub fn reload(instance: &Arc<Instance>) {
             }
             log::set_verbosity(g.verbose.min(255) as u8);
             let users = userlist.len();
+            let old_users = instance.userlist();
+            for p in instance.pools.all() {
+                let secret = userlist.get(&p.user);
+                if secret != old_users.get(&p.user) {
+                    // A new verifier: the ClientKey a client proved for the old one is void.
+                    p.forget_scram_client_key();
+                }
+                if config.databases.contains_key(&p.database) {
+                    let (_, cap, target) = crate::proxy::login::pool_definition(&config, &p.database, &p.user, secret);
+                    p.set_target(target, cap);
+                }
+            }
             instance.replace_userlist(userlist);
             instance.replace_config(config);
+            instance.broadcast(|| control::ControlMsg::Reload);
             ::log::info!("reloaded configuration and auth_file ({users} users)");
         }
         Err(problems) => {

@@ -93,6 +93,11 @@ impl WorkerCtx {
                     pool.kick();
                 }
             }
+            ControlMsg::Reload => {
+                for pool in self.local_pools() {
+                    self.apply_timeouts(&pool);
+                }
+            }
         }
     }
 
