@@ -15,6 +15,10 @@ struct Args {
     /// Validate the config and its auth_file, print every problem, and exit (0: valid).
     #[arg(long)]
     check: bool,
+    /// Replace a running pgsilo for the same tenant without refusing a connection: take
+    /// over its listening sockets, then let it drain and exit.
+    #[arg(long)]
+    takeover: bool,
 }
 
 fn main() -> ExitCode {
@@ -46,7 +50,7 @@ fn main() -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         config.path.display()
     );
-    match pgsilo::runtime::run(config, userlist) {
+    match pgsilo::runtime::run(config, userlist, args.takeover) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");

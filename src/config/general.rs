@@ -151,6 +151,10 @@ pub struct General {
     /// `shutdown_timeout` (pgsilo's own): how long SIGTERM waits for transactions in
     /// flight; zero closes at once. Default 30 s.
     pub shutdown_timeout: Duration,
+    /// `takeover_socket` (pgsilo's own): the Unix socket a new process for the same tenant
+    /// (`pgsilo --takeover`) connects to, to receive the listening sockets and make this
+    /// one drain. Default `/tmp/.s.pgsilo.<listen_port>`; an empty string disables it.
+    pub takeover_socket: Option<std::path::PathBuf>,
     /// `admin_users`: users allowed every admin console command. Default none.
     pub admin_users: Vec<String>,
     /// `stats_users`: users allowed the read-only admin console commands. Default none.
@@ -209,6 +213,7 @@ impl General {
         "server_idle_timeout",
         "server_lifetime",
         "shutdown_timeout",
+        "takeover_socket",
         "admin_users",
         "stats_users",
         "stats_period",
@@ -253,6 +258,7 @@ impl General {
             server_idle_timeout: Some(Duration::from_secs(600)),
             server_lifetime: Duration::from_secs(3600),
             shutdown_timeout: Duration::from_secs(30),
+            takeover_socket: Some(default_takeover_socket(6432)),
             admin_users: Vec::new(),
             stats_users: Vec::new(),
             stats_period: Duration::from_secs(60),
@@ -316,6 +322,11 @@ impl General {
         let server_idle_timeout = section.timeout("server_idle_timeout", d.server_idle_timeout);
         let server_lifetime = section.seconds("server_lifetime", d.server_lifetime);
         let shutdown_timeout = section.seconds("shutdown_timeout", d.shutdown_timeout);
+        let takeover_socket = match section.string("takeover_socket") {
+            Some((path, _)) if path.trim().is_empty() => None,
+            Some((path, _)) => Some(std::path::PathBuf::from(path)),
+            None => Some(default_takeover_socket(listen_port)),
+        };
         let admin_users = section.names("admin_users");
         let stats_users = section.names("stats_users");
         let stats_period_span = section.span_of("stats_period");
@@ -379,6 +390,7 @@ impl General {
             server_idle_timeout,
             server_lifetime,
             shutdown_timeout,
+            takeover_socket,
             admin_users,
             stats_users,
             stats_period,
@@ -443,6 +455,13 @@ impl General {
             ("server_idle_timeout", timeout(self.server_idle_timeout)),
             ("server_lifetime", seconds_text(self.server_lifetime)),
             ("shutdown_timeout", seconds_text(self.shutdown_timeout)),
+            (
+                "takeover_socket",
+                self.takeover_socket
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
             ("admin_users", list(&self.admin_users)),
             ("stats_users", list(&self.stats_users)),
             ("stats_period", seconds_text(self.stats_period)),
@@ -632,4 +651,9 @@ mod tests {
         assert_eq!(seconds_text(Duration::from_secs(30)), "30");
         assert_eq!(seconds_text(Duration::from_millis(500)), "0.5");
     }
+}
+
+/// One takeover socket per port: the port is what identifies a tenant's listener.
+pub fn default_takeover_socket(port: u16) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/tmp/.s.pgsilo.{port}"))
 }

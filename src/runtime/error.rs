@@ -16,4 +16,6 @@ pub enum RuntimeError {
     Worker { worker: usize, reason: String },
     #[error("{0}")]
     Signals(std::io::Error),
+    #[error("takeover: {0}")]
+    Takeover(String),
 }

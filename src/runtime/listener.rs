@@ -41,3 +41,48 @@ fn new_socket(addr: IpAddr) -> std::io::Result<Socket> {
     let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))
 }
+
+/// Duplicates a listening socket's descriptor (for handing it to a takeover).
+pub fn dup(l: &std::net::TcpListener) -> Result<std::os::fd::OwnedFd, RuntimeError> {
+    let addr = l
+        .local_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    l.try_clone()
+        .map(std::os::fd::OwnedFd::from)
+        .map_err(|source| RuntimeError::Bind { addr, port, source })
+}
+
+/// Listening sockets received from the process this one takes over from.
+pub struct Inherited {
+    by_addr: Vec<(SocketAddr, std::net::TcpListener)>,
+}
+
+impl Inherited {
+    pub fn new(fds: &[std::os::fd::OwnedFd]) -> Inherited {
+        let by_addr = fds
+            .iter()
+            .filter_map(|fd| fd.try_clone().ok())
+            .map(std::net::TcpListener::from)
+            .filter_map(|l| l.local_addr().ok().map(|a| (a, l)))
+            .collect();
+        Inherited { by_addr }
+    }
+
+    /// One inherited socket bound to `addr`, if any is left.
+    pub fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let i = self.by_addr.iter().position(|(a, _)| *a == addr)?;
+        Some(self.by_addr.swap_remove(i).1)
+    }
+
+    /// What is left for addresses still configured; sockets for addresses no longer in
+    /// the config are dropped here (the old process closes its copies as it exits).
+    pub fn rest(&mut self, configured: &[SocketAddr]) -> Vec<std::net::TcpListener> {
+        std::mem::take(&mut self.by_addr)
+            .into_iter()
+            .filter(|(a, _)| configured.contains(a))
+            .map(|(_, l)| l)
+            .collect()
+    }
+}

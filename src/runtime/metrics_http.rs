@@ -12,7 +12,10 @@ use crate::metrics::prometheus::{render, PoolView, WorkerView};
 use crate::metrics::PoolTotals;
 
 pub fn start(instance: Arc<Instance>, addr: SocketAddr) -> Result<(), RuntimeError> {
-    let listener = TcpListener::bind(addr).map_err(|source| RuntimeError::Bind {
+    // SO_REUSEPORT so a process taking over can listen before the old one lets go;
+    // the caller has checked that no one else holds the port.
+    let listener: TcpListener = super::listener::bind_shared(addr.ip(), addr.port(), 64)?;
+    listener.set_nonblocking(false).map_err(|source| RuntimeError::Bind {
         addr: addr.ip(),
         port: addr.port(),
         source,

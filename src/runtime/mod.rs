@@ -9,6 +9,7 @@ pub mod log;
 pub mod metrics_http;
 pub mod notify;
 pub mod stats;
+pub mod takeover;
 pub mod title;
 pub mod worker;
 
@@ -52,13 +53,31 @@ pub fn choose_cores(cpus: Option<&[usize]>) -> Result<Vec<core_affinity::CoreId>
     }
 }
 
-/// Starts the workers and serves until a shutdown signal.
-pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
+/// Starts the workers and serves until a shutdown signal. With `takeover`, first asks a
+/// running process for the same tenant for its listening sockets, and tells it to drain
+/// once this one is ready.
+pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), RuntimeError> {
     let g = config.general.clone();
     let cores = choose_cores(g.cpus.as_deref())?;
-    for addr in &g.listen_addr {
-        listener::ensure_port_free(*addr, g.listen_port)?;
+    let taken = match (&g.takeover_socket, takeover) {
+        (Some(path), true) => takeover::request(path)?,
+        (None, true) => {
+            return Err(RuntimeError::Takeover(
+                "takeover_socket is disabled in the config".into(),
+            ))
+        }
+        _ => None,
+    };
+    if taken.is_none() {
+        if takeover {
+            ::log::info!("takeover: no running process answered; starting normally");
+        }
+        for addr in &g.listen_addr {
+            listener::ensure_port_free(*addr, g.listen_port)?;
+        }
     }
+    let mut inherited = listener::Inherited::new(taken.as_ref().map(|t| t.fds.as_slice()).unwrap_or_default());
+    let mut dups = Vec::new();
 
     restrict_process_to(&cores)?;
     let instance = Arc::new(Instance::new(config, userlist, cores.len()));
@@ -83,7 +102,25 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
     for (id, ((core, inbox), control_inbox)) in cores.iter().zip(inboxes).zip(control_inboxes).enumerate() {
         let mut listeners = Vec::new();
         for addr in &g.listen_addr {
-            listeners.push(listener::bind_shared(*addr, g.listen_port, g.listen_backlog)?);
+            let l = match inherited.take(std::net::SocketAddr::new(*addr, g.listen_port)) {
+                Some(l) => l,
+                None => listener::bind_shared(*addr, g.listen_port, g.listen_backlog)?,
+            };
+            dups.push(listener::dup(&l)?);
+            listeners.push(l);
+        }
+        if id + 1 == cores.len() {
+            // Sockets left over from an old process with more workers: the last worker
+            // accepts on them too, so their backlogs are drained.
+            let configured: Vec<std::net::SocketAddr> = g
+                .listen_addr
+                .iter()
+                .map(|a| std::net::SocketAddr::new(*a, g.listen_port))
+                .collect();
+            for l in inherited.rest(&configured) {
+                dups.push(listener::dup(&l)?);
+                listeners.push(l);
+            }
         }
         let spec = worker::WorkerSpec {
             id,
@@ -130,10 +167,29 @@ pub fn run(config: Config, userlist: Userlist) -> Result<(), RuntimeError> {
         g.pool_mode
     );
 
-    stats::spawn(instance.clone());
+    // Everything that can fail comes before telling an old process to stop, so a failed
+    // takeover leaves the old one serving.
     if let Some(addr) = g.metrics_listen {
+        if taken.is_none() {
+            listener::ensure_port_free(addr.ip(), addr.port())?;
+        }
         metrics_http::start(instance.clone(), addr)?;
     }
+    let took_over = taken.is_some();
+    if let Some(t) = taken {
+        t.finish()?;
+        ::log::info!("takeover: the previous process is draining; this one serves the port");
+    }
+    if let Some(path) = &g.takeover_socket {
+        match takeover::serve(instance.clone(), path, dups) {
+            Ok(()) => {}
+            // Serving already: a missing takeover socket only means the next restart
+            // cannot be seamless.
+            Err(e) if took_over => ::log::warn!("{e}"),
+            Err(e) => return Err(e),
+        }
+    }
+    stats::spawn(instance.clone());
     notify::notify(&format!(
         "READY=1\nSTATUS=serving {} on {}:{} with {} worker(s)",
         instance.name,
