@@ -616,6 +616,11 @@ fn read_choice<T>(
     parsed
 }
 
+/// One takeover socket per port: the port is what identifies a tenant's listener.
+pub fn default_takeover_socket(port: u16) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/tmp/.s.pgsilo.{port}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,9 +656,4 @@ mod tests {
         assert_eq!(seconds_text(Duration::from_secs(30)), "30");
         assert_eq!(seconds_text(Duration::from_millis(500)), "0.5");
     }
-}
-
-/// One takeover socket per port: the port is what identifies a tenant's listener.
-pub fn default_takeover_socket(port: u16) -> std::path::PathBuf {
-    std::path::PathBuf::from(format!("/tmp/.s.pgsilo.{port}"))
 }
