@@ -27,8 +27,9 @@ pub enum SessionError {
     /// Ended by the admin console or shutdown, with the reason the client is told.
     #[error("{0}")]
     Killed(&'static str),
-    #[error("{0}")]
-    Idle(&'static str),
+    /// client_idle_timeout, idle_transaction_timeout or query_timeout ran out.
+    #[error("{1}")]
+    TimedOut(SqlState, &'static str),
 }
 
 impl SessionError {
@@ -51,7 +52,7 @@ impl SessionError {
             SessionError::LoginTimeout => Some((SqlState::PROTOCOL_VIOLATION.0.into(), self.to_string())),
             SessionError::Shutdown => Some((SqlState::ADMIN_SHUTDOWN.0.into(), "pgsilo is shutting down".into())),
             SessionError::Killed(why) => Some((SqlState::ADMIN_SHUTDOWN.0.into(), (*why).into())),
-            SessionError::Idle(what) => Some((SqlState::IDLE_SESSION_TIMEOUT.0.into(), (*what).into())),
+            SessionError::TimedOut(code, what) => Some((code.0.into(), (*what).into())),
         }
     }
 }

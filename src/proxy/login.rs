@@ -135,6 +135,19 @@ pub async fn login(
             "no more connections allowed (max_client_conn)",
         ));
     }
+    let mut startup = startup;
+    if general.application_name_add_host {
+        // As PgBouncer: the client's address goes into application_name, so PostgreSQL's
+        // pg_stat_activity shows where a pooled query came from.
+        let app = format!(
+            "{} - {}:{}",
+            startup.get("application_name").unwrap_or(""),
+            peer.ip(),
+            peer.port()
+        );
+        startup.params.retain(|(k, _)| k != "application_name");
+        startup.params.push(("application_name".into(), app));
+    }
     let application_name = startup.get("application_name").unwrap_or("").to_string();
     if general.log_connections {
         log::info!(

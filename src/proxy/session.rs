@@ -97,6 +97,23 @@ struct Attached {
     meta: ServerMeta,
 }
 
+/// PgBouncer's session timeouts; None is disabled.
+struct Timeouts {
+    client_idle: Option<Duration>,
+    idle_transaction: Option<Duration>,
+    query: Option<Duration>,
+}
+
+/// Which deadline the session timer is armed for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Deadline {
+    /// A departed client's ROLLBACK is taking too long.
+    Rollback,
+    ClientIdle,
+    IdleTransaction,
+    Query,
+}
+
 /// What the up slot is writing to the server, to settle when the write completes.
 #[derive(Clone, Copy)]
 enum UpWrite {
@@ -168,6 +185,11 @@ struct Flow {
     client_gone: bool,
     rollback_sent: bool,
     rollback_deadline: Option<Instant>,
+    timeouts: Timeouts,
+    /// Last time the client sent anything (kept only when client_idle_timeout is on).
+    last_activity: Instant,
+    /// Since when the server has sat in a transaction with nothing in flight.
+    quiet_since: Option<Instant>,
     /// When the request now in flight was sent, when its transaction began, and when
     /// the client started waiting for a server.
     req_started: Option<Instant>,
@@ -219,6 +241,13 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         client_gone: false,
         rollback_sent: false,
         rollback_deadline: None,
+        timeouts: Timeouts {
+            client_idle: g.client_idle_timeout,
+            idle_transaction: g.idle_transaction_timeout,
+            query: g.query_timeout,
+        },
+        last_activity: Instant::now(),
+        quiet_since: None,
         req_started: None,
         xact_started: None,
         wait_started: None,
@@ -252,6 +281,7 @@ impl Flow {
         let mut cli = pin!(None::<(ClientWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut acq = pin!(None::<(Rc<LocalPool>, Option<Duration>)>.map(|(p, w)| acquire(p, w)));
         let mut timer = pin!(None::<Instant>.map(|d| monoio::time::sleep_until(d.into())));
+        let mut timer_at: Option<(Instant, Deadline)> = None;
         let signal = self.signal.clone();
         let mut signal_seen = (false, false);
 
@@ -307,10 +337,10 @@ impl Flow {
                     return Err(SessionError::Shutdown);
                 }
             }
-            if timer.is_none() {
-                if let Some(d) = self.rollback_deadline {
-                    timer.set(Some(monoio::time::sleep_until(d.into())));
-                }
+            let next = self.next_deadline();
+            if next != timer_at {
+                timer_at = next;
+                timer.set(next.map(|(at, _)| monoio::time::sleep_until(at.into())));
             }
 
             let event = poll_fn(|cx| {
@@ -360,6 +390,9 @@ impl Flow {
                         Ok(n) => {
                             self.tally.bytes_in += n as u64;
                             self.up_want = 0;
+                            if self.timeouts.client_idle.is_some() {
+                                self.last_activity = Instant::now();
+                            }
                         }
                     }
                 }
@@ -426,20 +459,64 @@ impl Flow {
                     }
                 }
                 Event::Deadline => {
-                    if self.rollback_deadline.is_some_and(|d| Instant::now() >= d) {
-                        log::info!(
-                            "C-{}: rollback after client left took too long; closing server",
-                            self.who.id
-                        );
-                        self.rollback_deadline = None;
-                        up.set(None);
-                        srv.set(None);
-                        self.abandon_server();
-                        return Ok(());
+                    let Some((at, which)) = timer_at.take() else {
+                        continue;
+                    };
+                    if Instant::now() < at {
+                        continue;
                     }
+                    up.set(None);
+                    srv.set(None);
+                    let code = match which {
+                        Deadline::Rollback => {
+                            log::info!(
+                                "C-{}: rollback after client left took too long; closing server",
+                                self.who.id
+                            );
+                            self.abandon_server();
+                            return Ok(());
+                        }
+                        Deadline::ClientIdle => (SqlState::IDLE_SESSION_TIMEOUT, "client_idle_timeout"),
+                        Deadline::IdleTransaction => {
+                            (SqlState::IDLE_IN_TRANSACTION_TIMEOUT, "idle_transaction_timeout")
+                        }
+                        Deadline::Query => (SqlState::QUERY_CANCELED, "query_timeout"),
+                    };
+                    // The server's state is unknown or a transaction is open: closing it
+                    // (and cancelling what runs there) is the only clean way out.
+                    self.abandon_server();
+                    return Err(SessionError::TimedOut(code.0, code.1));
                 }
             }
         }
+    }
+
+    /// The earliest deadline that applies in the session's current state.
+    fn next_deadline(&self) -> Option<(Instant, Deadline)> {
+        if let Some(d) = self.rollback_deadline {
+            return Some((d, Deadline::Rollback));
+        }
+        if self.client_gone {
+            return None;
+        }
+        let t = &self.timeouts;
+        if self.wait_started.is_some() {
+            // Waiting for a server is query_wait_timeout's business.
+            return None;
+        }
+        if self.tracker.is_idle() && self.ubuf.as_ref().is_none_or(|b| b.is_empty()) {
+            return t.client_idle.map(|d| (self.last_activity + d, Deadline::ClientIdle));
+        }
+        if self.server.is_none() {
+            return None;
+        }
+        if let (Some(d), Some(start)) = (t.query, self.req_started) {
+            return Some((start + d, Deadline::Query));
+        }
+        if let (Some(d), Some(since)) = (t.idle_transaction, self.quiet_since) {
+            return Some((since + d, Deadline::IdleTransaction));
+        }
+        None
     }
 
     /// The next operation of the client -> server slot, if any.
@@ -540,6 +617,9 @@ impl Flow {
         }
         if r.consumed == 0 {
             self.up_want = r.want;
+        }
+        if r.consumed > 0 {
+            self.quiet_since = None;
         }
         if r.consumed > 0 && self.req_started.is_none() && self.tracker.outstanding() > 0 {
             let now = Instant::now();
@@ -752,6 +832,8 @@ impl Flow {
         self.queue.clear();
         self.rollback_sent = false;
         self.rollback_deadline = None;
+        self.quiet_since = None;
+        self.last_activity = Instant::now();
         match (s.rd, s.wr) {
             (Some(rd), Some(wr)) => ServerConn::reunite(rd, wr, s.meta),
             _ => None,
@@ -876,6 +958,7 @@ impl Flow {
         if self.tracker.outstanding() > 0 {
             self.req_started = Some(now);
         }
+        self.quiet_since = (self.tracker.is_quiet() && self.tracker.status() != b'I').then_some(now);
         if xact_ended && self.tracker.status() == b'I' {
             if let Some(t) = self.xact_started.take() {
                 let d = now - t;

@@ -263,6 +263,7 @@ async fn client(ctx: Rc<WorkerCtx>, mut stream: TcpStream, peer: SocketAddr) {
     let config = ctx.instance.config();
     let login_timeout = config.general.client_login_timeout;
     let log_disconnections = config.general.log_disconnections;
+    let log_pooler_errors = config.general.log_pooler_errors;
     drop(config);
     let opening = match login_timeout {
         Some(t) => match monoio::time::timeout(t, login(&ctx, &mut stream, peer, id)).await {
@@ -293,7 +294,9 @@ async fn client(ctx: Rc<WorkerCtx>, mut stream: TcpStream, peer: SocketAddr) {
         }
         Err(e) => {
             if let Some((code, message)) = e.client_error() {
-                log::info!("C-{id}: {peer} login failed: {message}");
+                if log_pooler_errors {
+                    log::info!("C-{id}: {peer} login failed: {message}");
+                }
                 send_fatal(&mut stream, &code, &message).await;
             }
         }
