@@ -507,9 +507,8 @@ impl Flow {
         if self.tracker.is_idle() && self.ubuf.as_ref().is_none_or(|b| b.is_empty()) {
             return t.client_idle.map(|d| (self.last_activity + d, Deadline::ClientIdle));
         }
-        if self.server.is_none() {
-            return None;
-        }
+        // The remaining deadlines are about a server's transaction or request.
+        self.server.as_ref()?;
         if let (Some(d), Some(start)) = (t.query, self.req_started) {
             return Some((start + d, Deadline::Query));
         }
