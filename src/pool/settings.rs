@@ -55,6 +55,18 @@ impl Settings {
         self.map.contains_key(&name.to_ascii_lowercase())
     }
 
+    /// Lookup by a name already in lowercase: no allocation, for the per-transaction
+    /// comparison of a client's settings with a server's.
+    #[inline]
+    pub fn get_lower(&self, lower: &str) -> Option<&str> {
+        self.map.get(lower).map(|(_, v)| v.as_str())
+    }
+
+    /// (lowercase name, name as reported, value), ordered by lowercase name.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.map.iter().map(|(l, (n, v))| (l.as_str(), n.as_str(), v.as_str()))
+    }
+
     /// (name as reported, value), ordered by lowercase name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.map.values().map(|(n, v)| (n.as_str(), v.as_str()))

@@ -24,8 +24,8 @@ pub struct SharedPool {
     total: AtomicUsize,
     /// Per worker: idle servers it holds / clients it has waiting. Advertisements for the
     /// other workers; the owning worker's lists are the truth.
-    idle: Box<[AtomicUsize]>,
-    waiting: Box<[AtomicUsize]>,
+    idle: Box<[Padded]>,
+    waiting: Box<[Padded]>,
     /// Settings a fresh server connection reports at login, handed to each new client.
     welcome: Mutex<Option<Arc<Settings>>>,
     /// ClientKey recovered from a client's SCRAM proof, for SCRAM passthrough.
@@ -46,12 +46,7 @@ impl SharedPool {
         target: ServerTarget,
         workers: usize,
     ) -> SharedPool {
-        let counters = |n| {
-            (0..n)
-                .map(|_| AtomicUsize::new(0))
-                .collect::<Vec<_>>()
-                .into_boxed_slice()
-        };
+        let counters = |n| (0..n).map(|_| Padded::default()).collect::<Vec<_>>().into_boxed_slice();
         SharedPool {
             id,
             database: database.to_string(),
@@ -108,19 +103,19 @@ impl SharedPool {
     }
 
     pub(crate) fn idle_add(&self, worker: usize, delta: isize) {
-        add(&self.idle[worker], delta);
+        add(&self.idle[worker].0, delta);
     }
 
     pub(crate) fn waiting_add(&self, worker: usize, delta: isize) {
-        add(&self.waiting[worker], delta);
+        add(&self.waiting[worker].0, delta);
     }
 
     pub fn idle_count(&self) -> usize {
-        self.idle.iter().map(|c| c.load(SeqCst)).sum()
+        self.idle.iter().map(|c| c.0.load(SeqCst)).sum()
     }
 
     pub fn waiting_count(&self) -> usize {
-        self.waiting.iter().map(|c| c.load(SeqCst)).sum()
+        self.waiting.iter().map(|c| c.0.load(SeqCst)).sum()
     }
 
     /// Another worker with clients waiting, starting after `me` so no worker is always first.
@@ -132,9 +127,9 @@ impl SharedPool {
         self.find_other(&self.idle, me)
     }
 
-    fn find_other(&self, counters: &[AtomicUsize], me: usize) -> Option<usize> {
+    fn find_other(&self, counters: &[Padded], me: usize) -> Option<usize> {
         let n = counters.len();
-        (1..n).map(|i| (me + i) % n).find(|&w| counters[w].load(SeqCst) > 0)
+        (1..n).map(|i| (me + i) % n).find(|&w| counters[w].0.load(SeqCst) > 0)
     }
 
     pub fn welcome(&self) -> Option<Arc<Settings>> {
@@ -174,6 +169,12 @@ impl SharedPool {
         }
     }
 }
+
+/// A counter on its own cache line: each worker writes its own on every transaction,
+/// and sharing a line would bounce it between cores.
+#[repr(align(64))]
+#[derive(Default)]
+struct Padded(AtomicUsize);
 
 fn add(counter: &AtomicUsize, delta: isize) {
     if delta >= 0 {

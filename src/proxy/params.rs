@@ -39,12 +39,16 @@ pub fn initial_settings(
 /// already match (the common case, which must cost nothing but a comparison).
 pub fn sync_statement(desired: &Settings, server: &ServerMeta) -> Option<String> {
     let mut sets: Vec<(&str, &str)> = Vec::new();
-    for (name, value) in desired.iter() {
-        if server.settings.get(name) != Some(value) {
+    for (lower, name, value) in desired.entries() {
+        if server.settings.get_lower(lower) != Some(value) {
             sets.push((name, value));
         }
     }
-    let resets: Vec<&String> = server.unreported.iter().filter(|n| !desired.contains(n)).collect();
+    let resets: Vec<&String> = server
+        .unreported
+        .iter()
+        .filter(|n| desired.get_lower(n).is_none())
+        .collect();
     if sets.is_empty() && resets.is_empty() {
         return None;
     }

@@ -136,10 +136,7 @@ pub fn spawn(
                 return;
             }
         }
-        let builder = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .enable_timer()
-            .with_entries(1024);
-        let mut rt = match builder.build() {
+        let mut rt = match build_runtime() {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = ready.send(Err(format!("cannot build the runtime: {e}")));
@@ -156,6 +153,39 @@ pub fn spawn(
             driver,
         };
         rt.block_on(run(instance, spec, info, ready));
+    })
+}
+
+type Runtime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
+
+/// io_uring with the flags that suit one thread owning its ring (fewer interrupts for
+/// task work, no cross-thread submission locking), falling back to a plain ring on
+/// kernels without them, and to epoll where io_uring is missing or forbidden.
+fn build_runtime() -> std::io::Result<Runtime> {
+    if std::env::var("PGSILO_IO_DRIVER").is_ok_and(|v| v == "epoll") {
+        let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .with_entries(1024)
+            .build()?;
+        return Ok(monoio::FusionRuntime::Legacy(rt));
+    }
+    let tuned = {
+        let mut urb = io_uring::IoUring::builder();
+        urb.setup_coop_taskrun().setup_single_issuer();
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .with_entries(1024)
+            .uring_builder(urb)
+            .build()
+    };
+    tuned.or_else(|_| {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .with_entries(1024)
+            .build()
     })
 }
 
