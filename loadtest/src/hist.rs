@@ -220,11 +220,46 @@ pub fn interval_log(
     Ok(buf)
 }
 
+/// One histogram read back from an interval log.
+#[derive(Debug)]
+pub struct LoggedInterval {
+    pub tag: Option<String>,
+    /// Seconds since the log's BaseTime.
+    pub start: Duration,
+    pub duration: Duration,
+    pub hist: Histogram<u64>,
+}
+
+/// Read an interval log back (every interval, decoded).
+pub fn read_interval_log(bytes: &[u8]) -> anyhow::Result<Vec<LoggedInterval>> {
+    use base64::Engine as _;
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    use hdrhistogram::serialization::Deserializer;
+    let mut out = Vec::new();
+    let mut de = Deserializer::new();
+    for entry in IntervalLogIterator::new(bytes) {
+        let entry = entry.map_err(|e| anyhow!("malformed interval log: {e:?}"))?;
+        if let LogEntry::Interval(i) = entry {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(i.encoded_histogram())
+                .context("interval histogram is not base64")?;
+            let hist: Histogram<u64> = de
+                .deserialize(&mut std::io::Cursor::new(raw))
+                .map_err(|e| anyhow!("interval histogram does not decode: {e:?}"))?;
+            out.push(LoggedInterval {
+                tag: i.tag().map(|t| t.as_str().to_string()),
+                start: i.start_timestamp(),
+                duration: i.duration(),
+                hist,
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
-    use hdrhistogram::serialization::Deserializer;
 
     /// 1..=10000 µs, one of each: a uniform distribution with known percentiles.
     fn uniform() -> Histogram<u64> {
@@ -325,28 +360,13 @@ mod tests {
         let text = String::from_utf8(log.clone()).unwrap();
         assert!(text.starts_with("#pgsilo-loadtest\n"));
         assert!(text.contains("#[BaseTime: 1700000000.000 (seconds since epoch)]"));
-        let mut hists = Vec::new();
-        for entry in IntervalLogIterator::new(&log) {
-            if let LogEntry::Interval(i) = entry.unwrap() {
-                hists.push((
-                    i.tag().map(|t| t.as_str().to_string()),
-                    i.start_timestamp(),
-                    i.max(),
-                    i.encoded_histogram().to_string(),
-                ));
-            }
-        }
+        let hists = read_interval_log(&log).unwrap();
         assert_eq!(hists.len(), 2);
-        assert_eq!(hists[0].0.as_deref(), Some("baseline"));
-        assert_eq!(hists[1].1, Duration::from_secs(1));
-        assert!((hists[1].2 - 10.007).abs() < 0.001);
-        use base64::Engine as _;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(&hists[1].3)
-            .unwrap();
-        let back: Histogram<u64> = Deserializer::new()
-            .deserialize(&mut std::io::Cursor::new(bytes))
-            .unwrap();
+        assert_eq!(hists[0].tag.as_deref(), Some("baseline"));
+        assert_eq!(hists[1].start, Duration::from_secs(1));
+        assert_eq!(hists[1].duration, Duration::from_secs(1));
+        assert!(text.contains(",10.007,"), "interval max in ms");
+        let back = &hists[1].hist;
         assert_eq!(back.len(), 10_000);
         assert_eq!(back.value_at_quantile(0.99), b.value_at_quantile(0.99));
     }

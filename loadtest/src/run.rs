@@ -485,6 +485,12 @@ fn write_run_files(dir: &Path, s: &RunSummary, rec: &Recorder) -> anyhow::Result
     Ok(files)
 }
 
+/// Read a `summary.json` back (for tools and tests).
+pub fn read_summary(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
 /// The comparison of two setups (dedicated pair, then shared instance).
 pub struct Comparison {
     pub runs: Vec<RunResult>,
