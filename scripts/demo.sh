@@ -31,8 +31,11 @@ export PGSILO_BIN=$BIN
 DEV=$PGSILO_DEV_DIR
 SHARED_PORT=6434
 
-say() { printf 'demo: %s\n' "$*"; }
-die() { printf 'demo: %s\n' "$*" >&2; exit 2; }
+say() { printf 'demo: %s\n' "$*" 2>/dev/null || true; }
+die() { printf 'demo: %s\n' "$*" >&2 2>/dev/null || true; exit 2; }
+# Output may go to a pipe that a Ctrl-C closes (`make demo | tee`): never die of SIGPIPE
+# before cleaning up.
+trap '' PIPE
 
 [ -x "$BIN" ] || die "$BIN is missing: run make build (make demo does)"
 [ -x "$LOADTEST" ] || die "$LOADTEST is missing: run make build (make demo does)"
