@@ -24,8 +24,15 @@ struct Pgsilo {
 }
 
 impl Pgsilo {
-    /// Start one tenant: `db` owned by `user`, small limits so the aggressor can pass them.
-    fn start(dir: &Path, name: &str, pg: &PgCluster, db: &str) -> (Pgsilo, u16) {
+    /// Start one tenant serving `db`, with the given client budget and pool size.
+    fn start(
+        dir: &Path,
+        name: &str,
+        pg: &PgCluster,
+        db: &str,
+        max_client_conn: usize,
+        pool_size: usize,
+    ) -> (Pgsilo, u16) {
         let port = free_port();
         let config = dir.join(format!("{name}.toml"));
         fs::write(
@@ -39,8 +46,8 @@ listen_port = {port}
 auth_type = "scram-sha-256"
 auth_file = "userlist.txt"
 pool_mode = "transaction"
-max_client_conn = 20
-default_pool_size = 5
+max_client_conn = {max_client_conn}
+default_pool_size = {pool_size}
 
 [databases.{db}]
 host = "{host}"
@@ -98,8 +105,10 @@ fn a_short_noisy_neighbour_run_writes_complete_parseable_reports() {
         "\"user_a\" \"pass_a\"\n\"user_b\" \"pass_b\"\n",
     )
     .unwrap();
-    let (_a, port_a) = Pgsilo::start(dir.path(), "tenant_a", &pg, "tenant_a_db");
-    let (_b, port_b) = Pgsilo::start(dir.path(), "tenant_b", &pg, "tenant_b_db");
+    // Tenant A (the aggressor) has small limits, so the aggressor passes them at once;
+    // tenant B's pool covers the victim's connections and its connect probe.
+    let (_a, port_a) = Pgsilo::start(dir.path(), "tenant_a", &pg, "tenant_a_db", 10, 3);
+    let (_b, port_b) = Pgsilo::start(dir.path(), "tenant_b", &pg, "tenant_b_db", 20, 8);
 
     let mut scenario = Scenario::default();
     scenario.phases.warmup = Duration::from_millis(500);
@@ -107,16 +116,17 @@ fn a_short_noisy_neighbour_run_writes_complete_parseable_reports() {
     scenario.victim.rate = 100.0;
     scenario.victim.connections = 4;
     scenario.victim.probe_rate = 2.0;
-    // Every aggressor scenario, sized past tenant A's limits (20 clients, pool of 5).
+    // Every aggressor scenario, sized past tenant A's limits (10 clients, pool of 3): the
+    // clients beyond 10 are refused as soon as they send their startup packet.
     scenario.aggressor.scenarios = vec![
         AggressorKind::Connections,
         AggressorKind::IdleInTransaction,
         AggressorKind::Throughput,
     ];
-    scenario.aggressor.connections.clients = 24;
+    scenario.aggressor.connections.clients = 12;
     scenario.aggressor.connections.retry = Duration::from_millis(300);
     scenario.aggressor.connections.ramp = Duration::from_millis(100);
-    scenario.aggressor.idle_in_transaction.clients = 6;
+    scenario.aggressor.idle_in_transaction.clients = 4;
     scenario.aggressor.throughput.clients = 2;
 
     let out = dir.path().join("report");

@@ -126,6 +126,9 @@ pub struct RunSummary {
     pub aggressor_stats: AggressorStats,
     pub verdict: Verdict,
     pub warnings: Vec<String>,
+    /// Victim errors during the unmeasured warm-up (queries and new connections): they
+    /// do not count in the verdict, but often explain what followed.
+    pub warmup_errors: ErrorCounts,
 }
 
 impl RunSummary {
@@ -362,6 +365,13 @@ pub fn full_text(s: &RunSummary) -> String {
     out.push('\n');
     out.push_str(&aggressor_table(s));
     out.push_str(&generator_line(s));
+    if !s.warmup_errors.is_empty() {
+        let _ = writeln!(
+            out,
+            "victim errors during warm-up (not measured): {}",
+            s.warmup_errors.summary()
+        );
+    }
     for w in &s.warnings {
         let _ = writeln!(out, "WARNING: {w}");
     }

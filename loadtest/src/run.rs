@@ -338,6 +338,11 @@ fn finish(
         aggressor_stats: agg,
         verdict,
         warnings,
+        warmup_errors: {
+            let mut e = rec.warmup.errors.clone();
+            e.merge(&rec.warmup.connect_errors);
+            e
+        },
     };
     let files = write_run_files(&spec.out_dir, &summary, &rec)?;
     Ok(RunResult {
