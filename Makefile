@@ -21,10 +21,11 @@ status:
 down:
 	scripts/dev.sh down
 
-# For now: start PostgreSQL and both tenants, run the isolation checks through each
-# tenant's port, stop everything (also on failure or Ctrl-C).
+# The noisy-neighbour comparison (scripts/demo.sh): PostgreSQL, both tenants and one shared
+# instance, pgsilo-loadtest compare (about a minute), report in target/demo/; stops
+# everything it started, also on failure or Ctrl-C. DEMO_DURATION=8s sets each phase.
 demo: build
-	@bash -c 'trap "scripts/dev.sh down >/dev/null 2>&1" EXIT INT TERM; scripts/dev.sh up && scripts/dev.sh status && scripts/dev.sh smoke'
+	scripts/demo.sh
 
 clean:
 	scripts/dev.sh down >/dev/null 2>&1 || true
