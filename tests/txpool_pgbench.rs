@@ -78,11 +78,11 @@ fn run_mode(mode: &str, threads: u32, per_client: u32) {
         }
         let report = pgbench(&cluster, silo.port(), &args);
         let processed = figure(&report, "number of transactions actually processed");
-        let failed = report
-            .lines()
-            .any(|l| l.starts_with("number of failed transactions"))
-            .then(|| figure(&report, "number of failed transactions"))
-            .unwrap_or(0);
+        let failed = if report.contains("number of failed transactions") {
+            figure(&report, "number of failed transactions")
+        } else {
+            0
+        };
         let tps = report
             .lines()
             .filter(|l| l.starts_with("tps") || l.starts_with("latency average"))
