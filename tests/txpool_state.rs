@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::{future, StreamExt};
-use support::txpool::{code, connect_with, runtime, within, Pgsilo};
+use support::txpool::{code, connect_with, fe, runtime, tags, within, Pgsilo, Wire};
 use support::PgCluster;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, SimpleQueryMessage};
@@ -640,4 +640,156 @@ fn postgres_restart() {
         assert_eq!(r.unwrap().get::<_, i32>(0), 7);
     });
     silo.assert_alive();
+}
+
+/// A client that leaves inside a transaction, in the middle of a query, or in the middle
+/// of a COPY: the server is rolled back or closed, and the next client finds nothing of
+/// it (no open transaction, no locks, no running query).
+#[test]
+fn clients_leaving_at_bad_moments() {
+    let cluster = PgCluster::start();
+    cluster.psql(
+        DB,
+        "CREATE TABLE locked (id int PRIMARY KEY, v int); INSERT INTO locked VALUES (1, 0); \
+         GRANT ALL ON locked TO PUBLIC",
+    );
+    let mut silo = Pgsilo::start(&cluster, &[("default_pool_size", "1")]);
+    let rt = runtime();
+    rt.block_on(async {
+        let su = superuser(&cluster).await;
+        // Inside a transaction, holding a row lock, with an uncommitted change.
+        let leaver = silo.connect(USER, DB).await;
+        leaver
+            .batch_execute("BEGIN; UPDATE locked SET v = 99 WHERE id = 1; SELECT * FROM locked FOR UPDATE")
+            .await
+            .unwrap();
+        drop(leaver);
+        let next = silo.connect(USER, DB).await;
+        let v: i32 = within(
+            30,
+            "row lock after the client left",
+            next.query_one("SELECT v FROM locked WHERE id = 1 FOR UPDATE NOWAIT", &[]),
+        )
+        .await
+        .unwrap()
+        .get(0);
+        assert_eq!(v, 0);
+
+        // Inside a transaction again, the connection simply cut (no Terminate).
+        let mut cut = Wire::connect(silo.port(), USER, DB);
+        cut.send(&fe::query("BEGIN; UPDATE locked SET v = 98 WHERE id = 1"));
+        assert_eq!(tags(&cut.until_ready()), "CCZ");
+        drop(cut);
+        let v: i32 = within(
+            30,
+            "row lock after the connection was cut",
+            next.query_one("SELECT v FROM locked WHERE id = 1 FOR UPDATE NOWAIT", &[]),
+        )
+        .await
+        .unwrap()
+        .get(0);
+        assert_eq!(v, 0);
+
+        // In the middle of a long query. (A tokio-postgres client would keep its
+        // connection open until the answer came; the raw client really leaves.)
+        let mut leaver = Wire::connect(silo.port(), USER, DB);
+        leaver.send(&fe::query("SELECT pg_sleep(60)"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n: i64 = su
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the query never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(leaver);
+        let v: i32 = within(30, "query after the client left mid-query", next.query_one("SELECT 11", &[]))
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, 11);
+        // The abandoned query does not run on.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n: i64 = su
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the abandoned pg_sleep still runs");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // In the middle of COPY FROM STDIN.
+        let mut leaver = Wire::connect(silo.port(), USER, DB);
+        leaver.send(&fe::query("COPY locked FROM STDIN"));
+        assert_eq!(leaver.recv().tag, b'G');
+        leaver.send(&fe::copy_data(b"5\t5\n"));
+        drop(leaver);
+        let n: i64 = within(30, "after the client left mid-COPY", next.query_one("SELECT count(*) FROM locked", &[]))
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+        let idle_tx: i64 = su
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(idle_tx, 0);
+    });
+    silo.assert_alive();
+}
+
+/// With the only server held in a transaction, another client's query waits at most
+/// query_wait_timeout, then fails with an error; afterwards all is well.
+#[test]
+fn query_wait_timeout_with_the_pool_busy() {
+    let cluster = PgCluster::start();
+    let silo = Pgsilo::start(
+        &cluster,
+        &[("default_pool_size", "1"), ("query_wait_timeout", "2")],
+    );
+    runtime().block_on(async {
+        let holder = silo.connect(USER, DB).await;
+        holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        let waiter = silo.connect(USER, DB).await;
+        let t = Instant::now();
+        let r = within(30, "waiting client", waiter.query_one("SELECT 1", &[])).await;
+        let e = r.expect_err("the query got a server that was held");
+        println!("query_wait_timeout: {e:?} after {:.1?}", t.elapsed());
+        assert!(e.code().is_some(), "no SQLSTATE: {e:?}");
+        assert!(t.elapsed() >= Duration::from_millis(1500));
+        holder.batch_execute("COMMIT").await.unwrap();
+        let c = silo.connect(USER, DB).await;
+        assert_eq!(
+            c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0),
+            3
+        );
+        assert_eq!(
+            holder
+                .query_one("SELECT 4", &[])
+                .await
+                .unwrap()
+                .get::<_, i32>(0),
+            4
+        );
+    });
 }

@@ -449,6 +449,14 @@ pub mod fe {
         msg(b'C', &b)
     }
 
+    pub fn copy_data(data: &[u8]) -> Vec<u8> {
+        msg(b'd', data)
+    }
+
+    pub fn copy_done() -> Vec<u8> {
+        msg(b'c', &[])
+    }
+
     pub fn sync() -> Vec<u8> {
         msg(b'S', &[])
     }
