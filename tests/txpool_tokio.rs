@@ -1030,3 +1030,236 @@ fn client_encoding_per_client() {
         }
     }
 }
+
+/// What a client sees for a batch: each message's type, with the SQLSTATE of errors and
+/// the first value of rows.
+fn transcript(w: &mut Wire, batch: &[Vec<u8>], syncs: usize) -> Vec<String> {
+    w.send_all(batch);
+    let mut seen = Vec::new();
+    for _ in 0..syncs {
+        for m in w.until_ready() {
+            seen.push(match m.tag {
+                b'E' => format!("E{}", m.field(b'C').unwrap_or_default()),
+                b'D' => format!("D{}", m.first_value().unwrap_or_default()),
+                b'Z' => format!("Z{}", m.body[0] as char),
+                t => (t as char).to_string(),
+            });
+        }
+    }
+    seen
+}
+
+/// Message sequences at the edges of the protocol give exactly what PostgreSQL gives
+/// directly, although pgsilo renames statements and answers some messages itself (the
+/// server already has the statement from another client).
+#[test]
+fn protocol_edge_cases_match_postgres() {
+    use fe::*;
+    let cluster = PgCluster::start();
+    let silo = Pgsilo::start(&cluster, &[("default_pool_size", "1")]);
+    // Every statement text below is already prepared on the server by another client, so
+    // pgsilo answers Parse messages itself where it can.
+    let mut other = Wire::connect(silo.port(), USER, DB);
+    for (i, sql) in ["SELECT 1", "SELECT 2", "SELECT $1::int"]
+        .iter()
+        .enumerate()
+    {
+        prepare(&mut other, &format!("o{i}"), sql);
+    }
+    let cases: Vec<Case> = vec![
+        (
+            "Bind and Describe of unknown names",
+            vec![
+                bind_exec("nope", &[]),
+                sync(),
+                describe_statement("nope"),
+                sync(),
+                execute("no_portal"),
+                sync(),
+            ],
+            3,
+        ),
+        (
+            "Close of an unknown name, twice",
+            vec![close_statement("nope"), close_statement("nope"), sync()],
+            1,
+        ),
+        (
+            "Parse, Close, Parse of one name in one segment",
+            vec![
+                parse("pcp", "SELECT 1"),
+                close_statement("pcp"),
+                parse("pcp", "SELECT 2"),
+                bind_exec("pcp", &[]),
+                sync(),
+            ],
+            1,
+        ),
+        (
+            "duplicate name in one segment, then used",
+            vec![
+                parse("dd", "SELECT 1"),
+                parse("dd", "SELECT 2"),
+                bind_exec("dd", &[]),
+                sync(),
+                bind_exec("dd", &[]),
+                sync(),
+            ],
+            2,
+        ),
+        (
+            "failed Bind (wrong parameter count) leaves the statement",
+            vec![
+                parse("pb", "SELECT $1::int"),
+                bind_exec("pb", &[]),
+                sync(),
+                bind_exec("pb", &["5"]),
+                sync(),
+            ],
+            2,
+        ),
+        (
+            "unnamed statements across segments",
+            vec![
+                parse("", "SELECT 2"),
+                bind_exec("", &[]),
+                sync(),
+                parse("", "SELECT $1::int"),
+                bind_exec("", &["3"]),
+                bind_exec("", &["4"]),
+                sync(),
+            ],
+            2,
+        ),
+        (
+            "named statements inside a transaction block that fails and rolls back",
+            vec![
+                query("BEGIN"),
+                parse("tx1", "SELECT 2"),
+                bind_exec("tx1", &[]),
+                sync(),
+                query("SELECT 1/0"),
+                bind_exec("tx1", &[]),
+                sync(),
+                query("ROLLBACK"),
+                bind_exec("tx1", &[]),
+                sync(),
+            ],
+            6,
+        ),
+        (
+            "DISCARD ALL between segments",
+            vec![parse("da", "SELECT 1"), sync(), query("DISCARD ALL")],
+            2,
+        ),
+        (
+            "the name is free after DISCARD ALL",
+            vec![parse("da", "SELECT 2"), bind_exec("da", &[]), sync()],
+            1,
+        ),
+    ];
+    compare_with_postgres(&cluster, &silo, &mut other, &cases);
+}
+
+type Case = (&'static str, Vec<Vec<u8>>, usize);
+
+/// Runs each case (one round trip: a batch and the number of ReadyForQuery it ends with)
+/// on one connection directly to PostgreSQL and on one through pgsilo; the transcripts
+/// must be the same.
+fn compare_with_postgres(cluster: &PgCluster, silo: &Pgsilo, other: &mut Wire, cases: &[Case]) {
+    let mut direct = Wire::connect(cluster.port(), USER, DB);
+    let mut pooled = Wire::connect(silo.port(), USER, DB);
+    let mut differences = Vec::new();
+    for (name, batch, syncs) in cases {
+        let d = transcript(&mut direct, batch, *syncs);
+        let p = transcript(&mut pooled, batch, *syncs);
+        println!("{name}: {}", d.join(" "));
+        if d != p {
+            differences.push(format!(
+                "{name}:\n  direct: {}\n  pgsilo: {}",
+                d.join(" "),
+                p.join(" ")
+            ));
+        }
+        // Another client uses the server between cases (when it is free).
+        if p.last().map(String::as_str) == Some("ZI") {
+            assert_eq!(exec(other, "o2", &["7"]), "7");
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "pgsilo differs from PostgreSQL:\n{}",
+        differences.join("\n")
+    );
+}
+
+/// Named Parse messages whose outcome depends on what the server has not answered yet,
+/// or on the transaction being failed, must get what PostgreSQL would answer.
+#[test]
+#[ignore = "pgsilo bug: proxy/upstream.rs parse_named decides a named Parse (duplicate \
+            name, or answered locally because the server has the statement) from \
+            bookkeeping that ignores a failed transaction and the effects of requests \
+            still unanswered (an earlier failing Parse, DEALLOCATE ALL)"]
+fn parse_decisions_match_postgres() {
+    use fe::*;
+    let cluster = PgCluster::start();
+    let silo = Pgsilo::start(&cluster, &[("default_pool_size", "1")]);
+    let mut other = Wire::connect(silo.port(), USER, DB);
+    for (i, sql) in ["SELECT 1", "SELECT 2"].iter().enumerate() {
+        prepare(&mut other, &format!("o{i}"), sql);
+    }
+    prepare(&mut other, "o2", "SELECT $1::int");
+    let cases: Vec<Case> = vec![
+        ("BEGIN", vec![query("BEGIN")], 1),
+        ("fail the transaction", vec![query("SELECT 1/0")], 1),
+        (
+            "Parse in the failed transaction (one round trip each)",
+            vec![parse("k", "SELECT 1"), sync()],
+            1,
+        ),
+        ("ROLLBACK", vec![query("ROLLBACK")], 1),
+        (
+            "the name is free after ROLLBACK",
+            vec![parse("k", "SELECT 1"), bind_exec("k", &[]), sync()],
+            1,
+        ),
+        (
+            "Parse in a failed transaction, pipelined",
+            vec![
+                query("BEGIN"),
+                query("SELECT 1/0"),
+                parse("k2", "SELECT 1"),
+                sync(),
+                query("ROLLBACK"),
+                parse("k2", "SELECT 1"),
+                bind_exec("k2", &[]),
+                sync(),
+            ],
+            5,
+        ),
+        (
+            "Parse error, then the same name in the same write",
+            vec![
+                parse("bad", "SELEC 1"),
+                sync(),
+                parse("bad", "SELECT 1"),
+                bind_exec("bad", &[]),
+                sync(),
+            ],
+            2,
+        ),
+        (
+            "DEALLOCATE ALL, then the same name in the same write",
+            vec![
+                parse("z", "SELECT 1"),
+                sync(),
+                query("DEALLOCATE ALL"),
+                parse("z", "SELECT 2"),
+                bind_exec("z", &[]),
+                sync(),
+            ],
+            3,
+        ),
+    ];
+    compare_with_postgres(&cluster, &silo, &mut other, &cases);
+}
