@@ -139,10 +139,7 @@ fn psql_copy_multi_statement_and_errors() {
         &silo,
         &[
             "-c",
-            &format!(
-                "\\copy (SELECT * FROM psql_t ORDER BY id) to '{}'",
-                output.display()
-            ),
+            &format!("\\copy (SELECT * FROM psql_t ORDER BY id) to '{}'", output.display()),
         ],
         None,
     );
@@ -159,12 +156,7 @@ fn psql_copy_multi_statement_and_errors() {
     assert_eq!(text(&out.stdout).trim(), "before\nCOPY 2\n5002");
 
     // Several statements in one simple query.
-    let out = psql(
-        &cluster,
-        &silo,
-        &["-c", "select 1; select 2; select 'three'"],
-        None,
-    );
+    let out = psql(&cluster, &silo, &["-c", "select 1; select 2; select 'three'"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "1\n2\nthree");
     // ... including a transaction block that spans them.
@@ -187,12 +179,7 @@ fn psql_copy_multi_statement_and_errors() {
     assert_eq!(text(&out.stdout).trim(), "one\nthree");
     assert!(text(&out.stderr).contains("no_such_table"));
     // With ON_ERROR_STOP they don't, and psql exits 3.
-    let out = psql(
-        &cluster,
-        &silo,
-        &["-v", "ON_ERROR_STOP=1", "-f", "-"],
-        Some(script),
-    );
+    let out = psql(&cluster, &silo, &["-v", "ON_ERROR_STOP=1", "-f", "-"], Some(script));
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "one");
     // An error inside an explicit transaction: the rest of the block fails, COMMIT

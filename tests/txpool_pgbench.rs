@@ -42,9 +42,7 @@ fn figure(report: &str, label: &str) -> u64 {
         .unwrap_or_else(|| panic!("no `{label}` in pgbench output:\n{report}"));
     let rest = line[label.len()..].trim_start_matches(':').trim();
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits
-        .parse()
-        .unwrap_or_else(|_| panic!("cannot read `{line}`"))
+    digits.parse().unwrap_or_else(|_| panic!("cannot read `{line}`"))
 }
 
 /// Sums of the accounts', tellers' and branches' balances.
@@ -109,17 +107,10 @@ fn run_mode(mode: &str, threads: u32, per_client: u32) {
         let after = balances(&cluster);
         let moved: Vec<i64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         let history: i64 = cluster
-            .psql(
-                "app_db",
-                "SELECT coalesce(sum(delta), 0) FROM pgbench_history",
-            )
+            .psql("app_db", "SELECT coalesce(sum(delta), 0) FROM pgbench_history")
             .parse()
             .unwrap();
-        assert_eq!(
-            moved,
-            vec![history; 3],
-            "accounts/tellers/branches vs history"
-        );
+        assert_eq!(moved, vec![history; 3], "accounts/tellers/branches vs history");
     }
     let mut silo = silo;
     silo.assert_alive();

@@ -74,9 +74,7 @@ async fn play(s: &Scenario, mut config: Config, other: Option<&Client>) -> Vec<S
                 )
                 .await
                 .unwrap();
-                o.batch_execute("BEGIN; SELECT now(); COMMIT")
-                    .await
-                    .unwrap();
+                o.batch_execute("BEGIN; SELECT now(); COMMIT").await.unwrap();
             }
             continue;
         }
@@ -116,10 +114,7 @@ fn compare(scenarios: &[Scenario]) {
                 println!("  {d}{}", if d == p { "" } else { "   <-- differs" });
             }
             if direct != pooled {
-                differences.push(format!(
-                    "{}:\n  direct: {direct:#?}\n  pgsilo: {pooled:#?}",
-                    s.name
-                ));
+                differences.push(format!("{}:\n  direct: {direct:#?}\n  pgsilo: {pooled:#?}", s.name));
             }
         }
         // The other client kept its own settings through all of that.
@@ -336,11 +331,9 @@ fn concurrent_clients_keep_their_settings() {
             cfg.application_name(format!("start{i}"));
             let c = connect_with(cfg).await;
             if i % 2 == 1 {
-                c.batch_execute(&format!(
-                    "SET TimeZone = '{zone}'; SET application_name = 'set{i}'"
-                ))
-                .await
-                .unwrap();
+                c.batch_execute(&format!("SET TimeZone = '{zone}'; SET application_name = 'set{i}'"))
+                    .await
+                    .unwrap();
             }
             clients.push((i, *zone, c));
         }
@@ -360,11 +353,7 @@ fn concurrent_clients_keep_their_settings() {
                      (SELECT x FROM t)::text, pg_sleep(0.002)::text"
                 };
                 let v = values(c, sql).await.unwrap();
-                assert_eq!(
-                    v,
-                    vec![format!("{zone},{app},{x},")],
-                    "client {i} round {round}"
-                );
+                assert_eq!(v, vec![format!("{zone},{app},{x},")], "client {i} round {round}");
             }
         });
         within(120, "clients", future::join_all(work)).await;
@@ -407,19 +396,14 @@ async fn expect_silence(rx: &mut mpsc::UnboundedReceiver<(String, String)>) {
 #[test]
 fn listen_notify_in_session_mode() {
     let cluster = PgCluster::start();
-    let silo = Pgsilo::start(
-        &cluster,
-        &[("pool_mode", "\"session\""), ("default_pool_size", "3")],
-    );
+    let silo = Pgsilo::start(&cluster, &[("pool_mode", "\"session\""), ("default_pool_size", "3")]);
     runtime().block_on(async {
         let (l, mut rx) = listener(silo.pg_config(USER, DB)).await;
         l.batch_execute("LISTEN ch").await.unwrap();
         let n = silo.connect(USER, DB).await;
         n.batch_execute("NOTIFY ch, 'one'").await.unwrap();
         expect_notification(&mut rx, "one").await;
-        n.batch_execute("SELECT pg_notify('ch', 'two')")
-            .await
-            .unwrap();
+        n.batch_execute("SELECT pg_notify('ch', 'two')").await.unwrap();
         expect_notification(&mut rx, "two").await;
     });
 }
@@ -458,12 +442,8 @@ fn listen_notify_in_transaction_mode() {
         let (b, mut rx_b) = listener(silo.pg_config(USER, DB)).await;
         // Both servers busy at once, so each of a and b holds one of them.
         let (ra, rb) = future::join(
-            a.simple_query(
-                "BEGIN; SELECT pg_sleep(0.3); SELECT count(*) FROM pg_listening_channels(); COMMIT",
-            ),
-            b.simple_query(
-                "BEGIN; SELECT pg_sleep(0.3); SELECT count(*) FROM pg_listening_channels(); COMMIT",
-            ),
+            a.simple_query("BEGIN; SELECT pg_sleep(0.3); SELECT count(*) FROM pg_listening_channels(); COMMIT"),
+            b.simple_query("BEGIN; SELECT pg_sleep(0.3); SELECT count(*) FROM pg_listening_channels(); COMMIT"),
         )
         .await;
         for r in [ra.unwrap(), rb.unwrap()] {
@@ -527,12 +507,7 @@ fn server_terminated_mid_query() {
             };
             // Meanwhile another client waits for the only server.
             let queued = waiting.query_one("SELECT 'queued'::text", &[]);
-            let (r, (), q) = within(
-                60,
-                "terminated query",
-                future::join3(sleeper, killer, queued),
-            )
-            .await;
+            let (r, (), q) = within(60, "terminated query", future::join3(sleeper, killer, queued)).await;
             let e = r.unwrap_err();
             let c = code(&e);
             assert!(
@@ -589,10 +564,7 @@ fn postgres_restart() {
             assert_eq!(v, 1);
         }
         let c = silo.connect(USER, DB).await;
-        assert_eq!(
-            c.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0),
-            2
-        );
+        assert_eq!(c.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
     });
     // While PostgreSQL is down, a query fails promptly instead of hanging.
     cluster.stop();
@@ -608,12 +580,7 @@ fn postgres_restart() {
         match within(60, "connect while down", cfg.connect(NoTls)).await {
             Ok((c, conn)) => {
                 tokio::spawn(conn);
-                let r = within(
-                    60,
-                    "new client's query while down",
-                    c.query_one("SELECT 4", &[]),
-                )
-                .await;
+                let r = within(60, "new client's query while down", c.query_one("SELECT 4", &[])).await;
                 assert!(r.is_err());
             }
             Err(e) => println!("login while down: {e:?}"),
@@ -622,21 +589,12 @@ fn postgres_restart() {
     cluster.restart();
     rt.block_on(async {
         let c = silo.connect(USER, DB).await;
-        let v: i32 = within(
-            30,
-            "query after the second restart",
-            c.query_one("SELECT 6", &[]),
-        )
-        .await
-        .unwrap()
-        .get(0);
+        let v: i32 = within(30, "query after the second restart", c.query_one("SELECT 6", &[]))
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(v, 6);
-        let r = within(
-            30,
-            "b after the second restart",
-            b.query_one("SELECT 7", &[]),
-        )
-        .await;
+        let r = within(30, "b after the second restart", b.query_one("SELECT 7", &[])).await;
         assert_eq!(r.unwrap().get::<_, i32>(0), 7);
     });
     silo.assert_alive();
@@ -711,10 +669,14 @@ fn clients_leaving_at_bad_moments() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop(leaver);
-        let v: i32 = within(30, "query after the client left mid-query", next.query_one("SELECT 11", &[]))
-            .await
-            .unwrap()
-            .get(0);
+        let v: i32 = within(
+            30,
+            "query after the client left mid-query",
+            next.query_one("SELECT 11", &[]),
+        )
+        .await
+        .unwrap()
+        .get(0);
         assert_eq!(v, 11);
         // The abandoned query does not run on.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -740,10 +702,14 @@ fn clients_leaving_at_bad_moments() {
         assert_eq!(leaver.recv().tag, b'G');
         leaver.send(&fe::copy_data(b"5\t5\n"));
         drop(leaver);
-        let n: i64 = within(30, "after the client left mid-COPY", next.query_one("SELECT count(*) FROM locked", &[]))
-            .await
-            .unwrap()
-            .get(0);
+        let n: i64 = within(
+            30,
+            "after the client left mid-COPY",
+            next.query_one("SELECT count(*) FROM locked", &[]),
+        )
+        .await
+        .unwrap()
+        .get(0);
         assert_eq!(n, 1);
         let idle_tx: i64 = su
             .query_one(
@@ -763,10 +729,7 @@ fn clients_leaving_at_bad_moments() {
 #[test]
 fn query_wait_timeout_with_the_pool_busy() {
     let cluster = PgCluster::start();
-    let silo = Pgsilo::start(
-        &cluster,
-        &[("default_pool_size", "1"), ("query_wait_timeout", "2")],
-    );
+    let silo = Pgsilo::start(&cluster, &[("default_pool_size", "1"), ("query_wait_timeout", "2")]);
     runtime().block_on(async {
         let holder = silo.connect(USER, DB).await;
         holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
@@ -779,17 +742,7 @@ fn query_wait_timeout_with_the_pool_busy() {
         assert!(t.elapsed() >= Duration::from_millis(1500));
         holder.batch_execute("COMMIT").await.unwrap();
         let c = silo.connect(USER, DB).await;
-        assert_eq!(
-            c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0),
-            3
-        );
-        assert_eq!(
-            holder
-                .query_one("SELECT 4", &[])
-                .await
-                .unwrap()
-                .get::<_, i32>(0),
-            4
-        );
+        assert_eq!(c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+        assert_eq!(holder.query_one("SELECT 4", &[]).await.unwrap().get::<_, i32>(0), 4);
     });
 }

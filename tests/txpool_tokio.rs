@@ -46,10 +46,7 @@ fn prepared_statements_reused_across_transactions_on_a_pool_of_one() {
                 let n = i64::from(round * 7 + i);
                 let row = c.query_one(&*shared, &[&n]).await.unwrap();
                 assert_eq!(row.get::<_, i64>(0), n * 2, "client {i} round {round}");
-                let row = c
-                    .query_one(&*own, &[&round, &format!("r{round}")])
-                    .await
-                    .unwrap();
+                let row = c.query_one(&*own, &[&round, &format!("r{round}")]).await.unwrap();
                 assert_eq!(row.get::<_, i32>(0), round * 1000 + i);
                 assert_eq!(row.get::<_, String>(1), format!("r{round}-client{i}"));
                 if round % 5 == 0 {
@@ -162,10 +159,7 @@ fn typed_parameters_round_trip() {
             assert_eq!(row.get::<_, Vec<u8>>(3), bytes);
             assert_eq!(row.get::<_, f64>(4), 1.75);
             assert!(row.get::<_, bool>(5));
-            assert_eq!(
-                row.get::<_, SystemTime>(6),
-                when + Duration::from_secs(1)
-            );
+            assert_eq!(row.get::<_, SystemTime>(6), when + Duration::from_secs(1));
             assert_eq!(row.get::<_, String>(7), "37037036703703703670.369");
             assert_eq!(row.get::<_, Vec<i32>>(8), ints);
             assert_eq!(row.get::<_, Vec<String>>(9), texts);
@@ -193,10 +187,7 @@ fn pipelined_queries() {
         let a = silo.connect(USER, DB).await;
         let b = silo.connect(USER, DB).await;
         let stmt_a = a.prepare("SELECT $1::int4 * 3").await.unwrap();
-        let stmt_b = b
-            .prepare("SELECT $1::int4 * 5, pg_sleep(0.001)")
-            .await
-            .unwrap();
+        let stmt_b = b.prepare("SELECT $1::int4 * 5, pg_sleep(0.001)").await.unwrap();
         for _round in 0..5 {
             let fa = future::try_join_all((0..50i32).map(|i| {
                 let a = &a;
@@ -208,9 +199,7 @@ fn pipelined_queries() {
                 let s = &stmt_b;
                 async move { b.query_one(s, &[&i]).await.map(|r| r.get::<_, i32>(0)) }
             }));
-            let (ra, rb) = within(60, "pipelines", future::try_join(fa, fb))
-                .await
-                .unwrap();
+            let (ra, rb) = within(60, "pipelines", future::try_join(fa, fb)).await.unwrap();
             assert_eq!(ra, (0..50).map(|i| i * 3).collect::<Vec<_>>());
             assert_eq!(rb, (0..50).map(|i| i * 5).collect::<Vec<_>>());
         }
@@ -240,10 +229,7 @@ fn copy_in_and_out() {
         let a = silo.connect(USER, DB).await;
         let b = silo.connect(USER, DB).await;
         // Copy in through a sink, in several chunks, while another client uses the pool.
-        let sink = a
-            .copy_in("COPY copied (id, name, data) FROM STDIN")
-            .await
-            .unwrap();
+        let sink = a.copy_in("COPY copied (id, name, data) FROM STDIN").await.unwrap();
         let mut sink = Box::pin(sink);
         for chunk in 0..10 {
             let mut text = String::new();
@@ -255,11 +241,7 @@ fn copy_in_and_out() {
         }
         let n = sink.as_mut().finish().await.unwrap();
         assert_eq!(n, 1000);
-        let other: i64 = b
-            .query_one("SELECT count(*) FROM copied", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let other: i64 = b.query_one("SELECT count(*) FROM copied", &[]).await.unwrap().get(0);
         assert_eq!(other, 1000);
 
         // Copy out.
@@ -278,13 +260,8 @@ fn copy_in_and_out() {
         // Copy out in binary, while b runs copies in as well.
         let (out, copied_in) = future::join(
             async {
-                let s = a
-                    .copy_out("COPY copied TO STDOUT (FORMAT binary)")
-                    .await
-                    .unwrap();
-                s.try_fold(0usize, |n, c| async move { Ok(n + c.len()) })
-                    .await
-                    .unwrap()
+                let s = a.copy_out("COPY copied TO STDOUT (FORMAT binary)").await.unwrap();
+                s.try_fold(0usize, |n, c| async move { Ok(n + c.len()) }).await.unwrap()
             },
             async {
                 let mut total = 0;
@@ -302,11 +279,7 @@ fn copy_in_and_out() {
         .await;
         assert!(out > 1000 * 10, "binary copy out: {out} bytes");
         assert_eq!(copied_in, 5);
-        let n: i64 = a
-            .query_one("SELECT count(*) FROM copied", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n: i64 = a.query_one("SELECT count(*) FROM copied", &[]).await.unwrap().get(0);
         assert_eq!(n, 1005);
     });
 }
@@ -317,10 +290,7 @@ fn copy_in_and_out() {
 fn aborted_copy_in_leaves_connection_usable() {
     let cluster = PgCluster::start();
     let silo = Pgsilo::start(&cluster, &[("default_pool_size", "1")]);
-    cluster.psql(
-        DB,
-        "CREATE TABLE aborted (x int); GRANT ALL ON aborted TO PUBLIC",
-    );
+    cluster.psql(DB, "CREATE TABLE aborted (x int); GRANT ALL ON aborted TO PUBLIC");
     runtime().block_on(async {
         let a = silo.connect(USER, DB).await;
         let b = silo.connect(USER, DB).await;
@@ -334,14 +304,10 @@ fn aborted_copy_in_leaves_connection_usable() {
                 .unwrap_or_else(|e| panic!("round {round}: {e:?}"))
                 .get(0);
             assert_eq!(v, 7);
-            let n: i64 = within(
-                30,
-                "other client",
-                b.query_one("SELECT count(*) FROM aborted", &[]),
-            )
-            .await
-            .unwrap()
-            .get(0);
+            let n: i64 = within(30, "other client", b.query_one("SELECT count(*) FROM aborted", &[]))
+                .await
+                .unwrap()
+                .get(0);
             assert_eq!(n, 0);
         }
         // A COPY inside a transaction, aborted: the transaction is failed, and ROLLBACK
@@ -355,27 +321,15 @@ fn aborted_copy_in_leaves_connection_usable() {
         let e = a.query_one("SELECT 1", &[]).await.unwrap_err();
         assert_eq!(code(&e), "25P02");
         a.batch_execute("ROLLBACK").await.unwrap();
-        assert_eq!(
-            a.query_one("SELECT 8", &[]).await.unwrap().get::<_, i32>(0),
-            8
-        );
-        assert_eq!(
-            b.query_one("SELECT 9", &[]).await.unwrap().get::<_, i32>(0),
-            9
-        );
+        assert_eq!(a.query_one("SELECT 8", &[]).await.unwrap().get::<_, i32>(0), 8);
+        assert_eq!(b.query_one("SELECT 9", &[]).await.unwrap().get::<_, i32>(0), 9);
         // A server-side COPY error (bad data) mid-stream.
         let sink = a.copy_in("COPY aborted FROM STDIN").await.unwrap();
         let mut sink = Box::pin(sink);
         let _ = sink.send(Cursor::new(b"1\nnot a number\n".to_vec())).await;
         let e = sink.as_mut().finish().await.unwrap_err();
         assert_eq!(code(&e), "22P02");
-        assert_eq!(
-            a.query_one("SELECT 10", &[])
-                .await
-                .unwrap()
-                .get::<_, i32>(0),
-            10
-        );
+        assert_eq!(a.query_one("SELECT 10", &[]).await.unwrap().get::<_, i32>(0), 10);
     });
 }
 
@@ -416,9 +370,7 @@ fn large_copy_in_streams_with_bounded_memory() {
                 chunk.reserve(1 << 20);
             }
         }
-        let n = within(600, "large COPY", sink.as_mut().finish())
-            .await
-            .unwrap();
+        let n = within(600, "large COPY", sink.as_mut().finish()).await.unwrap();
         assert_eq!(n as usize, ROWS);
         assert!(sent > 100 << 20, "sent only {sent} bytes");
         let row = b
@@ -453,16 +405,10 @@ fn statement_timeout_in_transaction_leaves_pool_clean() {
         let b = silo.connect(USER, DB).await;
         for _ in 0..3 {
             let tx = a.transaction().await.unwrap();
-            tx.batch_execute("SET statement_timeout = '200ms'")
+            tx.batch_execute("SET statement_timeout = '200ms'").await.unwrap();
+            let e = within(30, "timed-out statement", tx.query_one("SELECT pg_sleep(5)", &[]))
                 .await
-                .unwrap();
-            let e = within(
-                30,
-                "timed-out statement",
-                tx.query_one("SELECT pg_sleep(5)", &[]),
-            )
-            .await
-            .unwrap_err();
+                .unwrap_err();
             assert_eq!(code(&e), "57014");
             let e = tx.query_one("SELECT 1", &[]).await.unwrap_err();
             assert_eq!(code(&e), "25P02");
@@ -470,10 +416,7 @@ fn statement_timeout_in_transaction_leaves_pool_clean() {
             // The setting went with the transaction, for both clients.
             for c in [&a, &b] {
                 let row = c
-                    .query_one(
-                        "SELECT current_setting('statement_timeout'), pg_sleep(0.3)::text",
-                        &[],
-                    )
+                    .query_one("SELECT current_setting('statement_timeout'), pg_sleep(0.3)::text", &[])
                     .await
                     .unwrap();
                 assert_eq!(row.get::<_, String>(0), "0");
@@ -530,27 +473,16 @@ fn cancel_in_a_pipeline() {
                     if n > 0 {
                         break;
                     }
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "pg_sleep never started"
-                    );
+                    assert!(std::time::Instant::now() < deadline, "pg_sleep never started");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 token.cancel_query(tokio_postgres::NoTls).await.unwrap();
             };
-            let (r1, r2, ()) = within(
-                60,
-                "cancelled pipeline",
-                future::join3(sleeper, after, canceller),
-            )
-            .await;
+            let (r1, r2, ()) = within(60, "cancelled pipeline", future::join3(sleeper, after, canceller)).await;
             let e = r1.unwrap_err();
             assert_eq!(code(&e), "57014", "round {round}");
             assert_eq!(r2.unwrap().get::<_, i32>(0), 42);
-            assert_eq!(
-                a.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
-                1
-            );
+            assert_eq!(a.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
             idle_in_transaction_is_zero(&b).await;
         }
     });
@@ -751,23 +683,13 @@ fn more_statements_than_max_prepared_statements() {
     let mut b = Wire::connect(silo.port(), USER, DB);
     for i in 0..10 {
         prepare(&mut a, &format!("a{i}"), &format!("SELECT {i} + $1::int"));
-        prepare(
-            &mut b,
-            &format!("b{i}"),
-            &format!("SELECT {i} * 100 + $1::int"),
-        );
+        prepare(&mut b, &format!("b{i}"), &format!("SELECT {i} * 100 + $1::int"));
     }
     for round in 0..5 {
         for i in 0..10 {
             let r = round.to_string();
-            assert_eq!(
-                exec(&mut a, &format!("a{i}"), &[&r]),
-                (i + round).to_string()
-            );
-            assert_eq!(
-                exec(&mut b, &format!("b{i}"), &[&r]),
-                (i * 100 + round).to_string()
-            );
+            assert_eq!(exec(&mut a, &format!("a{i}"), &[&r]), (i + round).to_string());
+            assert_eq!(exec(&mut b, &format!("b{i}"), &[&r]), (i * 100 + round).to_string());
         }
         // All ten in one pipeline segment (more than the server may hold at once).
         let mut msgs = Vec::new();
@@ -792,12 +714,8 @@ fn more_statements_than_max_prepared_statements() {
     );
     assert_eq!(n, "1");
     let mut probe = Wire::connect(silo.port(), USER, DB);
-    let held =
-        probe.value("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgsilo_%'");
-    assert!(
-        held.parse::<u32>().unwrap() <= 3,
-        "server holds {held} statements"
-    );
+    let held = probe.value("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgsilo_%'");
+    assert!(held.parse::<u32>().unwrap() <= 3, "server holds {held} statements");
 }
 
 /// Errors inside a pipeline of several Syncs: only the failed segment is skipped, and
@@ -864,8 +782,7 @@ fn error_in_a_pipeline_of_several_syncs() {
         assert_eq!(other.value("SELECT 'other'"), "other");
     }
     assert_eq!(
-        other
-            .value("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"),
+        other.value("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"),
         "0"
     );
 }
@@ -887,10 +804,7 @@ fn copy_out_read_chunk_by_chunk() {
             lines += chunk.unwrap().iter().filter(|&&b| b == b'\n').count();
         }
         assert_eq!(lines, 100_000);
-        assert_eq!(
-            a.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
-            1
-        );
+        assert_eq!(a.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     });
 }
 
@@ -909,19 +823,14 @@ fn large_values_through_prepared_statements() {
             .unwrap();
         for size in [1usize << 20, 20 << 20] {
             let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-            let row = within(120, "large bind", a.query_one(&stmt, &[&data]))
-                .await
-                .unwrap();
+            let row = within(120, "large bind", a.query_one(&stmt, &[&data])).await.unwrap();
             assert_eq!(row.get::<_, i32>(1) as usize, size);
             assert_eq!(row.get::<_, Vec<u8>>(0), data);
             let n: i64 = b.query_one("SELECT 1::int8", &[]).await.unwrap().get(0);
             assert_eq!(n, 1);
         }
         // A large text value back from a simple query too.
-        let rows = a
-            .simple_query("SELECT repeat('x', 30000000)")
-            .await
-            .unwrap();
+        let rows = a.simple_query("SELECT repeat('x', 30000000)").await.unwrap();
         let len = rows
             .iter()
             .find_map(|m| match m {
@@ -931,11 +840,7 @@ fn large_values_through_prepared_statements() {
             .unwrap();
         assert_eq!(len, 30_000_000);
     });
-    assert!(
-        silo.peak_rss() < 200 << 20,
-        "peak RSS {} MB",
-        silo.peak_rss() >> 20
-    );
+    assert!(silo.peak_rss() < 200 << 20, "peak RSS {} MB", silo.peak_rss() >> 20);
 }
 
 /// Parse/Describe answered after a Flush, before any Sync (as asyncpg and others do),
@@ -947,15 +852,8 @@ fn flush_before_sync() {
     let mut other = Wire::connect(silo.port(), USER, DB);
     prepare(&mut other, "o", "SELECT $1::int + 1");
     let mut w = Wire::connect(silo.port(), USER, DB);
-    for (name, sql) in [
-        ("fresh", "SELECT $1::int + 2"),
-        ("known", "SELECT $1::int + 1"),
-    ] {
-        w.send_all(&[
-            fe::parse(name, sql),
-            fe::describe_statement(name),
-            fe::flush(),
-        ]);
+    for (name, sql) in [("fresh", "SELECT $1::int + 2"), ("known", "SELECT $1::int + 1")] {
+        w.send_all(&[fe::parse(name, sql), fe::describe_statement(name), fe::flush()]);
         let mut got = Vec::new();
         for _ in 0..3 {
             got.push(w.recv());
@@ -1060,10 +958,7 @@ fn protocol_edge_cases_match_postgres() {
     // Every statement text below is already prepared on the server by another client, so
     // pgsilo answers Parse messages itself where it can.
     let mut other = Wire::connect(silo.port(), USER, DB);
-    for (i, sql) in ["SELECT 1", "SELECT 2", "SELECT $1::int"]
-        .iter()
-        .enumerate()
-    {
+    for (i, sql) in ["SELECT 1", "SELECT 2", "SELECT $1::int"].iter().enumerate() {
         prepare(&mut other, &format!("o{i}"), sql);
     }
     let cases: Vec<Case> = vec![
@@ -1175,11 +1070,7 @@ fn compare_with_postgres(cluster: &PgCluster, silo: &Pgsilo, other: &mut Wire, c
         let p = transcript(&mut pooled, batch, *syncs);
         println!("{name}: {}", d.join(" "));
         if d != p {
-            differences.push(format!(
-                "{name}:\n  direct: {}\n  pgsilo: {}",
-                d.join(" "),
-                p.join(" ")
-            ));
+            differences.push(format!("{name}:\n  direct: {}\n  pgsilo: {}", d.join(" "), p.join(" ")));
         }
         // Another client uses the server between cases (when it is free).
         if p.last().map(String::as_str) == Some("ZI") {

@@ -101,12 +101,7 @@ impl Pgsilo {
                 )
                 .is_ok()
                 {
-                    return Pgsilo {
-                        child,
-                        port,
-                        dir,
-                        log,
-                    };
+                    return Pgsilo { child, port, dir, log };
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
@@ -294,9 +289,7 @@ pub fn python() -> PathBuf {
 /// Runs `tests/py/<script>` with `args`; returns its stdout, panicking with both outputs
 /// unless it exits 0 within `timeout_secs`.
 pub fn run_py(script: &str, args: &[&str], timeout_secs: u64) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/py")
-        .join(script);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script);
     let mut child = Command::new(python())
         .arg(&path)
         .args(args)
@@ -337,9 +330,7 @@ pub fn run_py(script: &str, args: &[&str], timeout_secs: u64) -> String {
             out
         }
         Some(s) => panic!("{script} failed ({s}):\n--- stdout\n{out}\n--- stderr\n{err}"),
-        None => panic!(
-            "{script} hung (killed after {timeout_secs} s):\n--- stdout\n{out}\n--- stderr\n{err}"
-        ),
+        None => panic!("{script} hung (killed after {timeout_secs} s):\n--- stdout\n{out}\n--- stderr\n{err}"),
     }
 }
 
@@ -494,10 +485,7 @@ impl Wire {
         s.set_nodelay(true).unwrap();
         let mut w = Wire { s, buf: Vec::new() };
         let mut body = 196_608u32.to_be_bytes().to_vec();
-        for (k, v) in [("user", user), ("database", db)]
-            .iter()
-            .chain(params.iter())
-        {
+        for (k, v) in [("user", user), ("database", db)].iter().chain(params.iter()) {
             body.extend_from_slice(k.as_bytes());
             body.push(0);
             body.extend_from_slice(v.as_bytes());
