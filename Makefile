@@ -8,9 +8,16 @@ DESTDIR ?=
 build:
 	$(CARGO) build --release --workspace
 
-test:
+test: target/venv/.ok
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace -- --nocapture
+
+# psycopg 3 for the Python clients of the transaction-pooling tests (tests/py/); the tests
+# use target/venv/bin/python, or $PGSILO_PYTHON.
+target/venv/.ok:
+	python3 -m venv --clear target/venv
+	target/venv/bin/pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.1'
+	touch $@
 
 up: build
 	scripts/dev.sh up

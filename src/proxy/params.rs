@@ -82,7 +82,10 @@ pub fn after_sync(desired: &mut Settings, server: &mut ServerMeta, welcome: &Set
     let names: Vec<(String, String)> = desired.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
     for (name, value) in names {
         let lower = name.to_ascii_lowercase();
-        if is_tracked_reported(&lower) || welcome.contains(&lower) {
+        // Reported means this server announced it at login (the welcome): search_path is
+        // in TRACKED_REPORTED, but PostgreSQL reports it only from version 18 on. Before,
+        // it must be recorded as unreported, or it is never RESET for the next client.
+        if welcome.contains(&lower) {
             if let Some(reported) = server.settings.get(&name) {
                 if reported != value {
                     let reported = reported.to_string();
@@ -182,6 +185,26 @@ mod tests {
         assert_eq!(server.settings.get("extra_float_digits"), Some("3"));
         assert!(server.unreported.contains("extra_float_digits"));
         assert_eq!(sync_statement(&desired, &server), None);
+    }
+
+    #[test]
+    fn a_tracked_setting_the_server_does_not_report_is_unreported() {
+        // PostgreSQL before 18 does not report search_path.
+        let mut welcome = Settings::default();
+        welcome.set("TimeZone", "UTC");
+        let mut server = meta();
+        server.settings.set("TimeZone", "UTC");
+        let mut desired = Settings::default();
+        desired.set("search_path", "s2, public");
+        after_sync(&mut desired, &mut server, &welcome);
+        assert!(server.unreported.contains("search_path"));
+        assert_eq!(sync_statement(&desired, &server), None);
+        // The next client, which did not ask for it, gets it reset.
+        let other = Settings::default();
+        assert_eq!(
+            sync_statement(&other, &server).as_deref(),
+            Some("RESET \"search_path\";")
+        );
     }
 
     #[test]

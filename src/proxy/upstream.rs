@@ -292,19 +292,27 @@ fn describe_kind(body: &[u8]) -> Kind {
 /// A named Parse: answered by pgsilo when the server already has the statement,
 /// otherwise sent under pgsilo's name.
 fn parse_named(name: &[u8], def_body: &[u8], st: &mut UpState, out: &mut Vec<u8>) {
+    // PostgreSQL refuses any Parse in a failed transaction, before looking at the name;
+    // answering it from the server's cache would give the client a statement PostgreSQL
+    // would not have. The status is only current when nothing is in flight (a pipelined
+    // ROLLBACK may come before this Parse).
+    if st.tracker.status() == b'E' && st.tracker.outstanding() == 0 {
+        raise(
+            st,
+            SqlState("25P02"),
+            "current transaction is aborted, commands ignored until end of transaction block",
+        );
+        return;
+    }
     let Some(stmts) = st.statements.as_deref_mut() else {
         return;
     };
     if stmts.get(name).is_some() {
-        // As PostgreSQL does: the Parse fails and the server skips to Sync.
-        let mut msg = Vec::with_capacity(96 + name.len());
         let text = format!(
             "prepared statement \"{}\" already exists",
             String::from_utf8_lossy(name)
         );
-        error_response(&mut msg, Severity::Error, SqlState::DUPLICATE_PREPARED_STATEMENT, &text);
-        st.queue.push(Expect::SynthError(msg.into()));
-        st.queue.skipping = true;
+        raise(st, SqlState::DUPLICATE_PREPARED_STATEMENT, &text);
         return;
     }
     let def = Rc::new(StmtDef::new(def_body));
@@ -324,6 +332,15 @@ fn parse_named(name: &[u8], def_body: &[u8], st: &mut UpState, out: &mut Vec<u8>
         hash: def.hash,
         client_name: name.into(),
     });
+}
+
+/// An error pgsilo answers for the server, as PostgreSQL would: the message fails and
+/// everything up to the next Sync is skipped.
+fn raise(st: &mut UpState, code: SqlState, text: &str) {
+    let mut msg = Vec::with_capacity(96 + text.len());
+    error_response(&mut msg, Severity::Error, code, text);
+    st.queue.push(Expect::SynthError(msg.into()));
+    st.queue.skipping = true;
 }
 
 /// Makes sure the server has `def` before a message that uses it.
@@ -447,6 +464,25 @@ mod tests {
         assert_eq!(r.consumed, data.len());
         assert_eq!(tags(&out), b"S");
         assert!(!f.queue.skipping);
+    }
+
+    #[test]
+    fn parse_in_a_failed_transaction_is_refused_even_when_the_server_has_it() {
+        let mut f = Fixture::new();
+        let (_, out) = f.run(&msg(b'P', b"s1\0select 1\0\0\0"), true);
+        assert_eq!(tags(&out), b"P");
+        f.queue.clear();
+        // The transaction fails; a second name for the same statement is refused.
+        f.tracker.client_message(b'Q');
+        f.tracker.server_message(b'Z', Some(b'E'));
+        let mut data = msg(b'P', b"s2\0select 1\0\0\0");
+        data.extend(msg(b'S', b""));
+        let (_, out) = f.run(&data, true);
+        assert_eq!(tags(&out), b"S");
+        assert!(f.stmts.get(b"s2").is_none());
+        let mut synth = Vec::new();
+        f.queue.flush_synth(&mut f.stmts, &mut synth);
+        assert!(synth.windows(5).any(|w| w == b"25P02"));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod nspawn;
 mod ports;
 mod postgres;
 mod process;
+pub mod txpool;
 
 #[allow(unused_imports)]
 pub use ports::{free_port, wait_for_port};
