@@ -139,9 +139,7 @@ fn a_short_noisy_neighbour_run_writes_complete_parseable_reports() {
         .unwrap(),
         aggressor: Some(
             Target::parse(
-                &format!(
-                    "host=127.0.0.1 port={port_a} user=user_a password=pass_a dbname=tenant_a_db"
-                ),
+                &format!("host=127.0.0.1 port={port_a} user=user_a password=pass_a dbname=tenant_a_db"),
                 "it-aggressor",
             )
             .unwrap(),
@@ -193,8 +191,7 @@ fn a_short_noisy_neighbour_run_writes_complete_parseable_reports() {
             assert_eq!(last.total_count, footer.total_count);
             assert_eq!(last.percentile, 1.0);
         }
-        let text =
-            fs::read_to_string(out.join(format!("victim_connect_{}.hgrm", p.name()))).unwrap();
+        let text = fs::read_to_string(out.join(format!("victim_connect_{}.hgrm", p.name()))).unwrap();
         let (_, footer) = parse_percentile_distribution(&text).expect("connect hgrm parses");
         assert_eq!(
             footer.total_count,
@@ -216,13 +213,7 @@ fn a_short_noisy_neighbour_run_writes_complete_parseable_reports() {
     // The chart names its lines and axes; the summaries carry the same numbers.
     let svg = fs::read_to_string(out.join("victim_latency.svg")).unwrap();
     assert!(svg.starts_with("<svg"));
-    for text in [
-        "baseline",
-        "contention",
-        "recovery",
-        "percentile",
-        "latency",
-    ] {
+    for text in ["baseline", "contention", "recovery", "percentile", "latency"] {
         assert!(svg.contains(text), "chart lacks {text:?}");
     }
     let json = read_summary(&out.join("summary.json")).expect("summary.json parses");

@@ -29,11 +29,7 @@ impl CorePlan {
         if avoid.is_empty() {
             return CorePlan::default();
         }
-        let cores: Vec<usize> = available
-            .iter()
-            .copied()
-            .filter(|c| !avoid.contains(c))
-            .collect();
+        let cores: Vec<usize> = available.iter().copied().filter(|c| !avoid.contains(c)).collect();
         if cores.is_empty() {
             return CorePlan {
                 cores,
@@ -46,10 +42,7 @@ impl CorePlan {
                 )),
             };
         }
-        CorePlan {
-            cores,
-            warning: None,
-        }
+        CorePlan { cores, warning: None }
     }
 
     pub fn describe(&self) -> String {
@@ -95,11 +88,7 @@ pub fn set_realtime(priority: i32) -> Result<(), String> {
 }
 
 fn list(cores: &[usize]) -> String {
-    cores
-        .iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+    cores.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]

@@ -110,9 +110,7 @@ async fn looping_client(
         return;
     }
     'connect: loop {
-        let Some(client) =
-            connect_until(&target, kind, connect_timeout, retry, &stats, &mut stop).await
-        else {
+        let Some(client) = connect_until(&target, kind, connect_timeout, retry, &stats, &mut stop).await else {
             return;
         };
         loop {
@@ -152,9 +150,7 @@ async fn idle_in_tx_client(
 ) {
     let kind = AggressorKind::IdleInTransaction;
     loop {
-        let Some(client) =
-            connect_until(&target, kind, connect_timeout, retry, &stats, &mut stop).await
-        else {
+        let Some(client) = connect_until(&target, kind, connect_timeout, retry, &stats, &mut stop).await else {
             return;
         };
         let r = tokio::select! {
@@ -181,13 +177,7 @@ async fn idle_in_tx_client(
 
 /// Run the aggressor's scenarios until `stop` turns true; returns once every client has
 /// let go (clients that do not within `grace` are aborted, closing their sockets).
-pub async fn run(
-    target: Target,
-    cfg: Aggressor,
-    stats: Shared,
-    stop: watch::Receiver<bool>,
-    grace: Duration,
-) {
+pub async fn run(target: Target, cfg: Aggressor, stats: Shared, stop: watch::Receiver<bool>, grace: Duration) {
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     // Idle transactions first, so they are the ones that end up holding the servers.

@@ -27,11 +27,7 @@ pub struct Panel<'a> {
 }
 
 /// Line colours for baseline, contention, recovery.
-pub const PHASE_COLORS: [RGBColor; 3] = [
-    RGBColor(31, 119, 180),
-    RGBColor(214, 39, 40),
-    RGBColor(44, 160, 44),
-];
+pub const PHASE_COLORS: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44)];
 
 /// Points (1/(1-p), latency ms) of a histogram, up to but not including 100%.
 pub fn percentile_points(h: &Histogram<u64>) -> Vec<(f64, f64)> {
@@ -177,9 +173,7 @@ where
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(err)?
             .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
     }
     chart
         .configure_series_labels()

@@ -87,25 +87,19 @@ pub struct ErrorCounts {
 
 impl ErrorCounts {
     pub fn add(&mut self, label: &ErrLabel) {
-        let entry = self
-            .by_code
-            .entry(label.code.clone())
-            .or_insert_with(|| ErrorEntry {
-                count: 0,
-                message: label.message.clone(),
-            });
+        let entry = self.by_code.entry(label.code.clone()).or_insert_with(|| ErrorEntry {
+            count: 0,
+            message: label.message.clone(),
+        });
         entry.count += 1;
     }
 
     pub fn merge(&mut self, other: &ErrorCounts) {
         for (code, e) in &other.by_code {
-            let entry = self
-                .by_code
-                .entry(code.clone())
-                .or_insert_with(|| ErrorEntry {
-                    count: 0,
-                    message: e.message.clone(),
-                });
+            let entry = self.by_code.entry(code.clone()).or_insert_with(|| ErrorEntry {
+                count: 0,
+                message: e.message.clone(),
+            });
             entry.count += e.count;
         }
     }
@@ -138,10 +132,7 @@ mod tests {
     #[test]
     fn counts_by_code_and_keeps_first_message() {
         let mut c = ErrorCounts::default();
-        c.add(&ErrLabel::new(
-            "53300",
-            "no more connections allowed (max_client_conn)",
-        ));
+        c.add(&ErrLabel::new("53300", "no more connections allowed (max_client_conn)"));
         c.add(&ErrLabel::new("53300", "something else"));
         c.add(&ErrLabel::timeout("query"));
         assert_eq!(c.total(), 3);

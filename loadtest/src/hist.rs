@@ -107,15 +107,8 @@ pub fn percentile_distribution(h: &Histogram<u64>, scale: f64) -> String {
     } else {
         (h.mean() / scale, h.stdev() / scale, h.max() as f64 / scale)
     };
-    let _ = writeln!(
-        out,
-        "#[Mean    = {mean:>12.3}, StdDeviation   = {stddev:>12.3}]"
-    );
-    let _ = writeln!(
-        out,
-        "#[Max     = {max:>12.3}, Total count    = {:>12}]",
-        h.len()
-    );
+    let _ = writeln!(out, "#[Mean    = {mean:>12.3}, StdDeviation   = {stddev:>12.3}]");
+    let _ = writeln!(out, "#[Max     = {max:>12.3}, Total count    = {:>12}]", h.len());
     let _ = writeln!(
         out,
         "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
@@ -150,9 +143,7 @@ pub fn parse_percentile_distribution(text: &str) -> anyhow::Result<(Vec<HgrmRow>
         }
         let row = HgrmRow {
             value: f[0].parse().with_context(|| format!("value in {line:?}"))?,
-            percentile: f[1]
-                .parse()
-                .with_context(|| format!("percentile in {line:?}"))?,
+            percentile: f[1].parse().with_context(|| format!("percentile in {line:?}"))?,
             total_count: f[2].parse().with_context(|| format!("count in {line:?}"))?,
             inverse: match f.get(3) {
                 Some(x) => Some(x.parse().with_context(|| format!("1/(1-p) in {line:?}"))?),
@@ -164,15 +155,11 @@ pub fn parse_percentile_distribution(text: &str) -> anyhow::Result<(Vec<HgrmRow>
     let mut kv = std::collections::HashMap::new();
     for l in &footer_lines {
         for part in l.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| anyhow!("malformed footer {l:?}"))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| anyhow!("malformed footer {l:?}"))?;
             kv.insert(k.trim().to_string(), v.trim().to_string());
         }
     }
-    let get = |k: &str| -> anyhow::Result<&String> {
-        kv.get(k).ok_or_else(|| anyhow!("footer lacks {k}"))
-    };
+    let get = |k: &str| -> anyhow::Result<&String> { kv.get(k).ok_or_else(|| anyhow!("footer lacks {k}")) };
     let footer = HgrmFooter {
         mean: get("Mean")?.parse()?,
         stddev: get("StdDeviation")?.parse()?,
@@ -206,9 +193,7 @@ pub fn interval_log(
             .begin_log_with(&mut buf, &mut serializer)
             .context("starting interval log")?;
         writer
-            .write_comment(
-                "\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\"",
-            )
+            .write_comment("\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\"")
             .context("writing interval log")?;
         for (start, len, tag, h) in intervals {
             let tag = tag.and_then(Tag::new);
@@ -346,12 +331,7 @@ mod tests {
         let log = interval_log(
             &[
                 (Duration::ZERO, Duration::from_secs(1), Some("baseline"), &a),
-                (
-                    Duration::from_secs(1),
-                    Duration::from_secs(1),
-                    Some("contention"),
-                    &b,
-                ),
+                (Duration::from_secs(1), Duration::from_secs(1), Some("contention"), &b),
             ],
             base,
             &["pgsilo-loadtest".to_string()],

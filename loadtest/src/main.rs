@@ -8,9 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use pgsilo_loadtest::report;
 use pgsilo_loadtest::run::{self, RunSpec, SHARED_MACHINE_NOTE};
-use pgsilo_loadtest::scenario::{
-    parse_cores, parse_duration, parse_kinds, AggressorKind, Scenario,
-};
+use pgsilo_loadtest::scenario::{parse_cores, parse_duration, parse_kinds, AggressorKind, Scenario};
 use pgsilo_loadtest::target::Target;
 
 /// Noisy-neighbour load tester for PostgreSQL poolers: does one tenant saturated to its
@@ -187,10 +185,7 @@ impl ScenarioArgs {
         set!(s.victim.connect_timeout, self.connect_timeout);
         set!(s.victim.probe_rate, self.probe_rate);
         set!(s.victim.reconnect_every, self.reconnect_every);
-        set!(
-            s.aggressor.scenarios,
-            self.aggressors.as_ref().map(|k| k.0.clone())
-        );
+        set!(s.aggressor.scenarios, self.aggressors.as_ref().map(|k| k.0.clone()));
         set!(s.aggressor.connections.clients, self.connections_clients);
         set!(s.aggressor.connections.query, self.connections_query);
         set!(s.aggressor.throughput.clients, self.throughput_clients);
@@ -199,10 +194,7 @@ impl ScenarioArgs {
         set!(s.aggressor.threads, self.aggressor_threads);
         set!(s.check.max_p99_ratio, self.max_p99_ratio);
         set!(s.check.max_send_lag, self.max_send_lag);
-        set!(
-            s.generator.avoid_cores,
-            self.avoid_cores.as_ref().map(|c| c.0.clone())
-        );
+        set!(s.generator.avoid_cores, self.avoid_cores.as_ref().map(|c| c.0.clone()));
         if self.no_realtime {
             s.generator.realtime = false;
         }
@@ -251,9 +243,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "pgsilo-loadtest: {} (total {})",
                 spec.scenario.describe(),
-                humantime::format_duration(
-                    spec.scenario.phases.warmup + spec.scenario.phases.duration * 3
-                )
+                humantime::format_duration(spec.scenario.phases.warmup + spec.scenario.phases.duration * 3)
             );
             let r = run::run(&spec)?;
             println!("{}", report::full_text(&r.summary));
@@ -308,11 +298,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 RatioCheck::Enforce => dedicated.pass,
                 RatioCheck::Report => dedicated.victim_errors == 0,
             };
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
 }

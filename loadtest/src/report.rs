@@ -12,8 +12,7 @@ use crate::scenario::Scenario;
 use crate::victim::{Phase, PhaseStats};
 
 /// Percentiles reported everywhere: label and percentile.
-pub const PERCENTILES: [(&str, f64); 4] =
-    [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9)];
+pub const PERCENTILES: [(&str, f64); 4] = [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9)];
 
 /// Latency percentiles in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -142,8 +141,7 @@ pub fn verdict(label: &str, phases: &[PhaseSummary], scenario: &Scenario) -> Ver
     let base = &phases[Phase::Baseline.index()];
     let cont = &phases[Phase::Contention.index()];
     let max = scenario.check.max_p99_ratio;
-    let ratio = (base.latency.p99 > 0.0 && cont.latency.count > 0)
-        .then(|| cont.latency.p99 / base.latency.p99);
+    let ratio = (base.latency.p99 > 0.0 && cont.latency.count > 0).then(|| cont.latency.p99 / base.latency.p99);
     let ratio_ok = ratio.is_some_and(|r| r <= max);
     let victim_errors: u64 = phases.iter().map(PhaseSummary::victim_errors).sum();
     let lag_limit = scenario.check.max_send_lag.as_secs_f64() * 1000.0;
@@ -246,12 +244,7 @@ pub fn victim_table(s: &RunSummary) -> String {
     }
     for p in &s.phases {
         if p.errors > 0 {
-            let _ = writeln!(
-                out,
-                "  {} query errors: {}",
-                p.phase,
-                p.error_detail.summary()
-            );
+            let _ = writeln!(out, "  {} query errors: {}", p.phase, p.error_detail.summary());
         }
     }
     out
@@ -302,11 +295,7 @@ pub fn aggressor_table(s: &RunSummary) -> String {
         return "aggressor: none\n".into();
     };
     let secs = s.aggressor_stats.seconds.max(1e-9);
-    let _ = writeln!(
-        out,
-        "aggressor [{}] ({target}), during contention:",
-        s.label
-    );
+    let _ = writeln!(out, "aggressor [{}] ({target}), during contention:", s.label);
     for (kind, k) in &s.aggressor_stats.by_kind {
         let _ = writeln!(
             out,
@@ -335,14 +324,7 @@ pub fn generator_line(s: &RunSummary) -> String {
     let parts: Vec<String> = s
         .phases
         .iter()
-        .map(|p| {
-            format!(
-                "{} p99 {} / max {} ms",
-                p.phase,
-                ms(p.send_lag_p99),
-                ms(p.send_lag_max)
-            )
-        })
+        .map(|p| format!("{} p99 {} / max {} ms", p.phase, ms(p.send_lag_p99), ms(p.send_lag_max)))
         .collect();
     format!(
         "generator send lag ({}; limit p99 {} ms): {}\n",
@@ -424,21 +406,12 @@ pub fn comparison_table(a: &RunSummary, b: &RunSummary) -> String {
         if all.is_empty() {
             "0".into()
         } else {
-            let codes: Vec<String> = all
-                .by_code
-                .iter()
-                .map(|(c, e)| format!("{c} x{}", e.count))
-                .collect();
+            let codes: Vec<String> = all.by_code.iter().map(|(c, e)| format!("{c} x{}", e.count)).collect();
             format!("{} ({})", all.total(), codes.join(", "))
         }
     };
     for p in Phase::ALL {
-        row(
-            &mut out,
-            &format!("victim errors {}", p.name()),
-            errs(a, p),
-            errs(b, p),
-        );
+        row(&mut out, &format!("victim errors {}", p.name()), errs(a, p), errs(b, p));
     }
     let conn = |s: &RunSummary| -> String {
         let c = s.phase(Phase::Contention);
@@ -479,10 +452,8 @@ mod tests {
             st.ok += 1;
         }
         for _ in 0..errors {
-            st.connect_errors.add(&ErrLabel::new(
-                "53300",
-                "no more connections allowed (max_client_conn)",
-            ));
+            st.connect_errors
+                .add(&ErrLabel::new("53300", "no more connections allowed (max_client_conn)"));
         }
         st.send_lag = new_hist();
         st.send_lag.record(100).unwrap();

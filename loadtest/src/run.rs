@@ -20,9 +20,7 @@ use crate::report::{self, PhaseSummary, RunSummary};
 use crate::scenario::Scenario;
 use crate::schedule::{run_sender, spawn_pacer, Schedule};
 use crate::target::Target;
-use crate::victim::{
-    probe_loop, Phase, PhaseClock, PhaseStats, Recorder, SharedRecorder, VictimConn, INTERVAL,
-};
+use crate::victim::{probe_loop, Phase, PhaseClock, PhaseStats, Recorder, SharedRecorder, VictimConn, INTERVAL};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -48,7 +46,8 @@ pub struct RunResult {
 const RT_PRIORITY: i32 = 10;
 
 /// Short note printed with every report: what no pooler can isolate on this machine.
-pub const SHARED_MACHINE_NOTE: &str = "note: PostgreSQL itself (and this load generator) run on the same cores as both \
+pub const SHARED_MACHINE_NOTE: &str =
+    "note: PostgreSQL itself (and this load generator) run on the same cores as both \
 setups; an aggressor that loads PostgreSQL's CPU, disk or locks slows every tenant, whatever the pooler. This \
 measures pooler-level isolation: client budgets, pools and pooler workers.";
 
@@ -63,8 +62,7 @@ fn build_rt(name: &str, threads: usize, plan: CorePlan) -> anyhow::Result<tokio:
     b.enable_all()
         .thread_name(name)
         .on_thread_start(move || plan.apply_to_current_thread());
-    b.build()
-        .with_context(|| format!("building the {name} runtime"))
+    b.build().with_context(|| format!("building the {name} runtime"))
 }
 
 /// Check that a target answers `SELECT 1` before the run starts.
@@ -84,10 +82,7 @@ async fn preflight(role: &str, t: &Target, timeout: Duration) -> anyhow::Result<
 pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
     let sc = spec.scenario.clone();
     sc.validate()?;
-    let aggressor = spec
-        .aggressor
-        .clone()
-        .filter(|_| !sc.aggressor.scenarios.is_empty());
+    let aggressor = spec.aggressor.clone().filter(|_| !sc.aggressor.scenarios.is_empty());
     if spec.aggressor.is_none() && !sc.aggressor.scenarios.is_empty() {
         bail!("aggressor scenarios are set but no aggressor connection string was given");
     }
@@ -119,8 +114,7 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
             let _ = set_realtime(RT_PRIORITY);
         }
     };
-    fs::create_dir_all(&spec.out_dir)
-        .with_context(|| format!("creating {}", spec.out_dir.display()))?;
+    fs::create_dir_all(&spec.out_dir).with_context(|| format!("creating {}", spec.out_dir.display()))?;
 
     // Preflight, and the victim's connections, opened before the clock starts.
     let setup_rt = build_rt("loadtest-setup", 1, plan.clone())?;
@@ -139,17 +133,13 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
     let clients = victim_rt.block_on(async {
         let mut v = Vec::with_capacity(conns);
         for i in 0..conns {
-            let c = spec
-                .victim
-                .connect(sc.victim.connect_timeout)
-                .await
-                .map_err(|e| {
-                    anyhow!(
-                        "opening victim connection {} of {conns} to {}: {e}",
-                        i + 1,
-                        spec.victim.display()
-                    )
-                })?;
+            let c = spec.victim.connect(sc.victim.connect_timeout).await.map_err(|e| {
+                anyhow!(
+                    "opening victim connection {} of {conns} to {}: {e}",
+                    i + 1,
+                    spec.victim.display()
+                )
+            })?;
             v.push(c);
         }
         anyhow::Ok(v)
@@ -206,10 +196,7 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
                         let rec = recorder.clone();
                         let timeout = v.query_timeout;
                         handles.push(tokio::task::spawn_local(async move {
-                            run_sender(rx, &mut conn, timeout, |o| {
-                                rec.lock().unwrap().record_query(&o)
-                            })
-                            .await;
+                            run_sender(rx, &mut conn, timeout, |o| rec.lock().unwrap().record_query(&o)).await;
                         }));
                     }
                     for h in handles {
@@ -250,13 +237,7 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
                     rt.block_on(async move {
                         let (tx, rx) = watch::channel(false);
                         tokio::time::sleep_until(start.into()).await;
-                        let task = tokio::spawn(aggressor::run(
-                            target,
-                            cfg,
-                            stats,
-                            rx,
-                            Duration::from_secs(5),
-                        ));
+                        let task = tokio::spawn(aggressor::run(target, cfg, stats, rx, Duration::from_secs(5)));
                         tokio::time::sleep_until(end.into()).await;
                         let _ = tx.send(true);
                         let _ = task.await;
@@ -269,9 +250,7 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
     };
 
     let dispatched = pacer.join().map_err(|_| anyhow!("pacer thread panicked"))?;
-    victim_thread
-        .join()
-        .map_err(|_| anyhow!("victim thread panicked"))?;
+    victim_thread.join().map_err(|_| anyhow!("victim thread panicked"))?;
     if let Some(t) = probe_thread {
         t.join().map_err(|_| anyhow!("probe thread panicked"))?;
     }
@@ -448,10 +427,7 @@ fn write_run_files(dir: &Path, s: &RunSummary, rec: &Recorder) -> anyhow::Result
         for (i, h) in st.intervals.iter().enumerate() {
             let start = INTERVAL * i as u32;
             let len = if i + 1 == n {
-                rec.clock
-                    .phase_len
-                    .saturating_sub(start)
-                    .max(Duration::from_millis(1))
+                rec.clock.phase_len.saturating_sub(start).max(Duration::from_millis(1))
             } else {
                 INTERVAL
             };
@@ -462,10 +438,7 @@ fn write_run_files(dir: &Path, s: &RunSummary, rec: &Recorder) -> anyhow::Result
         &intervals,
         rec.clock.t0_wall,
         &[
-            format!(
-                "pgsilo-loadtest [{}]: victim query latency, values in ms",
-                s.label
-            ),
+            format!("pgsilo-loadtest [{}]: victim query latency, values in ms", s.label),
             format!("victim: {}", s.victim),
         ],
     )?;
@@ -482,11 +455,7 @@ fn write_run_files(dir: &Path, s: &RunSummary, rec: &Recorder) -> anyhow::Result
     )?;
     files.push(svg);
     write(dir.join("summary.txt"), report::full_text(s), &mut files)?;
-    write(
-        dir.join("summary.json"),
-        serde_json::to_string_pretty(s)?,
-        &mut files,
-    )?;
+    write(dir.join("summary.json"), serde_json::to_string_pretty(s)?, &mut files)?;
     Ok(files)
 }
 
@@ -515,9 +484,7 @@ pub fn compare(specs: &[RunSpec], out_dir: &Path, settle: Duration) -> anyhow::R
         eprintln!(
             "pgsilo-loadtest: running [{}] for {} ...",
             spec.label,
-            humantime::format_duration(
-                spec.scenario.phases.warmup + spec.scenario.phases.duration * 3
-            )
+            humantime::format_duration(spec.scenario.phases.warmup + spec.scenario.phases.duration * 3)
         );
         let r = run(spec).with_context(|| format!("run [{}]", spec.label))?;
         eprintln!("{}", r.summary.verdict.line);
@@ -542,10 +509,7 @@ pub fn compare(specs: &[RunSpec], out_dir: &Path, settle: Duration) -> anyhow::R
     }
     if runs.len() == 2 {
         text.push_str("== comparison ==\n");
-        text.push_str(&report::comparison_table(
-            &runs[0].summary,
-            &runs[1].summary,
-        ));
+        text.push_str(&report::comparison_table(&runs[0].summary, &runs[1].summary));
         text.push('\n');
     }
     text.push_str(SHARED_MACHINE_NOTE);

@@ -310,8 +310,7 @@ impl Scenario {
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Scenario> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading scenario {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading scenario {}", path.display()))?;
         Scenario::from_toml(&text).with_context(|| format!("in scenario {}", path.display()))
     }
 
@@ -412,14 +411,8 @@ pub fn parse_cores(text: &str) -> Result<Vec<usize>, String> {
     let mut out = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if let Some((a, b)) = part.split_once('-') {
-            let a: usize = a
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad core range {part:?}"))?;
-            let b: usize = b
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad core range {part:?}"))?;
+            let a: usize = a.trim().parse().map_err(|_| format!("bad core range {part:?}"))?;
+            let b: usize = b.trim().parse().map_err(|_| format!("bad core range {part:?}"))?;
             if a > b {
                 return Err(format!("bad core range {part:?}"));
             }

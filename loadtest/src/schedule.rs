@@ -133,8 +133,7 @@ fn sleep_until(t: Instant, stop: &AtomicBool) {
 
 /// What a sender calls for each slot: run the query, finishing by `deadline`.
 pub trait Service {
-    fn call(&mut self, slot: Slot, deadline: Instant)
-        -> impl Future<Output = Result<(), ErrLabel>>;
+    fn call(&mut self, slot: Slot, deadline: Instant) -> impl Future<Output = Result<(), ErrLabel>>;
 }
 
 /// The result of one slot.
@@ -292,10 +291,7 @@ mod tests {
                 3 + k,
                 o.latency()
             );
-            assert!(
-                o.generator_lag.is_none(),
-                "a busy sender is not generator lag"
-            );
+            assert!(o.generator_lag.is_none(), "a busy sender is not generator lag");
         }
         // Caught up: slots after the stall went out back to back until the schedule was
         // reached again, then on time (the sender was free at their intended time).
@@ -319,18 +315,13 @@ mod tests {
         let (tx, rx) = unbounded_channel();
         let pacer = spawn_pacer(schedule, vec![tx], Arc::default(), || {});
         let mut outcomes = Vec::new();
-        run_sender(rx, &mut Never, Duration::from_millis(30), |o| {
-            outcomes.push(o)
-        })
-        .await;
+        run_sender(rx, &mut Never, Duration::from_millis(30), |o| outcomes.push(o)).await;
         pacer.join().unwrap();
         assert_eq!(outcomes.len(), 10);
         assert!(outcomes.iter().all(|o| o.result.is_err()));
         // Deadlines come from the intended time: the whole run ends about one timeout
         // after the last slot, not ten timeouts later.
         assert!(outcomes[9].done - t0 < Duration::from_millis(100 + 30 + 200));
-        assert!(outcomes
-            .iter()
-            .all(|o| o.latency() >= Duration::from_millis(29)));
+        assert!(outcomes.iter().all(|o| o.latency() >= Duration::from_millis(29)));
     }
 }

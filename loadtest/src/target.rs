@@ -20,8 +20,8 @@ impl Target {
     /// Parse `"host=127.0.0.1 port=6433 user=user_b password=pass_b dbname=tenant_b_db"`
     /// or a `postgresql://` URL. TLS is not used.
     pub fn parse(text: &str, application_name: &str) -> anyhow::Result<Target> {
-        let mut config = Config::from_str(text)
-            .with_context(|| format!("invalid connection string {:?}", redact_text(text)))?;
+        let mut config =
+            Config::from_str(text).with_context(|| format!("invalid connection string {:?}", redact_text(text)))?;
         if config.get_hosts().is_empty() {
             config.host("127.0.0.1");
         }
@@ -97,17 +97,10 @@ mod tests {
             "x",
         )
         .unwrap();
-        assert_eq!(
-            t.display(),
-            "host=127.0.0.1 port=6433 user=user_b dbname=tenant_b_db"
-        );
+        assert_eq!(t.display(), "host=127.0.0.1 port=6433 user=user_b dbname=tenant_b_db");
         assert_eq!(t.config.get_application_name(), Some("x"));
-        let u =
-            Target::parse("postgresql://user_a:pass_a@127.0.0.1:6432/tenant_a_db", "x").unwrap();
-        assert_eq!(
-            u.display(),
-            "host=127.0.0.1 port=6432 user=user_a dbname=tenant_a_db"
-        );
+        let u = Target::parse("postgresql://user_a:pass_a@127.0.0.1:6432/tenant_a_db", "x").unwrap();
+        assert_eq!(u.display(), "host=127.0.0.1 port=6432 user=user_a dbname=tenant_a_db");
         let err = Target::parse("host=x password=secret port=notaport", "x")
             .unwrap_err()
             .to_string();

@@ -192,13 +192,7 @@ impl Recorder {
     }
 
     /// A new victim connection attempted at `started` (its intended time for probes).
-    pub fn record_connect(
-        &mut self,
-        started: Instant,
-        done: Instant,
-        result: Result<(), &ErrLabel>,
-        reconnect: bool,
-    ) {
+    pub fn record_connect(&mut self, started: Instant, done: Instant, result: Result<(), &ErrLabel>, reconnect: bool) {
         let Some((st, _)) = self.stats_for(started) else {
             return;
         };
@@ -237,17 +231,13 @@ impl Service for VictimConn {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
             let started = Instant::now();
-            let budget = self
-                .connect_timeout
-                .min(deadline.saturating_duration_since(started));
+            let budget = self.connect_timeout.min(deadline.saturating_duration_since(started));
             let result = self.target.connect(budget).await;
             let done = Instant::now();
-            self.recorder.lock().unwrap().record_connect(
-                started,
-                done,
-                result.as_ref().map(|_| ()),
-                true,
-            );
+            self.recorder
+                .lock()
+                .unwrap()
+                .record_connect(started, done, result.as_ref().map(|_| ()), true);
             self.client = Some(result?);
             self.connected_at = done;
         }
@@ -273,12 +263,7 @@ impl Service for VictimConn {
 /// The connect probe: at each slot of `schedule`, a new connection runs `SELECT 1` and
 /// disconnects; latency is measured from the slot's intended time. Probes run
 /// concurrently, so a slow one does not hold up the next.
-pub async fn probe_loop(
-    target: Target,
-    schedule: Schedule,
-    timeout: Duration,
-    recorder: SharedRecorder,
-) {
+pub async fn probe_loop(target: Target, schedule: Schedule, timeout: Duration, recorder: SharedRecorder) {
     let mut tasks = JoinSet::new();
     for slot in schedule.slots().collect::<Vec<_>>() {
         tokio::time::sleep_until(slot.intended.into()).await;
@@ -286,15 +271,10 @@ pub async fn probe_loop(
         let recorder = recorder.clone();
         tasks.spawn(async move {
             let deadline = slot.intended + timeout;
-            let result = match target
-                .connect(deadline.saturating_duration_since(Instant::now()))
-                .await
-            {
+            let result = match target.connect(deadline.saturating_duration_since(Instant::now())).await {
                 Ok(client) => {
                     let done = Instant::now();
-                    match tokio::time::timeout_at(deadline.into(), client.simple_query("SELECT 1"))
-                        .await
-                    {
+                    match tokio::time::timeout_at(deadline.into(), client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => Ok(done),
                         Ok(Err(e)) => Err(ErrLabel::from_pg(&e)),
                         Err(_) => Err(ErrLabel::timeout("probe query")),
@@ -327,18 +307,9 @@ mod tests {
         let c = clock();
         assert_eq!(c.phase_of(c.warmup_start), None);
         assert_eq!(c.phase_of(c.t0), Some(Phase::Baseline));
-        assert_eq!(
-            c.phase_of(c.t0 + Duration::from_millis(1999)),
-            Some(Phase::Baseline)
-        );
-        assert_eq!(
-            c.phase_of(c.t0 + Duration::from_secs(2)),
-            Some(Phase::Contention)
-        );
-        assert_eq!(
-            c.phase_of(c.t0 + Duration::from_secs(5)),
-            Some(Phase::Recovery)
-        );
+        assert_eq!(c.phase_of(c.t0 + Duration::from_millis(1999)), Some(Phase::Baseline));
+        assert_eq!(c.phase_of(c.t0 + Duration::from_secs(2)), Some(Phase::Contention));
+        assert_eq!(c.phase_of(c.t0 + Duration::from_secs(5)), Some(Phase::Recovery));
         assert_eq!(c.phase_of(c.end()), None);
         assert_eq!(c.end(), c.t0 + Duration::from_secs(6));
     }

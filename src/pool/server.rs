@@ -52,6 +52,8 @@ pub struct ServerMeta {
     pub tx_status: u8,
     /// Statements prepared on this server under pgsilo's names.
     pub prepared: PreparedCache,
+    /// Identity of the unnamed statement the server holds, when pgsilo knows it.
+    pub unnamed_stmt: Option<u64>,
     /// This connection's row in SHOW SERVERS; removed when the connection is dropped.
     pub entry: Option<Registered>,
 }
@@ -71,6 +73,7 @@ impl ServerMeta {
             last_used: now,
             tx_status: b'I',
             prepared: PreparedCache::default(),
+            unnamed_stmt: None,
             entry: None,
         }
     }

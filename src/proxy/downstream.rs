@@ -13,6 +13,16 @@ use crate::protocol::{ErrorFields, ProtocolError};
 
 pub const SERVER_MESSAGE_LIMIT: u32 = i32::MAX as u32;
 
+/// Where a client's RESET / DISCARD ALL stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Resetting {
+    #[default]
+    No,
+    During,
+    /// Finished; the server's settings need restoring to the client's.
+    Done,
+}
+
 pub struct DownState<'a> {
     /// Body bytes of a streamed message still to pass.
     pub skip: &'a mut usize,
@@ -28,17 +38,27 @@ pub struct DownState<'a> {
     /// Set when the client LISTENs: notifications only reach it while it keeps this
     /// server, so transaction pooling keeps the server with the client from then on.
     pub pinned: &'a mut bool,
+    /// Between a RESET / DISCARD ALL and its ReadyForQuery: settings the server reports
+    /// go back to what this client logged in with (PostgreSQL's RESET semantics), not to
+    /// the pooled server's own defaults.
+    pub resetting: &'a mut Resetting,
 }
 
 impl DownState<'_> {
     fn parameter_status(&mut self, body: &[u8]) {
         if let Some((name, value)) = parse_parameter_status(body) {
-            // The client changed it (SET) or the server did: either way it is now what
-            // this client has, and what the server has.
             self.server.settings.set(name, value);
-            if is_tracked_reported(&name.to_ascii_lowercase()) {
-                self.client_settings.set(name, value);
+            if !is_tracked_reported(&name.to_ascii_lowercase()) {
+                return;
             }
+            // The client changed it (SET) or the server did: either way the client now
+            // has it. After RESET the client's own startup value is what it should have.
+            let wanted = if *self.resetting == Resetting::During {
+                self.initial.get(name).unwrap_or(value).to_string()
+            } else {
+                value.to_string()
+            };
+            self.client_settings.set(name, &wanted);
         }
     }
 
@@ -48,18 +68,12 @@ impl DownState<'_> {
             b"DEALLOCATE ALL" => self.statements.clear(),
             b"DISCARD ALL" => {
                 self.statements.clear();
-                self.reset_settings();
+                *self.resetting = Resetting::During;
             }
-            b"RESET" => self.reset_settings(),
+            b"RESET" => *self.resetting = Resetting::During,
             b"LISTEN" => *self.pinned = true,
             _ => {}
         }
-    }
-
-    /// After RESET ALL / DISCARD ALL PostgreSQL reverts to the session's startup values;
-    /// this client's are what it logged in with.
-    fn reset_settings(&mut self) {
-        *self.client_settings = self.initial.clone();
     }
 }
 
@@ -108,6 +122,11 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
         let body = &data[at + HEADER_LEN..at + h.total().min(have)];
         match h.tag {
             b'Z' => {
+                if *st.resetting == Resetting::During {
+                    // The server now has its own defaults; the client's values go back
+                    // before its next request.
+                    *st.resetting = Resetting::Done;
+                }
                 let status = body.first().copied();
                 st.tracker.server_message(b'Z', status);
                 res.ready_for_query += 1;
@@ -125,9 +144,7 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
             tag => st.tracker.server_message(tag, None),
         }
         st.synth.clear();
-        let disposition = st
-            .queue
-            .server_message(h.tag, st.statements, &mut st.server.prepared, st.synth);
+        let disposition = st.queue.server_message(h.tag, st.statements, st.server, st.synth);
         if !st.synth.is_empty() || disposition == Disposition::Swallow {
             if !copying {
                 out.extend_from_slice(&data[..at]);
@@ -146,7 +163,7 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
         }
         at = end;
         st.synth.clear();
-        st.queue.flush_synth(st.statements, st.synth);
+        st.queue.flush_synth(st.synth);
         if !st.synth.is_empty() {
             if !copying {
                 out.extend_from_slice(&data[..at]);
@@ -182,6 +199,7 @@ mod tests {
         initial: Settings,
         synth: Vec<u8>,
         pinned: bool,
+        resetting: Resetting,
     }
 
     impl Fixture {
@@ -196,6 +214,7 @@ mod tests {
                 initial: Settings::default(),
                 synth: Vec::new(),
                 pinned: false,
+                resetting: Resetting::No,
             }
         }
 
@@ -210,6 +229,7 @@ mod tests {
                 initial: &self.initial,
                 synth: &mut self.synth,
                 pinned: &mut self.pinned,
+                resetting: &mut self.resetting,
             };
             process(data, &mut st, out).unwrap()
         }
@@ -233,6 +253,23 @@ mod tests {
         assert!(f.tracker.is_idle());
         assert_eq!(f.settings.get("timezone"), Some("UTC"));
         assert_eq!(f.server.settings.get("TimeZone"), Some("UTC"));
+    }
+
+    #[test]
+    fn reset_returns_reported_settings_to_the_startup_values() {
+        let mut f = Fixture::new();
+        f.initial.set("TimeZone", "Asia/Tokyo");
+        f.settings.set("TimeZone", "America/New_York");
+        let mut data = msg(b'C', b"RESET\0");
+        data.extend(msg(b'S', b"TimeZone\0Etc/UTC\0"));
+        data.extend(msg(b'Z', b"I"));
+        data.extend(msg(b'S', b"TimeZone\0Europe/Paris\0"));
+        let mut out = Vec::new();
+        f.run(&data, &mut out);
+        // During the RESET: the client's startup value; the server has its default.
+        assert_eq!(f.server.settings.get("TimeZone"), Some("Europe/Paris"));
+        assert_eq!(f.settings.get("TimeZone"), Some("Europe/Paris"));
+        assert_eq!(f.resetting, Resetting::Done);
     }
 
     #[test]

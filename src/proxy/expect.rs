@@ -7,7 +7,8 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use super::prepared::{ClientStatements, StmtDef};
-use crate::pool::prepared::{PreparedCache, StmtHash};
+use crate::pool::prepared::StmtHash;
+use crate::pool::ServerMeta;
 
 /// Which client message a forwarded entry stands for; it decides which server message
 /// completes it.
@@ -50,6 +51,19 @@ pub enum Expect {
     },
     /// An ErrorResponse pgsilo raises in the client's stream (whole message bytes).
     SynthError(Box<[u8]>),
+    /// The client's Parse of the unnamed statement; `prev` is what the server's unnamed
+    /// statement was before, which stays if the server skips this Parse.
+    UnnamedParse {
+        prev: Option<u64>,
+    },
+    /// pgsilo's Parse of the client's unnamed statement on a server that has another
+    /// client's; its ParseComplete is swallowed.
+    InjectedUnnamed {
+        prev: Option<u64>,
+    },
+    /// A query pgsilo sends on its own (settings after RESET); all its answers are
+    /// swallowed except ParameterStatus, which the client should see.
+    InjectedQuery,
 }
 
 impl Expect {
@@ -63,7 +77,12 @@ impl Expect {
     fn kind(&self) -> Kind {
         match self {
             Expect::Forward(k) => *k,
-            Expect::NamedParse { .. } | Expect::InjectedParse { .. } | Expect::SynthParse { .. } => Kind::Parse,
+            Expect::NamedParse { .. }
+            | Expect::InjectedParse { .. }
+            | Expect::SynthParse { .. }
+            | Expect::UnnamedParse { .. }
+            | Expect::InjectedUnnamed { .. } => Kind::Parse,
+            Expect::InjectedQuery => Kind::Query,
             Expect::InjectedClose { .. } | Expect::SynthClose { .. } => Kind::Close,
             // An error pgsilo raised behaves like a message the server failed.
             Expect::SynthError(_) => Kind::Parse,
@@ -71,7 +90,13 @@ impl Expect {
     }
 
     fn swallowed(&self) -> bool {
-        matches!(self, Expect::InjectedParse { .. } | Expect::InjectedClose { .. })
+        matches!(
+            self,
+            Expect::InjectedParse { .. }
+                | Expect::InjectedClose { .. }
+                | Expect::InjectedUnnamed { .. }
+                | Expect::InjectedQuery
+        )
     }
 
     fn completed_by(&self, tag: u8) -> bool {
@@ -85,24 +110,33 @@ impl Expect {
         }
     }
 
-    /// The server will never run this message (an earlier one failed): take back what
-    /// was recorded when it was sent.
-    fn undo(self, client: &mut ClientStatements, server: &mut PreparedCache) {
+    /// The server did not run this message: it failed (`skipped` false) or an earlier
+    /// one did and the server skipped to Sync (`skipped` true). Take back what was
+    /// recorded when it was sent.
+    fn undo(self, client: &mut ClientStatements, server: &mut ServerMeta, skipped: bool) {
         match self {
             Expect::NamedParse { hash, client_name } => {
-                server.remove(hash);
+                server.prepared.remove(hash);
                 client.remove(&client_name);
             }
-            Expect::InjectedParse { hash } => server.remove(hash),
+            Expect::InjectedParse { hash } => server.prepared.remove(hash),
             Expect::InjectedClose { hash } => {
-                server.insert(hash, 0);
+                server.prepared.insert(hash, 0);
             }
             Expect::SynthParse { client_name } => client.remove(&client_name),
             Expect::SynthClose {
                 client_name,
                 def: Some(def),
             } => client.insert(&client_name, def),
-            Expect::SynthClose { def: None, .. } | Expect::SynthError(_) | Expect::Forward(_) => {}
+            // A failed Parse of the unnamed statement has already dropped the old one; a
+            // skipped one left it in place.
+            Expect::UnnamedParse { prev } | Expect::InjectedUnnamed { prev } => {
+                server.unnamed_stmt = if skipped { prev } else { None };
+            }
+            Expect::SynthClose { def: None, .. }
+            | Expect::SynthError(_)
+            | Expect::Forward(_)
+            | Expect::InjectedQuery => {}
         }
     }
 }
@@ -123,6 +157,8 @@ pub struct ExpectQueue {
     /// An error pgsilo raised itself: drop client messages up to the next Sync, as the
     /// server would have.
     pub skipping: bool,
+    /// An injected query (settings after RESET) has been answered.
+    pub resynced: bool,
 }
 
 impl ExpectQueue {
@@ -148,12 +184,12 @@ impl ExpectQueue {
     }
 
     /// Emits every owed synthesized response now at the head of the queue.
-    pub fn flush_synth(&mut self, client: &mut ClientStatements, out: &mut Vec<u8>) {
+    pub fn flush_synth(&mut self, out: &mut Vec<u8>) {
         while self.q.front().is_some_and(|e| e.is_synth()) {
             if let Some(e) = self.q.pop_front() {
                 write_synth(&e, out);
                 if let Expect::SynthError(_) = e {
-                    self.after_error(client, None);
+                    self.after_synth_error();
                 }
             }
         }
@@ -167,10 +203,10 @@ impl ExpectQueue {
         &mut self,
         tag: u8,
         client: &mut ClientStatements,
-        server: &mut PreparedCache,
+        server: &mut ServerMeta,
         out: &mut Vec<u8>,
     ) -> Disposition {
-        self.flush_synth(client, out);
+        self.flush_synth(out);
         if matches!(tag, b'N' | b'S' | b'A') {
             return Disposition::Forward;
         }
@@ -191,13 +227,19 @@ impl ExpectQueue {
             return Disposition::Forward;
         }
         if tag == b'E' {
+            if matches!(head, Expect::InjectedQuery) {
+                log::warn!("restoring a client's settings failed on server S-{}", server.id);
+                return Disposition::Swallow;
+            }
             return match head.kind() {
                 // Inside a simple query an error ends that statement, not the query; at a
                 // Sync it is a commit failure; both still end with ReadyForQuery.
                 Kind::Query | Kind::FunctionCall | Kind::Sync => Disposition::Forward,
                 _ => {
-                    let failed = self.q.pop_front();
-                    self.after_error(client, failed.map(|f| (f, &mut *server)));
+                    if let Some(failed) = self.q.pop_front() {
+                        failed.undo(client, server, false);
+                    }
+                    self.skip_to_sync(client, server);
                     Disposition::Forward
                 }
             };
@@ -205,16 +247,21 @@ impl ExpectQueue {
         if tag == b'Z' {
             // Pop up to and including the entry this ReadyForQuery ends; anything before
             // it was skipped by the server.
+            let mut disposition = Disposition::Forward;
             while let Some(e) = self.q.pop_front() {
-                let ends = matches!(e.kind(), Kind::Sync | Kind::Query | Kind::FunctionCall);
-                if !ends {
-                    e.undo(client, server);
+                if matches!(e, Expect::InjectedQuery) {
+                    self.resynced = true;
+                    disposition = Disposition::Swallow;
+                    break;
+                }
+                if !matches!(e.kind(), Kind::Sync | Kind::Query | Kind::FunctionCall) {
+                    e.undo(client, server, true);
                     continue;
                 }
                 break;
             }
             self.copy_in = false;
-            return Disposition::Forward;
+            return disposition;
         }
         let disposition = if head.swallowed() {
             Disposition::Swallow
@@ -227,21 +274,22 @@ impl ExpectQueue {
         disposition
     }
 
-    /// An extended-protocol message failed: the server skips to the next Sync, so the
-    /// entries before that Sync will never be answered.
-    fn after_error(&mut self, client: &mut ClientStatements, failed: Option<(Expect, &mut PreparedCache)>) {
-        let mut dummy = PreparedCache::default();
-        let server: &mut PreparedCache = match failed {
-            Some((e, server)) => {
-                e.undo(client, server);
-                server
-            }
-            None => &mut dummy,
-        };
+    /// A message failed: the server skips to the next Sync, so the entries before that
+    /// Sync will never be answered.
+    fn skip_to_sync(&mut self, client: &mut ClientStatements, server: &mut ServerMeta) {
         while self.q.front().is_some_and(|e| !matches!(e.kind(), Kind::Sync)) {
             if let Some(e) = self.q.pop_front() {
-                e.undo(client, server);
+                e.undo(client, server, true);
             }
+        }
+    }
+
+    /// An error pgsilo raised: nothing was sent for the client's messages up to the next
+    /// Sync (they are dropped before reaching the server), so there is nothing to undo
+    /// on the server.
+    fn after_synth_error(&mut self) {
+        while self.q.front().is_some_and(|e| !matches!(e.kind(), Kind::Sync)) {
+            self.q.pop_front();
         }
     }
 
@@ -249,6 +297,7 @@ impl ExpectQueue {
         self.q.clear();
         self.copy_in = false;
         self.skipping = false;
+        self.resynced = false;
     }
 }
 
@@ -273,7 +322,7 @@ mod tests {
     fn synthesized_parse_complete_comes_before_the_bind_complete() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
-        let mut server = PreparedCache::default();
+        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
         q.push(Expect::SynthParse {
             client_name: name("s1"),
         });
@@ -281,7 +330,7 @@ mod tests {
         q.push(Expect::Forward(Kind::Execute));
         q.push(Expect::Forward(Kind::Sync));
         let mut out = Vec::new();
-        q.flush_synth(&mut client, &mut out);
+        q.flush_synth(&mut out);
         assert_eq!(out, vec![b'1', 0, 0, 0, 4]);
         assert_eq!(
             q.server_message(b'2', &mut client, &mut server, &mut out),
@@ -302,9 +351,9 @@ mod tests {
     fn injected_parse_is_swallowed_and_an_error_skips_to_sync() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
-        let mut server = PreparedCache::default();
-        server.insert(7, 10);
-        server.insert(8, 10);
+        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
+        server.prepared.insert(7, 10);
+        server.prepared.insert(8, 10);
         client.insert(b"s2", Rc::new(StmtDef::new(b"x\0\0\0")));
         q.push(Expect::InjectedParse { hash: 7 });
         q.push(Expect::Forward(Kind::Bind));
@@ -324,8 +373,8 @@ mod tests {
             q.server_message(b'E', &mut client, &mut server, &mut out),
             Disposition::Forward
         );
-        assert!(server.contains(7));
-        assert!(!server.contains(8));
+        assert!(server.prepared.contains(7));
+        assert!(!server.prepared.contains(8));
         assert!(client.get(b"s2").is_none());
         assert_eq!(
             q.server_message(b'Z', &mut client, &mut server, &mut out),
@@ -338,11 +387,11 @@ mod tests {
     fn synthesized_error_drops_what_follows_until_sync() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
-        let mut server = PreparedCache::default();
+        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
         q.push(Expect::SynthError(name("Exx")));
         q.push(Expect::Forward(Kind::Sync));
         let mut out = Vec::new();
-        q.flush_synth(&mut client, &mut out);
+        q.flush_synth(&mut out);
         assert_eq!(out, b"Exx");
         assert_eq!(q.len(), 1);
         assert_eq!(
@@ -356,7 +405,7 @@ mod tests {
     fn copy_in_drops_pipelined_syncs() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
-        let mut server = PreparedCache::default();
+        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
         let mut out = Vec::new();
         for k in [Kind::Parse, Kind::Bind, Kind::Execute, Kind::Sync] {
             q.push(Expect::Forward(k));

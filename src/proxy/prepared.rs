@@ -87,6 +87,50 @@ impl ClientStatements {
     }
 }
 
+/// The client's unnamed statement. PostgreSQL keeps it until the next Parse of the
+/// unnamed statement or a simple Query; under transaction pooling a later Bind may reach a
+/// server whose unnamed statement is another client's, so pgsilo keeps the definition
+/// and prepares it again there.
+#[derive(Default)]
+pub struct UnnamedStmt {
+    body: Vec<u8>,
+    hash: u64,
+    valid: bool,
+}
+
+/// Per-process keys: a client cannot construct another client's identity.
+static UNNAMED_KEYS: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+    std::sync::LazyLock::new(std::collections::hash_map::RandomState::new);
+
+impl UnnamedStmt {
+    /// Records a Parse of the unnamed statement; returns its identity. Reuses the
+    /// buffer, so extended-protocol traffic does not allocate per transaction.
+    pub fn set(&mut self, body: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        self.body.clear();
+        self.body.extend_from_slice(body);
+        self.hash = UNNAMED_KEYS.hash_one(body);
+        self.valid = true;
+        self.hash
+    }
+
+    /// A simple Query destroys the unnamed statement.
+    pub fn invalidate(&mut self) {
+        self.valid = false;
+    }
+
+    pub fn current(&self) -> Option<(u64, &[u8])> {
+        self.valid.then_some((self.hash, self.body.as_slice()))
+    }
+}
+
+pub fn write_unnamed_parse(out: &mut Vec<u8>, body: &[u8]) {
+    message(out, b'P', |b| {
+        b.push(0);
+        b.extend_from_slice(body);
+    });
+}
+
 /// Parse: (statement name, body after the name).
 pub fn split_parse(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let (name, at) = read_cstr(body, 0)?;

@@ -18,11 +18,11 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf
 use monoio::net::TcpStream;
 
 use super::cancel::{send_cancel, CancelTarget};
-use super::downstream::{self, DownState};
+use super::downstream::{self, DownState, Resetting};
 use super::expect::{Expect, ExpectQueue, Kind};
 use super::login::LoggedIn;
 use super::params::{after_sync, sync_statement};
-use super::prepared::ClientStatements;
+use super::prepared::{ClientStatements, UnnamedStmt};
 use super::tx_tracker::TxTracker;
 use super::upstream::{self, UpCursor, UpState};
 use super::SessionError;
@@ -178,6 +178,12 @@ struct Flow {
 
     /// The client LISTENs: it keeps its server until it leaves, whatever the pool mode.
     pinned: bool,
+    unnamed: UnnamedStmt,
+    /// A named Parse waits for the answers to everything sent before it.
+    up_blocked: bool,
+    /// A RESET / DISCARD ALL in progress, or finished and leaving the server with its
+    /// own defaults where the client should have its startup values.
+    resetting: Resetting,
     signal: Rc<SessionSignal>,
     /// Shutting down: end the session at the first moment no transaction is open.
     draining: bool,
@@ -236,6 +242,9 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         queue: ExpectQueue::default(),
         statements: ClientStatements::default(),
         pinned: false,
+        unnamed: UnnamedStmt::default(),
+        up_blocked: false,
+        resetting: Resetting::No,
         signal: ctx.sessions.add(&who.database),
         draining: false,
         client_gone: false,
@@ -535,6 +544,18 @@ impl Flow {
             };
             return Ok(Some(step));
         }
+        if self.up_blocked {
+            if !self.queue.is_empty() {
+                return Ok(None);
+            }
+            self.up_blocked = false;
+        }
+        if self.resetting == Resetting::Done && self.queue.is_empty() && self.server_wr_free() {
+            self.resetting = Resetting::No;
+            if self.inject_resync() {
+                return self.next_up_step();
+            }
+        }
         let has_data = self.ubuf.as_ref().is_some_and(|b| !b.is_empty());
         if has_data && self.up_want == 0 {
             if self.server.is_some() {
@@ -604,7 +625,8 @@ impl Flow {
             } else {
                 None
             },
-            server: &mut server.meta.prepared,
+            unnamed: &mut self.unnamed,
+            server: &mut server.meta,
             max_prepared: self.max_prepared,
         };
         let r = upstream::process(buf.data(), &mut st, out.vec_mut())?;
@@ -614,7 +636,9 @@ impl Flow {
             }
             self.client_gone = true;
         }
-        if r.consumed == 0 {
+        if r.blocked {
+            self.up_blocked = true;
+        } else if r.consumed == 0 {
             self.up_want = r.want;
         }
         if r.consumed > 0 {
@@ -638,7 +662,7 @@ impl Flow {
         }
         // Answers pgsilo owes with nothing before them go to the client now.
         self.synth.clear();
-        self.queue.flush_synth(&mut self.statements, &mut self.synth);
+        self.queue.flush_synth(&mut self.synth);
         if !self.synth.is_empty() {
             self.dpend.extend_from_slice(&self.synth);
         }
@@ -758,6 +782,7 @@ impl Flow {
             initial: &self.initial,
             synth: &mut self.synth,
             pinned: &mut self.pinned,
+            resetting: &mut self.resetting,
         };
         let was_pinned = *st.pinned;
         let r = downstream::process(buf.data(), &mut st, self.dpend.vec_mut())?;
@@ -779,6 +804,12 @@ impl Flow {
         self.dpartial = len - r.consumed;
         if r.ready_for_query > 0 {
             self.timed(r.xact_ends > 0);
+        }
+        if self.queue.resynced {
+            self.queue.resynced = false;
+            if let Some(server) = self.server.as_mut() {
+                after_sync(&mut self.who.settings, &mut server.meta, &self.welcome);
+            }
         }
         Ok(())
     }
@@ -872,6 +903,24 @@ impl Flow {
             }
         }
         self.who.pool.release(conn, true);
+    }
+
+    /// After a RESET: sends the statement that gives the server the client's settings
+    /// again, its answers swallowed. Returns whether anything had to be sent.
+    fn inject_resync(&mut self) -> bool {
+        let Some(server) = self.server.as_ref() else {
+            return false;
+        };
+        let Some(sql) = sync_statement(&self.who.settings, &server.meta) else {
+            return false;
+        };
+        let out = self.uout.get_or_insert_with(|| MsgBuf::with_capacity(64));
+        out.clear();
+        frontend::query(out.vec_mut(), &sql);
+        self.tracker.client_message(b'Q');
+        self.queue.push(Expect::InjectedQuery);
+        self.up_write = Some(UpWrite::Copy(0));
+        true
     }
 
     /// The client left with its server inside a transaction and nothing in flight:

@@ -8,10 +8,10 @@ use std::rc::Rc;
 use super::expect::{Expect, ExpectQueue, Kind};
 use super::prepared::{
     bind_statement, split_parse, target, write_bind_prefix, write_close_statement, write_describe_statement,
-    write_parse, ClientStatements, StmtDef,
+    write_parse, write_unnamed_parse, ClientStatements, StmtDef, UnnamedStmt,
 };
 use super::tx_tracker::TxTracker;
-use crate::pool::prepared::PreparedCache;
+use crate::pool::ServerMeta;
 use crate::protocol::backend::{error_response, Severity};
 use crate::protocol::framing::{Header, HEADER_LEN};
 use crate::protocol::{ProtocolError, SqlState};
@@ -69,7 +69,8 @@ pub struct UpState<'a> {
     pub queue: &'a mut ExpectQueue,
     /// None when statement names pass through unchanged (session mode, or disabled).
     pub statements: Option<&'a mut ClientStatements>,
-    pub server: &'a mut PreparedCache,
+    pub unnamed: &'a mut UnnamedStmt,
+    pub server: &'a mut ServerMeta,
     pub max_prepared: usize,
 }
 
@@ -85,6 +86,8 @@ pub struct UpResult {
     pub terminate: bool,
     /// Bytes the buffer must hold to make progress on a message that must be read whole.
     pub want: usize,
+    /// Stopped at a named Parse until everything before it has been answered.
+    pub blocked: bool,
 }
 
 struct Emit<'a> {
@@ -172,8 +175,19 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                 let (name, def_body) = split_parse(body).ok_or(ProtocolError::Malformed("Parse"))?;
                 if name.is_empty() {
                     st.tracker.client_message(h.tag);
-                    st.queue.push(Expect::Forward(Kind::Parse));
+                    let prev = st.server.unnamed_stmt;
+                    st.server.unnamed_stmt = Some(st.unnamed.set(def_body));
+                    st.queue.push(Expect::UnnamedParse { prev });
                     e.forward(at, end);
+                } else if !st.queue.is_empty() {
+                    // Whether the name exists, and whether the server has the statement,
+                    // depends on answers still in flight (a failing Parse, DEALLOCATE ALL,
+                    // a failed transaction): decide once they are in. The Flush makes the
+                    // server send what it holds back for a Sync that may not come yet.
+                    e.start_copying(at);
+                    e.out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
+                    res.blocked = true;
+                    break;
                 } else {
                     e.start_copying(at);
                     st.tracker.client_message(h.tag);
@@ -200,6 +214,9 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                         write_bind_prefix(e.out, h.len, prefix, name_at, name_end, &def);
                         e.out.extend_from_slice(&prefix[name_end..]);
                     }
+                    None if name.is_empty() && ensure_unnamed(st, &mut e, at) => {
+                        e.forward(at, end);
+                    }
                     None => e.forward(at, end),
                 }
                 st.queue.push(Expect::Forward(Kind::Bind));
@@ -219,6 +236,9 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                         e.start_copying(at);
                         ensure_prepared(&def, st, e.out);
                         write_describe_statement(e.out, &def);
+                    }
+                    None if kind == b'S' && name.is_empty() && ensure_unnamed(st, &mut e, at) => {
+                        e.forward(at, end);
                     }
                     None => e.forward(at, end),
                 }
@@ -259,7 +279,12 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                     b'C' => st.queue.push(Expect::Forward(Kind::Close)),
                     b'E' => st.queue.push(Expect::Forward(Kind::Execute)),
                     b'S' if !st.queue.in_copy() => st.queue.push(Expect::Forward(Kind::Sync)),
-                    b'Q' => st.queue.push(Expect::Forward(Kind::Query)),
+                    b'Q' => {
+                        // A simple query destroys the unnamed statement.
+                        st.unnamed.invalidate();
+                        st.server.unnamed_stmt = None;
+                        st.queue.push(Expect::Forward(Kind::Query));
+                    }
                     b'F' => st.queue.push(Expect::Forward(Kind::FunctionCall)),
                     b'c' | b'f' => st.queue.client_copy_end(),
                     _ => {}
@@ -317,13 +342,13 @@ fn parse_named(name: &[u8], def_body: &[u8], st: &mut UpState, out: &mut Vec<u8>
     }
     let def = Rc::new(StmtDef::new(def_body));
     stmts.insert(name, def.clone());
-    if st.server.touch(def.hash) {
+    if st.server.prepared.touch(def.hash) {
         st.queue.push(Expect::SynthParse {
             client_name: name.into(),
         });
         return;
     }
-    if let Some(evicted) = st.server.insert(def.hash, st.max_prepared) {
+    if let Some(evicted) = st.server.prepared.insert(def.hash, st.max_prepared) {
         write_close_statement(out, evicted);
         st.queue.push(Expect::InjectedClose { hash: evicted });
     }
@@ -343,12 +368,30 @@ fn raise(st: &mut UpState, code: SqlState, text: &str) {
     st.queue.skipping = true;
 }
 
+/// Before a Bind or Describe of the unnamed statement: if the server's unnamed statement
+/// is not this client's, prepare the client's there first. Returns whether it did (the
+/// output is then being copied).
+fn ensure_unnamed(st: &mut UpState, e: &mut Emit, at: usize) -> bool {
+    let Some((hash, body)) = st.unnamed.current() else {
+        return false;
+    };
+    if st.server.unnamed_stmt == Some(hash) {
+        return false;
+    }
+    e.start_copying(at);
+    write_unnamed_parse(e.out, body);
+    let prev = st.server.unnamed_stmt;
+    st.server.unnamed_stmt = Some(hash);
+    st.queue.push(Expect::InjectedUnnamed { prev });
+    true
+}
+
 /// Makes sure the server has `def` before a message that uses it.
 fn ensure_prepared(def: &StmtDef, st: &mut UpState, out: &mut Vec<u8>) {
-    if st.server.touch(def.hash) {
+    if st.server.prepared.touch(def.hash) {
         return;
     }
-    if let Some(evicted) = st.server.insert(def.hash, st.max_prepared) {
+    if let Some(evicted) = st.server.prepared.insert(def.hash, st.max_prepared) {
         write_close_statement(out, evicted);
         st.queue.push(Expect::InjectedClose { hash: evicted });
     }
@@ -373,7 +416,8 @@ mod tests {
         tracker: TxTracker,
         queue: ExpectQueue,
         stmts: ClientStatements,
-        server: PreparedCache,
+        unnamed: UnnamedStmt,
+        server: ServerMeta,
     }
 
     impl Fixture {
@@ -383,7 +427,8 @@ mod tests {
                 tracker: TxTracker::default(),
                 queue: ExpectQueue::default(),
                 stmts: ClientStatements::default(),
-                server: PreparedCache::default(),
+                unnamed: UnnamedStmt::default(),
+                server: ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1),
             }
         }
 
@@ -394,6 +439,7 @@ mod tests {
                 tracker: &mut self.tracker,
                 queue: &mut self.queue,
                 statements: if ps { Some(&mut self.stmts) } else { None },
+                unnamed: &mut self.unnamed,
                 server: &mut self.server,
                 max_prepared: 200,
             };
@@ -437,7 +483,9 @@ mod tests {
         assert!(!r.zero_copy);
         assert_eq!(tags(&out), b"PBES");
         assert!(out.windows(7).any(|w| w == b"pgsilo_"));
-        // Second client statement with the same text on the same server: no Parse sent.
+        // Once answered, a second statement with the same text on the same server: no
+        // Parse sent.
+        f.queue.clear();
         let mut data2 = msg(b'P', b"s2\0select 1\0\0\0");
         data2.extend(msg(b'S', b""));
         let (_, out2) = f.run(&data2, true);
@@ -481,7 +529,7 @@ mod tests {
         assert_eq!(tags(&out), b"S");
         assert!(f.stmts.get(b"s2").is_none());
         let mut synth = Vec::new();
-        f.queue.flush_synth(&mut f.stmts, &mut synth);
+        f.queue.flush_synth(&mut synth);
         assert!(synth.windows(5).any(|w| w == b"25P02"));
     }
 
@@ -531,6 +579,49 @@ mod tests {
         assert!(r2.zero_copy);
         assert!(out2.is_empty());
         assert_eq!(f.cur.skip, 0);
+    }
+
+    #[test]
+    fn a_named_parse_waits_for_answers_in_flight() {
+        let mut f = Fixture::new();
+        let mut data = msg(b'Q', b"DEALLOCATE ALL\0");
+        let q_len = data.len();
+        data.extend(msg(b'P', b"s1\0select 1\0\0\0"));
+        data.extend(msg(b'S', b""));
+        let (r, out) = f.run(&data, true);
+        assert!(r.blocked);
+        assert_eq!(r.consumed, q_len);
+        assert_eq!(tags(&out), b"QH");
+        f.queue.clear();
+        let (r, out) = f.run(&data[q_len..], true);
+        assert!(!r.blocked);
+        assert_eq!(tags(&out), b"PS");
+    }
+
+    #[test]
+    fn an_unnamed_statement_follows_the_client_to_another_server() {
+        let mut f = Fixture::new();
+        let mut data = msg(b'P', b"\0select 1\0\0\0");
+        data.extend(msg(b'S', b""));
+        let (r, _) = f.run(&data, true);
+        assert!(r.zero_copy);
+        // Another server, whose unnamed statement is someone else's.
+        f.server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 2);
+        f.queue.clear();
+        let mut bind = msg(b'B', b"\0\0\0\0\0\0\0\0");
+        bind.extend(msg(b'E', b"\0\0\0\0\0"));
+        let (_, out) = f.run(&bind, true);
+        assert_eq!(tags(&out), b"PBE");
+        // Same server again: nothing to add.
+        f.queue.clear();
+        let (r, _) = f.run(&bind, true);
+        assert!(r.zero_copy);
+        // A simple query destroys it: a later Bind must not bring it back.
+        f.queue.clear();
+        f.run(&msg(b'Q', b"select 2\0"), true);
+        f.server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 3);
+        let (r, _) = f.run(&bind, true);
+        assert!(r.zero_copy);
     }
 
     #[test]
