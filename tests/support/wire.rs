@@ -108,6 +108,7 @@ impl Raw {
 
     /// Reads messages until an ErrorResponse; returns its fields. Panics if the
     /// connection ends first.
+    #[track_caller]
     pub fn expect_error(&mut self) -> HashMap<u8, String> {
         let mut seen = Vec::new();
         loop {
