@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use support::wire::{self, Raw};
-use support::{db_error, free_port, runtime, Db, PgCluster, Pgsilo, PgsiloBuilder};
+use support::{db_error, free_port, must_fail, runtime, Db, PgCluster, Pgsilo, PgsiloBuilder};
 
 /// md5 for clients; pgsilo logs in to PostgreSQL as trust_user (pg_hba trust).
 fn builder(cluster: &PgCluster) -> PgsiloBuilder {
@@ -79,11 +79,10 @@ fn unreachable_server_fails_with_08006() {
         .set("server_connect_timeout", "5")
         .start();
     runtime().block_on(async {
-        let err = p
-            .connect("trust_user", "tpass", "app_db")
-            .await
-            .err()
-            .expect("no server to reach");
+        let err = must_fail(
+            p.connect("trust_user", "tpass", "app_db").await,
+            "no server to reach",
+        );
         let (code, message) = db_error(&err);
         assert_eq!(code, "08006", "{message}");
         assert!(

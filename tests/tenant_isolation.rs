@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{db_error, runtime, PgCluster, Pgsilo};
+use support::{db_error, must_fail, runtime, PgCluster, Pgsilo};
 
 fn tenant(name: &str, user: &str, password: &str, db: &str, cluster: &PgCluster) -> Pgsilo {
     Pgsilo::builder()
@@ -62,11 +62,10 @@ fn tenants_are_isolated_and_limited_separately() {
         drop(client);
 
         // A's port does not know B's database.
-        let err = a
-            .connect("user_a", "pass_a", "tenant_b_db")
-            .await
-            .err()
-            .expect("A's port must refuse tenant_b_db");
+        let err = must_fail(
+            a.connect("user_a", "pass_a", "tenant_b_db").await,
+            "A's port must refuse tenant_b_db",
+        );
         assert_eq!(
             db_error(&err),
             ("3D000".into(), "no such database: tenant_b_db".into())
@@ -74,11 +73,10 @@ fn tenants_are_isolated_and_limited_separately() {
 
         // B's port does not know A's user, even with A's correct password; nor A's
         // database.
-        let err = b
-            .connect("user_a", "pass_a", "tenant_b_db")
-            .await
-            .err()
-            .expect("B's port must refuse user_a");
+        let err = must_fail(
+            b.connect("user_a", "pass_a", "tenant_b_db").await,
+            "B's port must refuse user_a",
+        );
         assert_eq!(
             db_error(&err),
             (
@@ -86,11 +84,10 @@ fn tenants_are_isolated_and_limited_separately() {
                 "password authentication failed for user \"user_a\"".into()
             )
         );
-        let err = b
-            .connect("user_a", "pass_a", "tenant_a_db")
-            .await
-            .err()
-            .expect("B's port must refuse tenant_a_db");
+        let err = must_fail(
+            b.connect("user_a", "pass_a", "tenant_a_db").await,
+            "B's port must refuse tenant_a_db",
+        );
         assert_eq!(
             db_error(&err),
             ("3D000".into(), "no such database: tenant_a_db".into())
@@ -104,11 +101,10 @@ fn tenants_are_isolated_and_limited_separately() {
         for c in &held {
             c.simple_query("SELECT 1").await.unwrap();
         }
-        let err = a
-            .connect("user_a", "pass_a", "tenant_a_db")
-            .await
-            .err()
-            .expect("a 4th client must be refused at max_client_conn = 3");
+        let err = must_fail(
+            a.connect("user_a", "pass_a", "tenant_a_db").await,
+            "a 4th client must be refused at max_client_conn = 3",
+        );
         assert_eq!(
             db_error(&err),
             (

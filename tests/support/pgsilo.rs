@@ -595,3 +595,13 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("tokio runtime")
 }
+
+/// The error of a result that must have failed (for results whose Ok side, such as a
+/// `Client`, is not `Debug`).
+#[track_caller]
+pub fn must_fail<T>(result: Result<T, tokio_postgres::Error>, why: &str) -> tokio_postgres::Error {
+    match result {
+        Ok(_) => panic!("expected an error: {why}"),
+        Err(e) => e,
+    }
+}
