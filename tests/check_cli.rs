@@ -40,12 +40,7 @@ fn check_accepts_a_valid_config() {
     let dir = tempfile::tempdir().unwrap();
     let config = valid().write_files(dir.path(), 6432);
     let out = run(&["--check", config.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("configuration ok"), "{stdout}");
     assert!(stdout.contains("2 user(s)"), "{stdout}");
@@ -72,14 +67,10 @@ fn check_reports_every_problem_with_its_file_and_line() {
         )),
         "{stderr}"
     );
-    assert!(
-        stderr.contains("did you mean \"max_client_conn\""),
-        "{stderr}"
-    );
+    assert!(stderr.contains("did you mean \"max_client_conn\""), "{stderr}");
     let mode_line = line_of(&config_text, "pool_mode =");
     assert!(
-        stderr.contains(&format!("{config_path} line {mode_line}: pool_mode"))
-            && stderr.contains("sometimes"),
+        stderr.contains(&format!("{config_path} line {mode_line}: pool_mode")) && stderr.contains("sometimes"),
         "{stderr}"
     );
     let userlist = Path::new(&config).with_file_name("userlist.txt");
@@ -96,22 +87,13 @@ fn a_bad_config_refuses_to_start_with_the_same_report() {
         .extra("listen_prot = 1")
         .userlist_line("\"dave\"")
         .expect_failure();
-    assert_eq!(
-        failed.status.and_then(|s| s.code()),
-        Some(1),
-        "{}",
-        failed.stderr
-    );
+    assert_eq!(failed.status.and_then(|s| s.code()), Some(1), "{}", failed.stderr);
     assert!(
         failed.stderr.contains("unknown key \"listen_prot\""),
         "{}",
         failed.stderr
     );
-    assert!(
-        failed.stderr.contains("userlist.txt line 3"),
-        "{}",
-        failed.stderr
-    );
+    assert!(failed.stderr.contains("userlist.txt line 3"), "{}", failed.stderr);
 }
 
 #[test]
@@ -143,9 +125,5 @@ fn version_and_help() {
     // No config: a usage error, not a crash.
     let out = run(&[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("CONFIG"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("CONFIG"), "{}", text(&out.stderr));
 }

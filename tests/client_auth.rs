@@ -29,20 +29,14 @@ enum Asked {
 /// What pgsilo asks a client for first, read off the wire.
 fn first_request(port: u16, user: &str) -> Asked {
     let mut raw = Raw::connect(port);
-    assert!(raw.send(&wire::startup_message(&[
-        ("user", user),
-        ("database", "app_db")
-    ])));
+    assert!(raw.send(&wire::startup_message(&[("user", user), ("database", "app_db")])));
     let (tag, body) = raw.read_message().expect("an answer to the startup");
     match (tag, u32::from_be_bytes(body[..4].try_into().unwrap())) {
         (b'R', 0) => Asked::Nothing,
         (b'R', 3) => Asked::Cleartext,
         (b'R', 5) => Asked::Md5,
         (b'R', 10) => {
-            assert!(
-                body[4..].split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256"),
-                "{body:?}"
-            );
+            assert!(body[4..].split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256"), "{body:?}");
             Asked::Scram
         }
         (tag, code) => panic!(
@@ -55,10 +49,7 @@ fn first_request(port: u16, user: &str) -> Asked {
 
 /// One pgsilo with the three users, each with its own secret form.
 fn start(cluster: &PgCluster, auth_type: &str) -> Pgsilo {
-    let md5_secret = cluster.psql(
-        "postgres",
-        &format!("SELECT 'md5' || md5('{MD5_PW}' || '{MD5_USER}')"),
-    );
+    let md5_secret = cluster.psql("postgres", &format!("SELECT 'md5' || md5('{MD5_PW}' || '{MD5_USER}')"));
     assert!(md5_secret.starts_with("md5") && md5_secret.len() == 35);
     let scram_secret = cluster.psql(
         "postgres",
@@ -79,15 +70,8 @@ async fn login_ok(p: &Pgsilo, user: &str, password: Option<&str>) {
     let client = support::connect_with(&p.pg_config(user, password, "app_db"))
         .await
         .unwrap_or_else(|e| panic!("{user} with {password:?}: {e:?}"));
-    let row = client
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap();
-    assert_eq!(
-        row.get::<_, String>(0),
-        "trust_user",
-        "the forced server user"
-    );
+    let row = client.query_one("SELECT current_user::text", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "trust_user", "the forced server user");
 }
 
 /// The login fails with 28P01 and PostgreSQL's wording, naming `user`.
@@ -98,10 +82,7 @@ async fn login_refused(p: &Pgsilo, user: &str, password: Option<&str>) -> String
     );
     let (code, message) = db_error(&err);
     assert_eq!(code, "28P01", "{user}: {message}");
-    assert_eq!(
-        message,
-        format!("password authentication failed for user \"{user}\"")
-    );
+    assert_eq!(message, format!("password authentication failed for user \"{user}\""));
     // Same shape for everyone: only the user name differs.
     message.replace(user, "USER")
 }
@@ -119,9 +100,7 @@ fn psql_refused(p: &Pgsilo, user: &str, password: &str) {
         .psql(user, password, "app_db", "SELECT 1")
         .expect_err("psql login must fail");
     assert!(
-        err.contains(&format!(
-            "password authentication failed for user \"{user}\""
-        )),
+        err.contains(&format!("password authentication failed for user \"{user}\"")),
         "{err}"
     );
 }

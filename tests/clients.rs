@@ -54,15 +54,7 @@ fn psql_runs_a_multi_statement_script() {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines,
-            [
-                "4",
-                "one,two,three,four",
-                "three",
-                "two",
-                "3\tthree",
-                "4\tfour",
-                "done"
-            ],
+            ["4", "one,two,three,four", "three", "two", "3\tthree", "4\tfour", "done"],
             "{mode}"
         );
         cluster.psql("app_db", "DROP TABLE script_t");
@@ -70,18 +62,10 @@ fn psql_runs_a_multi_statement_script() {
         // A failing statement stops the script with PostgreSQL's error, and the next
         // session is unaffected.
         let err = p
-            .psql(
-                USER,
-                PASSWORD,
-                "app_db",
-                "BEGIN; SELECT 1/0; SELECT 'not reached';",
-            )
+            .psql(USER, PASSWORD, "app_db", "BEGIN; SELECT 1/0; SELECT 'not reached';")
             .expect_err("division by zero");
         assert!(err.contains("division by zero"), "{err}");
-        assert_eq!(
-            p.psql(USER, PASSWORD, "app_db", "SELECT 'fine'").unwrap(),
-            "fine"
-        );
+        assert_eq!(p.psql(USER, PASSWORD, "app_db", "SELECT 'fine'").unwrap(), "fine");
     }
 }
 

@@ -31,10 +31,7 @@ async fn still_serves(p: &Pgsilo) {
 #[test]
 fn query_wait_timeout_ends_the_waiting_client_with_08p01() {
     let cluster = PgCluster::start();
-    let p = builder(&cluster)
-        .pool_size(1)
-        .set("query_wait_timeout", "1")
-        .start();
+    let p = builder(&cluster).pool_size(1).set("query_wait_timeout", "1").start();
     runtime().block_on(async {
         let holder = p.connect("trust_user", "tpass", "app_db").await.unwrap();
         holder
@@ -48,10 +45,7 @@ fn query_wait_timeout_ends_the_waiting_client_with_08p01() {
             .await
             .expect_err("the only server is held by a transaction");
         let waited = started.elapsed();
-        assert_eq!(
-            db_error(&err),
-            ("08P01".into(), "query_wait_timeout".into())
-        );
+        assert_eq!(db_error(&err), ("08P01".into(), "query_wait_timeout".into()));
         assert!(
             waited >= Duration::from_millis(900),
             "gave up after {waited:?}, before query_wait_timeout = 1 s"
@@ -79,16 +73,10 @@ fn unreachable_server_fails_with_08006() {
         .set("server_connect_timeout", "5")
         .start();
     runtime().block_on(async {
-        let err = must_fail(
-            p.connect("trust_user", "tpass", "app_db").await,
-            "no server to reach",
-        );
+        let err = must_fail(p.connect("trust_user", "tpass", "app_db").await, "no server to reach");
         let (code, message) = db_error(&err);
         assert_eq!(code, "08006", "{message}");
-        assert!(
-            message.starts_with("server connection failed: "),
-            "{message}"
-        );
+        assert!(message.starts_with("server connection failed: "), "{message}");
     });
 }
 
@@ -157,17 +145,10 @@ fn ssl_request_is_declined_and_startup_continues_in_clear() {
     let mut ssl = 8u32.to_be_bytes().to_vec();
     ssl.extend_from_slice(&wire::SSL_REQUEST.to_be_bytes());
     assert!(raw.send(&ssl));
-    assert_eq!(
-        raw.read_byte(),
-        Some(b'N'),
-        "SSLRequest must be answered 'N'"
-    );
+    assert_eq!(raw.read_byte(), Some(b'N'), "SSLRequest must be answered 'N'");
     raw.login("trust_user", "tpass", "app_db");
     let reply = raw.simple_query("SELECT 'clear'");
-    let row = reply
-        .iter()
-        .find(|(tag, _)| *tag == b'D')
-        .expect("a DataRow");
+    let row = reply.iter().find(|(tag, _)| *tag == b'D').expect("a DataRow");
     assert!(row.1.ends_with(b"clear"), "{:?}", row.1);
 
     // libpq's default sslmode=prefer falls back to clear text too.
@@ -195,15 +176,8 @@ fn garbage_after_login_gets_08p01_and_closes_only_that_client() {
     // A message whose length (2) cannot even hold itself.
     raw.send(&[b'Q', 0, 0, 0, 2]);
     let fields = raw.expect_error();
-    assert_eq!(
-        fields.get(&b'C').map(String::as_str),
-        Some("08P01"),
-        "{fields:?}"
-    );
-    assert!(
-        raw.is_closed(),
-        "connection left open after a protocol violation"
-    );
+    assert_eq!(fields.get(&b'C').map(String::as_str), Some("08P01"), "{fields:?}");
+    assert!(raw.is_closed(), "connection left open after a protocol violation");
 
     // Also in the middle of a transaction on an attached server.
     let mut raw = Raw::connect(p.port());
@@ -211,11 +185,7 @@ fn garbage_after_login_gets_08p01_and_closes_only_that_client() {
     raw.simple_query("BEGIN");
     raw.send(&[b'Q', 0, 0, 0, 1]);
     let fields = raw.expect_error();
-    assert_eq!(
-        fields.get(&b'C').map(String::as_str),
-        Some("08P01"),
-        "{fields:?}"
-    );
+    assert_eq!(fields.get(&b'C').map(String::as_str), Some("08P01"), "{fields:?}");
     assert!(raw.is_closed());
 
     rt.block_on(async {
@@ -239,12 +209,7 @@ fn a_port_bound_by_another_process_makes_pgsilo_refuse_to_start() {
         .db(Db::at("127.0.0.1", 1, "db"))
         .port(port)
         .expect_failure();
-    assert_eq!(
-        failed.status.and_then(|s| s.code()),
-        Some(1),
-        "{}",
-        failed.stderr
-    );
+    assert_eq!(failed.status.and_then(|s| s.code()), Some(1), "{}", failed.stderr);
     assert!(
         failed.stderr.contains(&port.to_string()),
         "the message must name port {port}:\n{}",
@@ -260,12 +225,7 @@ fn a_second_pgsilo_on_the_same_port_refuses_to_start() {
     let cluster = PgCluster::start();
     let first = builder(&cluster).start();
     let failed = builder(&cluster).port(first.port()).expect_failure();
-    assert_eq!(
-        failed.status.and_then(|s| s.code()),
-        Some(1),
-        "{}",
-        failed.stderr
-    );
+    assert_eq!(failed.status.and_then(|s| s.code()), Some(1), "{}", failed.stderr);
     assert!(
         failed.stderr.contains(&first.port().to_string()) && failed.stderr.contains("in use"),
         "the message must name port {}:\n{}",

@@ -103,11 +103,9 @@ fn transaction_mode_shares_two_servers_among_fifty_clients() {
                     let m = c.simple_query("SELECT 'x' || 1").await.unwrap();
                     assert_eq!(first_value(&m).as_deref(), Some("x1"));
                     // A transaction.
-                    c.batch_execute(&format!(
-                        "BEGIN; INSERT INTO hits VALUES ({id}, {n}); COMMIT"
-                    ))
-                    .await
-                    .unwrap_or_else(|e| panic!("client {id}: {e:?}"));
+                    c.batch_execute(&format!("BEGIN; INSERT INTO hits VALUES ({id}, {n}); COMMIT"))
+                        .await
+                        .unwrap_or_else(|e| panic!("client {id}: {e:?}"));
                 }
                 c
             }));
@@ -124,11 +122,7 @@ fn transaction_mode_shares_two_servers_among_fifty_clients() {
         assert!(max >= 1, "the watcher never saw a backend");
         assert!(max <= 2, "PostgreSQL saw {max} backends for pool_size = 2");
         assert!(backends(&su, "").await <= 2);
-        let rows: i64 = su
-            .query_one("SELECT count(*) FROM hits", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let rows: i64 = su.query_one("SELECT count(*) FROM hits", &[]).await.unwrap().get(0);
         assert_eq!(rows, 500);
         drop(clients);
     });
@@ -137,22 +131,13 @@ fn transaction_mode_shares_two_servers_among_fifty_clients() {
 #[test]
 fn a_transaction_keeps_its_server_until_commit() {
     let cluster = PgCluster::start();
-    cluster.psql(
-        "app_db",
-        "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC;",
-    );
+    cluster.psql("app_db", "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC;");
     let p = pgsilo(&cluster, "transaction", 1);
     runtime().block_on(async {
         let a = p.connect(USER, PASSWORD, "app_db").await.unwrap();
         let b = p.connect(USER, PASSWORD, "app_db").await.unwrap();
-        a.batch_execute("BEGIN; INSERT INTO t VALUES ('a')")
-            .await
-            .unwrap();
-        let a_xid: i64 = a
-            .query_one("SELECT txid_current()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        a.batch_execute("BEGIN; INSERT INTO t VALUES ('a')").await.unwrap();
+        let a_xid: i64 = a.query_one("SELECT txid_current()", &[]).await.unwrap().get(0);
 
         let committing = Arc::new(AtomicBool::new(false));
         let b_task = {
@@ -173,17 +158,10 @@ fn a_transaction_keeps_its_server_until_commit() {
         // Give B every chance to be (wrongly) served in the middle of A's transaction.
         tokio::time::sleep(Duration::from_millis(300)).await;
         for _ in 0..5 {
-            let still: i64 = a
-                .query_one("SELECT txid_current()", &[])
-                .await
-                .unwrap()
-                .get(0);
+            let still: i64 = a.query_one("SELECT txid_current()", &[]).await.unwrap().get(0);
             assert_eq!(still, a_xid, "A's transaction must still be open");
         }
-        assert!(
-            !b_task.is_finished(),
-            "B ran while A's transaction was open"
-        );
+        assert!(!b_task.is_finished(), "B ran while A's transaction was open");
         committing.store(true, Ordering::SeqCst);
         a.batch_execute("COMMIT").await.unwrap();
 
@@ -211,11 +189,7 @@ fn session_mode_returns_the_server_reset_when_the_client_leaves() {
             )
             .await
             .unwrap();
-        let pid: i32 = first
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let pid: i32 = first.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
 
         // While the first client stays (idle, no transaction), its server is its own.
         let second = p.connect(USER, PASSWORD, "app_db").await.unwrap();
@@ -264,11 +238,9 @@ fn session_mode_returns_the_server_reset_when_the_client_leaves() {
 
 /// The client's write was rolled back and no backend of USER is left in a transaction.
 async fn nothing_left_open(su: &tokio_postgres::Client, marker: &str) {
-    eventually(
-        "no backend idle in transaction",
-        Duration::from_secs(20),
-        || async { backends(su, "AND state LIKE 'idle in transaction%'").await == 0 },
-    )
+    eventually("no backend idle in transaction", Duration::from_secs(20), || async {
+        backends(su, "AND state LIKE 'idle in transaction%'").await == 0
+    })
     .await;
     eventually(
         "no backend still running the client's query",
@@ -281,19 +253,13 @@ async fn nothing_left_open(su: &tokio_postgres::Client, marker: &str) {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(
-        rows, 0,
-        "the departed client's write ({marker}) was rolled back"
-    );
+    assert_eq!(rows, 0, "the departed client's write ({marker}) was rolled back");
 }
 
 #[test]
 fn a_client_gone_mid_transaction_leaves_nothing_open() {
     let cluster = PgCluster::start();
-    cluster.psql(
-        "app_db",
-        "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC;",
-    );
+    cluster.psql("app_db", "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC;");
     for mode in ["transaction", "session"] {
         let p = pgsilo(&cluster, mode, 2);
         runtime().block_on(async {
@@ -310,10 +276,7 @@ fn a_client_gone_mid_transaction_leaves_nothing_open() {
                 .batch_execute("BEGIN; INSERT INTO t VALUES ('dropped')")
                 .await
                 .unwrap();
-            assert_eq!(
-                backends(&su, "AND state LIKE 'idle in transaction%'").await,
-                1
-            );
+            assert_eq!(backends(&su, "AND state LIKE 'idle in transaction%'").await, 1);
             conn_task.abort();
             let _ = conn_task.await;
             drop(client);
@@ -332,16 +295,12 @@ fn a_client_gone_mid_transaction_leaves_nothing_open() {
             {
                 use std::io::Write;
                 let stdin = psql.stdin.as_mut().unwrap();
-                stdin
-                    .write_all(b"BEGIN;\nINSERT INTO t VALUES ('killed');\n")
-                    .unwrap();
+                stdin.write_all(b"BEGIN;\nINSERT INTO t VALUES ('killed');\n").unwrap();
                 stdin.flush().unwrap();
             }
-            eventually(
-                "psql's transaction is open",
-                Duration::from_secs(30),
-                || async { backends(&su, "AND state LIKE 'idle in transaction%'").await == 1 },
-            )
+            eventually("psql's transaction is open", Duration::from_secs(30), || async {
+                backends(&su, "AND state LIKE 'idle in transaction%'").await == 1
+            })
             .await;
             psql.kill().unwrap();
             psql.wait().unwrap();
@@ -378,10 +337,7 @@ fn a_client_gone_mid_transaction_leaves_nothing_open() {
                 .unwrap();
         });
     }
-    assert_eq!(
-        cluster.psql("app_db", "SELECT count(*) FROM t WHERE v = 'kept'"),
-        "2"
-    );
+    assert_eq!(cluster.psql("app_db", "SELECT count(*) FROM t WHERE v = 'kept'"), "2");
 }
 
 #[test]
@@ -400,14 +356,9 @@ fn cancel_request_stops_the_running_query() {
                     let r = client.simple_query("SELECT pg_sleep(30)").await;
                     (r, client)
                 });
-                eventually(
-                    "pg_sleep(30) is running",
-                    Duration::from_secs(30),
-                    || async {
-                        backends(&su, "AND query LIKE '%pg_sleep(30)%' AND state = 'active'").await
-                            == 1
-                    },
-                )
+                eventually("pg_sleep(30) is running", Duration::from_secs(30), || async {
+                    backends(&su, "AND query LIKE '%pg_sleep(30)%' AND state = 'active'").await == 1
+                })
                 .await;
                 token
                     .cancel_query(NoTls)

@@ -83,10 +83,7 @@ fn hashed_secrets_md5_and_scram_passthrough() {
         // More servers for the same pool, opened with the same key, all in use at once.
         let mut clients = Vec::new();
         for _ in 0..3 {
-            let c = p
-                .connect("scram_user", "scram_pass", "app_db")
-                .await
-                .unwrap();
+            let c = p.connect("scram_user", "scram_pass", "app_db").await.unwrap();
             c.batch_execute("BEGIN; SELECT 1").await.unwrap();
             clients.push(c);
         }
@@ -134,12 +131,8 @@ fn forced_user_and_password_in_databases() {
             .dbname("app_db")
             .user("scram_user")
             .password("scram_pass"))
-        .db(Db::on(&cluster, "forced_from_file")
-            .dbname("app_db")
-            .user("md5_user"))
-        .db(Db::on(&cluster, "forced_trust")
-            .dbname("tenant_a_db")
-            .user("postgres"))
+        .db(Db::on(&cluster, "forced_from_file").dbname("app_db").user("md5_user"))
+        .db(Db::on(&cluster, "forced_trust").dbname("tenant_a_db").user("postgres"))
         .start();
     runtime().block_on(async {
         assert_eq!(

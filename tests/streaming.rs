@@ -12,10 +12,7 @@ const PASSWORD: &str = "md5_pass";
 const MB: usize = 1024 * 1024;
 
 fn hex_md5(data: &[u8]) -> String {
-    Md5::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Peak resident set size of a process, in bytes (VmHWM).
@@ -72,18 +69,11 @@ fn huge_rows_and_parameters_stream_through_in_bounded_memory() {
         let row = c.query_one(row_sql, &[]).await.unwrap();
         let big: &str = row.get(0);
         assert_eq!(big.len(), 64 * MB);
-        assert_eq!(
-            hex_md5(big.as_bytes()),
-            expected,
-            "the 64 MB row arrived intact"
-        );
+        assert_eq!(hex_md5(big.as_bytes()), expected, "the 64 MB row arrived intact");
         drop(row);
 
         // The same through the simple protocol.
-        let messages = c
-            .simple_query("SELECT repeat('x', 64 * 1024 * 1024)")
-            .await
-            .unwrap();
+        let messages = c.simple_query("SELECT repeat('x', 64 * 1024 * 1024)").await.unwrap();
         let text = messages
             .iter()
             .find_map(|m| match m {
@@ -97,18 +87,13 @@ fn huge_rows_and_parameters_stream_through_in_bounded_memory() {
 
         // A ~32 MB parameter (Bind), and a ~32 MB query text (Query), up to the server.
         let value = payload(32 * MB);
-        c.execute("INSERT INTO big VALUES (1, $1)", &[&value])
-            .await
-            .unwrap();
+        c.execute("INSERT INTO big VALUES (1, $1)", &[&value]).await.unwrap();
         let literal = payload(32 * MB - 1000).replace('\'', "''");
         c.simple_query(&format!("INSERT INTO big VALUES (2, '{literal}')"))
             .await
             .unwrap();
         let rows = c
-            .query(
-                "SELECT id, length(v)::int8, md5(v) FROM big ORDER BY id",
-                &[],
-            )
+            .query("SELECT id, length(v)::int8, md5(v) FROM big ORDER BY id", &[])
             .await
             .unwrap();
         assert_eq!(rows.len(), 2);

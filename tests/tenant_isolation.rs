@@ -22,20 +22,12 @@ fn tenant(name: &str, user: &str, password: &str, db: &str, cluster: &PgCluster)
 
 /// Connects, retrying while the refusal is `max_client_conn`: a client that was just
 /// refused or closed is counted until its task on the pgsilo side has ended.
-async fn connect_when_admitted(
-    p: &Pgsilo,
-    user: &str,
-    password: &str,
-    db: &str,
-) -> tokio_postgres::Client {
+async fn connect_when_admitted(p: &Pgsilo, user: &str, password: &str, db: &str) -> tokio_postgres::Client {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match p.connect(user, password, db).await {
             Ok(c) => return c,
-            Err(e)
-                if e.as_db_error().is_some_and(|d| d.code().code() == "53300")
-                    && Instant::now() < deadline =>
-            {
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "53300") && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => panic!("{user} -> {db} on port {}: {e:?}", p.port()),
@@ -66,10 +58,7 @@ fn tenants_are_isolated_and_limited_separately() {
             a.connect("user_a", "pass_a", "tenant_b_db").await,
             "A's port must refuse tenant_b_db",
         );
-        assert_eq!(
-            db_error(&err),
-            ("3D000".into(), "no such database: tenant_b_db".into())
-        );
+        assert_eq!(db_error(&err), ("3D000".into(), "no such database: tenant_b_db".into()));
 
         // B's port does not know A's user, even with A's correct password; nor A's
         // database.
@@ -88,10 +77,7 @@ fn tenants_are_isolated_and_limited_separately() {
             b.connect("user_a", "pass_a", "tenant_a_db").await,
             "B's port must refuse tenant_a_db",
         );
-        assert_eq!(
-            db_error(&err),
-            ("3D000".into(), "no such database: tenant_a_db".into())
-        );
+        assert_eq!(db_error(&err), ("3D000".into(), "no such database: tenant_a_db".into()));
 
         // A at max_client_conn (3 held connections) refuses the next client...
         let mut held = Vec::new();
@@ -107,10 +93,7 @@ fn tenants_are_isolated_and_limited_separately() {
         );
         assert_eq!(
             db_error(&err),
-            (
-                "53300".into(),
-                "no more connections allowed (max_client_conn)".into()
-            )
+            ("53300".into(), "no more connections allowed (max_client_conn)".into())
         );
 
         // ...while B keeps serving its own clients, up to its own limit.

@@ -93,10 +93,7 @@ fn assert_startup_log(p: &Pgsilo, expected: &[(usize, usize)]) {
             "no startup line for worker {worker} on core {core}:\n{log}"
         );
     }
-    assert!(
-        log.contains(&format!("with {} worker(s)", expected.len())),
-        "{log}"
-    );
+    assert!(log.contains(&format!("with {} worker(s)", expected.len())), "{log}");
 }
 
 #[test]
@@ -134,16 +131,8 @@ fn each_worker_is_pinned_to_its_core_and_the_process_stays_on_the_listed_cores()
     let p = builder(&cluster).cpus(&[1]).start();
     let all = threads(p.pid());
     let (workers, union) = worker_affinity(&p);
-    assert_eq!(
-        workers,
-        BTreeMap::from([(0, BTreeSet::from([1]))]),
-        "{all:#?}"
-    );
-    assert_eq!(
-        union,
-        BTreeSet::from([1]),
-        "every thread only on core 1: {all:#?}"
-    );
+    assert_eq!(workers, BTreeMap::from([(0, BTreeSet::from([1]))]), "{all:#?}");
+    assert_eq!(union, BTreeSet::from([1]), "every thread only on core 1: {all:#?}");
     assert_startup_log(&p, &[(0, 1)]);
     // And it serves.
     runtime().block_on(async {
@@ -164,26 +153,15 @@ fn a_core_not_available_is_refused_at_start() {
         .db(support::Db::at("127.0.0.1", 1, "db"))
         .cpus(&[4095])
         .expect_failure();
-    assert_eq!(
-        failed.status.and_then(|s| s.code()),
-        Some(1),
-        "{}",
-        failed.stderr
-    );
+    assert_eq!(failed.status.and_then(|s| s.code()), Some(1), "{}", failed.stderr);
     assert!(failed.stderr.contains("4095"), "{}", failed.stderr);
 }
 
 #[test]
 fn the_pool_cap_holds_across_workers() {
     let cluster = PgCluster::start();
-    cluster.psql(
-        "app_db",
-        "CREATE TABLE w (n int); GRANT ALL ON w TO PUBLIC;",
-    );
-    let p = builder(&cluster)
-        .pool_mode("transaction")
-        .pool_size(3)
-        .start();
+    cluster.psql("app_db", "CREATE TABLE w (n int); GRANT ALL ON w TO PUBLIC;");
+    let p = builder(&cluster).pool_mode("transaction").pool_size(3).start();
     let threads_now = threads(p.pid());
     let worker_count = threads_now.keys().filter(|n| n.starts_with("wk:w")).count();
     assert!(worker_count >= 1, "{threads_now:#?}");

@@ -25,10 +25,7 @@ mod process;
 pub mod wire;
 
 #[allow(unused_imports)]
-pub use pgsilo::{
-    connect_with, db_error, must_fail, pgsilo_bin, runtime, toml_str, Db, Failed, Pgsilo,
-    PgsiloBuilder,
-};
+pub use pgsilo::{connect_with, db_error, must_fail, pgsilo_bin, runtime, toml_str, Db, Failed, Pgsilo, PgsiloBuilder};
 #[allow(unused_imports)]
 pub use ports::{free_port, wait_for_port};
 #[allow(unused_imports)]

@@ -243,11 +243,9 @@ impl PgsiloBuilder {
     /// Writes `pgsilo.toml` and `userlist.txt` into `dir`; returns the config's path.
     pub fn write_files(&self, dir: &Path, port: u16) -> PathBuf {
         let config = dir.join("pgsilo.toml");
-        fs::write(&config, self.config_text(port))
-            .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        fs::write(&config, self.config_text(port)).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
         let users = dir.join("userlist.txt");
-        fs::write(&users, self.userlist_text())
-            .unwrap_or_else(|e| panic!("write {}: {e}", users.display()));
+        fs::write(&users, self.userlist_text()).unwrap_or_else(|e| panic!("write {}: {e}", users.display()));
         config
     }
 
@@ -262,8 +260,8 @@ impl PgsiloBuilder {
             match self.try_start(port) {
                 Ok(p) => return p,
                 Err(failed) => {
-                    let port_taken = failed.stderr.contains("already in use")
-                        || failed.stderr.contains("Address already in use");
+                    let port_taken =
+                        failed.stderr.contains("already in use") || failed.stderr.contains("Address already in use");
                     if self.port.is_none() && port_taken && attempt < 5 {
                         continue;
                     }
@@ -444,12 +442,7 @@ impl Pgsilo {
     }
 
     /// tokio-postgres config for this pgsilo (no password if `password` is None).
-    pub fn pg_config(
-        &self,
-        user: &str,
-        password: Option<&str>,
-        db: &str,
-    ) -> tokio_postgres::Config {
+    pub fn pg_config(&self, user: &str, password: Option<&str>, db: &str) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host("127.0.0.1")
             .port(self.port)
@@ -568,9 +561,7 @@ impl Drop for Pgsilo {
 }
 
 /// Connects with tokio-postgres and spawns the connection on the current runtime.
-pub async fn connect_with(
-    config: &tokio_postgres::Config,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub async fn connect_with(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;

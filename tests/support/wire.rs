@@ -65,14 +65,10 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(port: u16) -> Raw {
-        let stream = TcpStream::connect(("127.0.0.1", port))
-            .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        stream
-            .set_write_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        let stream =
+            TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
         let _ = stream.set_nodelay(true);
         Raw { stream }
     }
@@ -151,11 +147,8 @@ impl Raw {
                         }
                         5 => {
                             let salt: [u8; 4] = body[4..8].try_into().unwrap();
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                user.as_bytes(),
-                                password.as_bytes(),
-                                salt,
-                            );
+                            let hash =
+                                postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
                             let mut p = hash.into_bytes();
                             p.push(0);
                             self.send(&message(b'p', &p));
