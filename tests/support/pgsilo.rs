@@ -28,8 +28,8 @@ use super::postgres::PgCluster;
 
 /// How long a pgsilo may take to start listening (the machine is small and noisy).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long SIGINT gets before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long each shutdown signal gets before the next, stronger one.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The line pgsilo logs once every worker accepts clients.
 const READY_LINE: &str = "listening on ";
 
@@ -364,8 +364,8 @@ impl Failed {
     }
 }
 
-/// A running pgsilo process. Dropping it stops it (SIGINT, then SIGKILL) and removes its
-/// temp dir; drop never panics.
+/// A running pgsilo process. Dropping it stops it ([`Pgsilo::stop`]) and removes its temp
+/// dir; drop never panics.
 pub struct Pgsilo {
     child: Option<Child>,
     port: u16,
@@ -530,11 +530,15 @@ impl Pgsilo {
         }
     }
 
-    /// SIGINT, wait, then SIGKILL. Returns the exit status. Idempotent.
+    /// SIGINT (safe shutdown: running transactions finish), a second SIGINT (exit now) if
+    /// it is still running after a while, then SIGKILL. Returns the exit status.
+    /// Idempotent.
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        self.signal(libc::SIGINT);
-        if let Some(s) = self.wait_until(Instant::now() + STOP_TIMEOUT) {
-            return Some(s);
+        for _ in 0..2 {
+            self.signal(libc::SIGINT);
+            if let Some(s) = self.wait_until(Instant::now() + STOP_TIMEOUT) {
+                return Some(s);
+            }
         }
         self.kill()
     }
