@@ -13,7 +13,7 @@ use super::cancel::{send_cancel, CancelSlot};
 use super::params::{after_sync, initial_settings, sync_statement};
 use super::SessionError;
 use crate::auth::{verify_cleartext, verify_md5_response, ScramSecret, ScramServer, Secret};
-use crate::config::{AuthType, Config};
+use crate::config::{AuthType, Config, Userlist};
 use crate::metrics::{ConnEntry, Registered, CLIENTS};
 use crate::pool::{Credential, LocalPool, ServerTarget, Settings};
 use crate::protocol::backend::{self, Severity};
@@ -197,7 +197,7 @@ pub async fn login(
     }
 
     let shared = ctx.instance.pools.get_or_create(&database, &user, || {
-        pool_definition(&config, &database, &user, secret.as_ref())
+        pool_definition(&config, &userlist, &database, &user)
     });
     if let (Some(key), Some(Secret::Scram(_))) = (client_key, secret.as_ref()) {
         if config.databases.get(&database).is_some_and(|d| d.user.is_none()) {
@@ -273,12 +273,13 @@ fn register_client(
     Registered::new(&CLIENTS, e)
 }
 
-/// Where this pool's servers are and how pgsilo logs in to them.
+/// Where this pool's servers are and how pgsilo logs in to them: with the auth_file
+/// secret of the user it logs in as (the forced user's, when [databases] names one).
 pub fn pool_definition(
     config: &Config,
+    userlist: &Userlist,
     database: &str,
     user: &str,
-    secret: Option<&Secret>,
 ) -> (crate::config::PoolMode, usize, ServerTarget) {
     let g = &config.general;
     let (mode, cap, target) = match config.databases.get(database) {
@@ -287,8 +288,8 @@ pub fn pool_definition(
             let credential = match (&db.user, &db.password) {
                 (Some(_), Some(p)) => Credential::Password(p.clone()),
                 // A forced user without a password in the config: its auth_file entry.
-                (Some(_), None) => credential_from(None),
-                (None, _) => credential_from(secret),
+                (Some(forced), None) => credential_from(userlist.get(forced)),
+                (None, _) => credential_from(userlist.get(user)),
             };
             (
                 db.effective_pool_mode(g),

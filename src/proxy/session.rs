@@ -8,7 +8,7 @@
 //! may already have consumed bytes, so no read is abandoned while the session runs.
 
 use std::future::{poll_fn, Future};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::Poll;
@@ -40,6 +40,9 @@ type ClientWr = OwnedWriteHalf<TcpStream>;
 /// How long a departed client's open transaction may take to roll back before the
 /// server is closed instead.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a response already on its way to a client may take to finish when the
+/// session ends with an error the client should see after it.
+const CLIENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Output pgsilo built for a slow client, beyond which the server is not read further.
 const PENDING_OUTPUT_LIMIT: usize = 256 * 1024;
 
@@ -297,7 +300,14 @@ impl Flow {
         loop {
             // Client -> server: settle, process, write, or read more.
             if up.is_none() && acq.is_none() {
-                if let Some(step) = self.next_up_step()? {
+                let next = match self.next_up_step() {
+                    Ok(next) => next,
+                    Err(e) => {
+                        self.finish_client_write(cli.as_mut().as_pin_mut()).await;
+                        return Err(e);
+                    }
+                };
+                if let Some(step) = next {
                     up.set(Some(run_step(step)));
                 } else if self.wants_acquire() {
                     self.wait_started = Some(Instant::now());
@@ -437,7 +447,12 @@ impl Flow {
                     self.dbuf = Some(buf);
                     match res {
                         Ok(0) | Err(_) => return self.server_lost().await,
-                        Ok(_) => self.process_down()?,
+                        Ok(_) => {
+                            if let Err(e) = self.process_down() {
+                                self.finish_client_write(cli.as_mut().as_pin_mut()).await;
+                                return Err(e);
+                            }
+                        }
                     }
                 }
                 Event::ClientWrite(wr, res, buf) => {
@@ -733,6 +748,24 @@ impl Flow {
             buf.clear();
             buf.shrink_to(self.pkt_buf);
             self.dspare = Some(buf);
+        }
+    }
+
+    /// Before ending the session with an error for the client: a response on its way to
+    /// the client right now holds the client's write half, and the error could not
+    /// follow it. Let that write finish (bounded), unless it ends inside a message.
+    async fn finish_client_write<F>(&mut self, write: Option<Pin<&mut F>>)
+    where
+        F: Future<Output = (ClientWr, std::io::Result<usize>, MsgBuf)>,
+    {
+        let Some(write) = write else {
+            return;
+        };
+        if let Ok((wr, Ok(_), buf)) = monoio::time::timeout(CLIENT_FLUSH_TIMEOUT, write).await {
+            self.settle_client_write(buf);
+            if self.down_skip == 0 {
+                self.c_wr = Some(wr);
+            }
         }
     }
 

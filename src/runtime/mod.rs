@@ -325,7 +325,8 @@ pub fn reload(instance: &Arc<Instance>) {
                     p.forget_scram_client_key();
                 }
                 if config.databases.contains_key(&p.database) {
-                    let (_, cap, target) = crate::proxy::login::pool_definition(&config, &p.database, &p.user, secret);
+                    let (_, cap, target) =
+                        crate::proxy::login::pool_definition(&config, &userlist, &p.database, &p.user);
                     p.set_target(target, cap);
                 }
             }

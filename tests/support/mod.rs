@@ -1,6 +1,9 @@
-//! Integration-test harness: throwaway real PostgreSQL clusters.
+//! Integration-test harness: throwaway real PostgreSQL clusters, and real pgsilo processes
+//! in front of them.
 //!
-//! Use from a test file with `mod support;` and then `support::PgCluster::start()`.
+//! Use from a test file with `mod support;` and then `support::PgCluster::start()`; start
+//! pgsilo with `support::Pgsilo::builder()` (see [`pgsilo`]); talk raw protocol with
+//! [`wire::Raw`].
 //!
 //! A template data directory (roles, databases, pg_hba; see [`PgCluster`]) is built once
 //! per PostgreSQL version and setup revision under the cargo target dir; each cluster is a
@@ -15,11 +18,15 @@
 #![allow(dead_code)]
 
 pub mod nspawn;
+mod pgsilo;
 mod ports;
 mod postgres;
 mod process;
 pub mod txpool;
+pub mod wire;
 
+#[allow(unused_imports)]
+pub use pgsilo::{connect_with, db_error, must_fail, pgsilo_bin, runtime, toml_str, Db, Failed, Pgsilo, PgsiloBuilder};
 #[allow(unused_imports)]
 pub use ports::{free_port, wait_for_port};
 #[allow(unused_imports)]
