@@ -248,8 +248,6 @@ fn session_settings_follow_each_client() {
 /// RESET and DISCARD ALL return settings to the session's startup values, which for a
 /// client are what it connected with.
 #[test]
-#[ignore = "pgsilo bug: RESET x / RESET ALL / DISCARD ALL do not give the client's own \
-            startup values, see proxy/downstream.rs command_complete and reset_settings"]
 fn reset_returns_to_the_clients_startup_values() {
     compare(&[
         Scenario {
@@ -750,9 +748,6 @@ fn query_wait_timeout_with_the_pool_busy() {
 /// A client's `SET search_path` (or any setting PostgreSQL does not report, like
 /// statement_timeout) must not reach the next client of its server.
 #[test]
-#[ignore = "pgsilo limitation: settings PostgreSQL does not report with ParameterStatus \
-            (search_path before version 18, statement_timeout, work_mem...) changed by a \
-            client's SET are not seen, so not carried nor reset (README says they are)"]
 fn set_of_an_unreported_setting_stays_with_its_client() {
     let cluster = PgCluster::start();
     setup_schemas(&cluster);

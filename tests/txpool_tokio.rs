@@ -575,10 +575,6 @@ fn deallocate_all_and_discard_all_reset_the_clients_statements() {
 /// DEALLOCATE ALL pipelined with Parse messages: PostgreSQL runs them in order, so a name
 /// prepared before it is free again after it, and one prepared after it stays.
 #[test]
-#[ignore = "pgsilo bug: a client's statement names are checked and registered when its \
-            messages pass upstream, but DEALLOCATE ALL / DISCARD ALL clear them only when \
-            the server's CommandComplete comes back (proxy/upstream.rs parse_named vs \
-            proxy/downstream.rs command_complete)"]
 fn deallocate_all_pipelined_with_parse() {
     let cluster = PgCluster::start();
     let silo = Pgsilo::start(&cluster, &[("default_pool_size", "1")]);
@@ -1125,10 +1121,6 @@ fn compare_with_postgres(cluster: &PgCluster, silo: &Pgsilo, other: &mut Wire, c
 /// Named Parse messages whose outcome depends on what the server has not answered yet
 /// must get what PostgreSQL would answer.
 #[test]
-#[ignore = "pgsilo bug: proxy/upstream.rs parse_named decides a pipelined named Parse \
-            (duplicate name, or answered locally because the server has the statement) \
-            before the server has answered what comes before it (a failing Parse of the \
-            same name, DEALLOCATE ALL, a statement failing the transaction)"]
 fn parse_decisions_match_postgres() {
     use fe::*;
     let cluster = PgCluster::start();
@@ -1209,8 +1201,6 @@ fn cancel_from_an_idle_client_hits_nobody_else() {
 /// keeps it for the session, so the client must get its own statement, not whatever the
 /// server's previous client left unnamed.
 #[test]
-#[ignore = "pgsilo limitation (as in PgBouncer): the unnamed statement is not carried \
-            between transactions; a later Bind of it runs another client's statement"]
 fn unnamed_statement_used_in_a_later_transaction() {
     let cluster = PgCluster::start();
     let silo = Pgsilo::start(&cluster, &[("default_pool_size", "1")]);

@@ -42,6 +42,11 @@ pub struct DownState<'a> {
     /// go back to what this client logged in with (PostgreSQL's RESET semantics), not to
     /// the pooled server's own defaults.
     pub resetting: &'a mut Resetting,
+    /// The client ran SET or RESET: what it changed may be a setting PostgreSQL does not
+    /// report, so the session's settings are read back before the server is released.
+    pub settings_changed: &'a mut bool,
+    /// Rows of pgsilo's settings snapshot: (name, value).
+    pub captured: &'a mut Vec<(String, String)>,
 }
 
 impl DownState<'_> {
@@ -69,12 +74,35 @@ impl DownState<'_> {
             b"DISCARD ALL" => {
                 self.statements.clear();
                 *self.resetting = Resetting::During;
+                *self.settings_changed = true;
             }
-            b"RESET" => *self.resetting = Resetting::During,
+            b"RESET" => {
+                *self.resetting = Resetting::During;
+                *self.settings_changed = true;
+            }
+            b"SET" => *self.settings_changed = true,
             b"LISTEN" => *self.pinned = true,
             _ => {}
         }
     }
+}
+
+/// A DataRow of two text columns.
+fn text_pair(body: &[u8]) -> Option<(String, String)> {
+    let count = u16::from_be_bytes([*body.first()?, *body.get(1)?]);
+    if count != 2 {
+        return None;
+    }
+    let mut at = 2;
+    let mut col = || -> Option<String> {
+        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        let len = usize::try_from(len).ok()?;
+        let v = String::from_utf8_lossy(body.get(at..at + len)?).into_owned();
+        at += len;
+        Some(v)
+    };
+    Some((col()?, col()?))
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -120,6 +148,11 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
             break;
         }
         let body = &data[at + HEADER_LEN..at + h.total().min(have)];
+        if h.tag == b'D' && whole && st.queue.capturing() {
+            if let Some(row) = text_pair(body) {
+                st.captured.push(row);
+            }
+        }
         match h.tag {
             b'Z' => {
                 if *st.resetting == Resetting::During {
@@ -200,6 +233,8 @@ mod tests {
         synth: Vec<u8>,
         pinned: bool,
         resetting: Resetting,
+        changed: bool,
+        captured: Vec<(String, String)>,
     }
 
     impl Fixture {
@@ -215,6 +250,8 @@ mod tests {
                 synth: Vec::new(),
                 pinned: false,
                 resetting: Resetting::No,
+                changed: false,
+                captured: Vec::new(),
             }
         }
 
@@ -230,6 +267,8 @@ mod tests {
                 synth: &mut self.synth,
                 pinned: &mut self.pinned,
                 resetting: &mut self.resetting,
+                settings_changed: &mut self.changed,
+                captured: &mut self.captured,
             };
             process(data, &mut st, out).unwrap()
         }
@@ -270,6 +309,27 @@ mod tests {
         assert_eq!(f.server.settings.get("TimeZone"), Some("Europe/Paris"));
         assert_eq!(f.settings.get("TimeZone"), Some("Europe/Paris"));
         assert_eq!(f.resetting, Resetting::Done);
+    }
+
+    #[test]
+    fn snapshot_rows_are_captured_and_swallowed() {
+        use crate::proxy::expect::{Expect, Injected};
+        let mut f = Fixture::new();
+        f.queue.push(Expect::InjectedQuery(Injected::Snapshot));
+        let mut row = vec![0, 2];
+        for v in [&b"work_mem"[..], b"64MB"] {
+            row.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            row.extend_from_slice(v);
+        }
+        let mut data = msg(b'T', b"\0\0");
+        data.extend(msg(b'D', &row));
+        data.extend(msg(b'C', b"SELECT 1\0"));
+        data.extend(msg(b'Z', b"I"));
+        let mut out = Vec::new();
+        f.run(&data, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(f.captured, vec![("work_mem".to_string(), "64MB".to_string())]);
+        assert_eq!(f.queue.finished, Some(Injected::Snapshot));
     }
 
     #[test]

@@ -61,9 +61,19 @@ pub enum Expect {
     InjectedUnnamed {
         prev: Option<u64>,
     },
-    /// A query pgsilo sends on its own (settings after RESET); all its answers are
-    /// swallowed except ParameterStatus, which the client should see.
-    InjectedQuery,
+    /// A query pgsilo sends on its own; all its answers are swallowed except
+    /// ParameterStatus, which the client should see.
+    InjectedQuery(Injected),
+}
+
+/// Why pgsilo sent a query of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Injected {
+    /// Giving the server the client's settings again after a RESET.
+    Resync,
+    /// Reading the session's settings after the client ran SET or RESET; its rows are
+    /// captured.
+    Snapshot,
 }
 
 impl Expect {
@@ -82,7 +92,7 @@ impl Expect {
             | Expect::SynthParse { .. }
             | Expect::UnnamedParse { .. }
             | Expect::InjectedUnnamed { .. } => Kind::Parse,
-            Expect::InjectedQuery => Kind::Query,
+            Expect::InjectedQuery(_) => Kind::Query,
             Expect::InjectedClose { .. } | Expect::SynthClose { .. } => Kind::Close,
             // An error pgsilo raised behaves like a message the server failed.
             Expect::SynthError(_) => Kind::Parse,
@@ -95,7 +105,7 @@ impl Expect {
             Expect::InjectedParse { .. }
                 | Expect::InjectedClose { .. }
                 | Expect::InjectedUnnamed { .. }
-                | Expect::InjectedQuery
+                | Expect::InjectedQuery(_)
         )
     }
 
@@ -136,7 +146,7 @@ impl Expect {
             Expect::SynthClose { def: None, .. }
             | Expect::SynthError(_)
             | Expect::Forward(_)
-            | Expect::InjectedQuery => {}
+            | Expect::InjectedQuery(_) => {}
         }
     }
 }
@@ -157,8 +167,8 @@ pub struct ExpectQueue {
     /// An error pgsilo raised itself: drop client messages up to the next Sync, as the
     /// server would have.
     pub skipping: bool,
-    /// An injected query (settings after RESET) has been answered.
-    pub resynced: bool,
+    /// An injected query has been answered.
+    pub finished: Option<Injected>,
 }
 
 impl ExpectQueue {
@@ -227,7 +237,7 @@ impl ExpectQueue {
             return Disposition::Forward;
         }
         if tag == b'E' {
-            if matches!(head, Expect::InjectedQuery) {
+            if matches!(head, Expect::InjectedQuery(_)) {
                 log::warn!("restoring a client's settings failed on server S-{}", server.id);
                 return Disposition::Swallow;
             }
@@ -249,8 +259,8 @@ impl ExpectQueue {
             // it was skipped by the server.
             let mut disposition = Disposition::Forward;
             while let Some(e) = self.q.pop_front() {
-                if matches!(e, Expect::InjectedQuery) {
-                    self.resynced = true;
+                if let Expect::InjectedQuery(why) = e {
+                    self.finished = Some(why);
                     disposition = Disposition::Swallow;
                     break;
                 }
@@ -297,7 +307,12 @@ impl ExpectQueue {
         self.q.clear();
         self.copy_in = false;
         self.skipping = false;
-        self.resynced = false;
+        self.finished = None;
+    }
+
+    /// The rows now arriving answer pgsilo's settings snapshot.
+    pub fn capturing(&self) -> bool {
+        matches!(self.q.front(), Some(Expect::InjectedQuery(Injected::Snapshot)))
     }
 }
 

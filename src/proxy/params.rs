@@ -109,6 +109,53 @@ pub fn after_sync(desired: &mut Settings, server: &mut ServerMeta, welcome: &Set
     }
 }
 
+/// The query that reads back every setting a session changed at run time (SET, or
+/// pgsilo's own set_config), as input text PostgreSQL accepts again.
+pub const SNAPSHOT_QUERY: &str =
+    "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings WHERE source = 'session'";
+
+/// After the client ran SET or RESET under transaction pooling: the session's settings as
+/// the server reports them become the client's. Settings PostgreSQL reports itself
+/// (ParameterStatus) are already tracked; this catches the others (statement_timeout,
+/// work_mem, search_path before PostgreSQL 18...), so they follow the client to its
+/// next server and are reset before another client uses this one.
+pub fn apply_snapshot(
+    desired: &mut Settings,
+    server: &mut ServerMeta,
+    welcome: &Settings,
+    initial: &Settings,
+    captured: &[(String, String)],
+) {
+    for (name, value) in captured {
+        let lower = name.to_ascii_lowercase();
+        if welcome.contains(&lower) {
+            continue;
+        }
+        server.settings.set(name, value);
+        server.unreported.insert(lower);
+        desired.set(name, value);
+    }
+    let gone: Vec<String> = server
+        .unreported
+        .iter()
+        .filter(|n| !captured.iter().any(|(c, _)| c.eq_ignore_ascii_case(n)))
+        .cloned()
+        .collect();
+    for lower in gone {
+        // RESET: the server is back at its default; the client is back at what it
+        // logged in with, which its next server gets from the usual sync.
+        server.unreported.remove(&lower);
+        server.settings.remove(&lower);
+        match initial.get(&lower) {
+            Some(v) => {
+                let v = v.to_string();
+                desired.set(&lower, &v);
+            }
+            None => desired.remove(&lower),
+        }
+    }
+}
+
 /// An E'' literal: backslashes and quotes escaped, valid whatever
 /// standard_conforming_strings says.
 fn push_literal(sql: &mut String, s: &str) {
@@ -205,6 +252,30 @@ mod tests {
             sync_statement(&other, &server).as_deref(),
             Some("RESET \"search_path\";")
         );
+    }
+
+    #[test]
+    fn snapshot_makes_unreported_sets_the_clients_and_resets_the_rest() {
+        let mut welcome = Settings::default();
+        welcome.set("TimeZone", "UTC");
+        let mut initial = Settings::default();
+        initial.set("extra_float_digits", "3");
+        let mut desired = initial.clone();
+        let mut server = meta();
+        server.settings.set("extra_float_digits", "3");
+        server.unreported.insert("extra_float_digits".into());
+        let captured = vec![
+            ("statement_timeout".to_string(), "5s".to_string()),
+            ("TimeZone".to_string(), "UTC".to_string()),
+        ];
+        apply_snapshot(&mut desired, &mut server, &welcome, &initial, &captured);
+        assert_eq!(desired.get("statement_timeout"), Some("5s"));
+        assert!(server.unreported.contains("statement_timeout"));
+        // extra_float_digits was RESET: the server forgets it, the client keeps its
+        // startup value for its next server.
+        assert!(!server.unreported.contains("extra_float_digits"));
+        assert_eq!(desired.get("extra_float_digits"), Some("3"));
+        assert!(sync_statement(&desired, &server).is_some());
     }
 
     #[test]

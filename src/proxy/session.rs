@@ -14,14 +14,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller, OwnedReadHalf,
+    OwnedWriteHalf, Splitable,
+};
 use monoio::net::TcpStream;
 
 use super::cancel::{send_cancel, CancelTarget};
 use super::downstream::{self, DownState, Resetting};
-use super::expect::{Expect, ExpectQueue, Kind};
+use super::expect::{Expect, ExpectQueue, Injected, Kind};
 use super::login::LoggedIn;
-use super::params::{after_sync, sync_statement};
+use super::params::{after_sync, apply_snapshot, sync_statement, SNAPSHOT_QUERY};
 use super::prepared::{ClientStatements, UnnamedStmt};
 use super::tx_tracker::TxTracker;
 use super::upstream::{self, UpCursor, UpState};
@@ -46,29 +49,6 @@ const CLIENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Output pgsilo built for a slow client, beyond which the server is not read further.
 const PENDING_OUTPUT_LIMIT: usize = 256 * 1024;
 
-enum Step<R, W> {
-    Read(R, MsgBuf),
-    Write(W, MsgBuf, usize),
-}
-
-enum Done<R, W> {
-    Read(R, std::io::Result<usize>, MsgBuf),
-    Write(W, std::io::Result<usize>, MsgBuf),
-}
-
-async fn run_step<R: AsyncReadRent, W: AsyncWriteRent>(step: Step<R, W>) -> Done<R, W> {
-    match step {
-        Step::Read(mut r, buf) => {
-            let (res, back) = r.read(buf.into_read()).await;
-            Done::Read(r, res, back.into_inner())
-        }
-        Step::Write(mut w, buf, n) => {
-            let (res, back) = w.write_all(buf.into_write(n)).await;
-            Done::Write(w, res, back.into_inner())
-        }
-    }
-}
-
 async fn read_op<R: AsyncReadRent>(mut r: R, buf: MsgBuf) -> (R, std::io::Result<usize>, MsgBuf) {
     let (res, back) = r.read(buf.into_read()).await;
     (r, res, back.into_inner())
@@ -79,12 +59,21 @@ async fn write_op<W: AsyncWriteRent>(mut w: W, buf: MsgBuf, n: usize) -> (W, std
     (w, res, back.into_inner())
 }
 
+/// A read of the client while it waits for a server, only to notice if it goes away.
+/// Cancelled once the server comes; a cancelled read still reports any bytes it took.
+async fn probe_op(mut r: ClientRd, buf: Vec<u8>, c: CancelHandle) -> (ClientRd, std::io::Result<usize>, Vec<u8>) {
+    let (res, back) = r.cancelable_read(buf, c).await;
+    (r, res, back)
+}
+
 async fn acquire(pool: Rc<LocalPool>, wait: Option<Duration>) -> Result<Box<ServerConn>, PoolError> {
     pool.acquire(wait).await.map(Box::new)
 }
 
 enum Event {
-    Up(Done<ClientRd, ServerWr>),
+    ClientRead(ClientRd, std::io::Result<usize>, MsgBuf),
+    ServerWrite(ServerWr, std::io::Result<usize>, MsgBuf),
+    Probe(ClientRd, std::io::Result<usize>, Vec<u8>),
     ServerRead(ServerRd, std::io::Result<usize>, MsgBuf),
     ClientWrite(ClientWr, std::io::Result<usize>, MsgBuf),
     Acquired(Result<Box<ServerConn>, PoolError>),
@@ -187,6 +176,9 @@ struct Flow {
     /// A RESET / DISCARD ALL in progress, or finished and leaving the server with its
     /// own defaults where the client should have its startup values.
     resetting: Resetting,
+    /// The client ran SET or RESET in this transaction (see apply_snapshot).
+    settings_changed: bool,
+    captured: Vec<(String, String)>,
     signal: Rc<SessionSignal>,
     /// Shutting down: end the session at the first moment no transaction is open.
     draining: bool,
@@ -248,6 +240,8 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         unnamed: UnnamedStmt::default(),
         up_blocked: false,
         resetting: Resetting::No,
+        settings_changed: false,
+        captured: Vec::new(),
         signal: ctx.sessions.add(&who.database),
         draining: false,
         client_gone: false,
@@ -288,31 +282,54 @@ fn code_static(code: &str) -> &'static str {
 
 impl Flow {
     async fn run(&mut self) -> Result<(), SessionError> {
-        let mut up = pin!(None::<Step<ClientRd, ServerWr>>.map(run_step));
+        let mut crd = pin!(None::<(ClientRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
+        let mut swr = pin!(None::<(ServerWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut srv = pin!(None::<(ServerRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
         let mut cli = pin!(None::<(ClientWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut acq = pin!(None::<(Rc<LocalPool>, Option<Duration>)>.map(|(p, w)| acquire(p, w)));
+        let mut probe = pin!(None::<(ClientRd, Vec<u8>, CancelHandle)>.map(|(r, b, c)| probe_op(r, b, c)));
+        let mut probe_stop: Option<Canceller> = None;
         let mut timer = pin!(None::<Instant>.map(|d| monoio::time::sleep_until(d.into())));
         let mut timer_at: Option<(Instant, Deadline)> = None;
         let signal = self.signal.clone();
         let mut signal_seen = (false, false);
 
         loop {
-            // Client -> server: settle, process, write, or read more.
-            if up.is_none() && acq.is_none() {
-                let next = match self.next_up_step() {
+            // Client -> server: what is processed goes out; more is read when needed.
+            if swr.is_none() {
+                let next = match self.next_server_write() {
                     Ok(next) => next,
                     Err(e) => {
                         self.finish_client_write(cli.as_mut().as_pin_mut()).await;
                         return Err(e);
                     }
                 };
-                if let Some(step) = next {
-                    up.set(Some(run_step(step)));
-                } else if self.wants_acquire() {
-                    self.wait_started = Some(Instant::now());
-                    self.who.entry.entry.set_state(ConnState::Waiting);
-                    acq.set(Some(acquire(self.who.pool.clone(), self.wait_timeout)));
+                if let Some((w, b, n)) = next {
+                    swr.set(Some(write_op(w, b, n)));
+                }
+            }
+            if crd.is_none() && acq.is_none() && probe.is_none() {
+                match self.next_client_read() {
+                    Ok(Some((r, b))) => crd.set(Some(read_op(r, b))),
+                    Ok(None) => {
+                        if self.wants_acquire() {
+                            self.wait_started = Some(Instant::now());
+                            self.who.entry.entry.set_state(ConnState::Waiting);
+                            acq.set(Some(acquire(self.who.pool.clone(), self.wait_timeout)));
+                        }
+                    }
+                    Err(e) => {
+                        self.finish_client_write(cli.as_mut().as_pin_mut()).await;
+                        return Err(e);
+                    }
+                }
+            }
+            // While waiting for a server, notice a client that hangs up.
+            if acq.is_some() && probe.is_none() && !self.client_gone {
+                if let Some(rd) = self.c_rd.take() {
+                    let c = Canceller::new();
+                    probe.set(Some(probe_op(rd, Vec::with_capacity(256), c.handle())));
+                    probe_stop = Some(c);
                 }
             }
             // Server -> client.
@@ -325,6 +342,21 @@ impl Flow {
                 if let Some(op) = self.next_server_read() {
                     srv.set(Some(read_op(op.0, op.1)));
                 }
+            }
+            // Under transaction pooling, a SET the client ran is read back before the
+            // server goes to someone else. The server read may be armed: it will carry
+            // the answer.
+            if self.settings_changed
+                && self.mode == PoolMode::Transaction
+                && !self.client_gone
+                && self.server_wr_free()
+                && self.up_cur.skip == 0
+                && self.tracker.is_idle()
+                && self.queue.is_empty()
+            {
+                self.settings_changed = false;
+                self.inject_query(SNAPSHOT_QUERY, Injected::Snapshot);
+                continue;
             }
             // Hand the server back, or deal with a departed client's server. The client
             // read may stay armed: it holds no part of the server.
@@ -342,7 +374,7 @@ impl Flow {
                 srv.set(None);
                 self.abandon_server();
             }
-            if self.client_gone && self.server.is_none() && up.is_none() && acq.is_none() {
+            if self.client_gone && self.server.is_none() && swr.is_none() && acq.is_none() {
                 return Ok(());
             }
             let output_flushed = cli.is_none() && self.dfwd == 0 && self.dpend.is_empty();
@@ -363,10 +395,22 @@ impl Flow {
             }
 
             let event = poll_fn(|cx| {
-                if let Some(f) = up.as_mut().as_pin_mut() {
-                    if let Poll::Ready(d) = f.poll(cx) {
-                        up.set(None);
-                        return Poll::Ready(Event::Up(d));
+                if let Some(f) = crd.as_mut().as_pin_mut() {
+                    if let Poll::Ready((r, res, b)) = f.poll(cx) {
+                        crd.set(None);
+                        return Poll::Ready(Event::ClientRead(r, res, b));
+                    }
+                }
+                if let Some(f) = swr.as_mut().as_pin_mut() {
+                    if let Poll::Ready((w, res, b)) = f.poll(cx) {
+                        swr.set(None);
+                        return Poll::Ready(Event::ServerWrite(w, res, b));
+                    }
+                }
+                if let Some(f) = probe.as_mut().as_pin_mut() {
+                    if let Poll::Ready((r, res, b)) = f.poll(cx) {
+                        probe.set(None);
+                        return Poll::Ready(Event::Probe(r, res, b));
                     }
                 }
                 if let Some(f) = srv.as_mut().as_pin_mut() {
@@ -400,27 +444,44 @@ impl Flow {
             })
             .await;
 
+            if log::log_enabled!(log::Level::Trace) {
+                self.trace_event(&event);
+            }
             match event {
-                Event::Up(Done::Read(rd, res, buf)) => {
+                Event::ClientRead(rd, res, buf) => {
                     self.c_rd = Some(rd);
                     self.ubuf = Some(buf);
                     match res {
                         Ok(0) | Err(_) => self.client_gone = true,
-                        Ok(n) => {
-                            self.tally.bytes_in += n as u64;
-                            self.up_want = 0;
-                            if self.timeouts.client_idle.is_some() {
-                                self.last_activity = Instant::now();
-                            }
-                        }
+                        Ok(n) => self.client_sent(n),
                     }
                 }
-                Event::Up(Done::Write(wr, res, buf)) => {
+                Event::Probe(rd, res, buf) => {
+                    self.c_rd = Some(rd);
+                    probe_stop = None;
+                    match res {
+                        Ok(0) => {
+                            // Gone while waiting: stop waiting (the pool takes the wait back).
+                            self.client_gone = true;
+                            acq.set(None);
+                            self.wait_started = None;
+                        }
+                        Ok(n) => {
+                            if let Some(u) = self.ubuf.as_mut() {
+                                u.extend_from_slice(&buf[..n]);
+                            }
+                            self.client_sent(n);
+                        }
+                        // Cancelled because the server came, or a failed socket the next
+                        // read will report.
+                        Err(_) => {}
+                    }
+                }
+                Event::ServerWrite(wr, res, buf) => {
                     if let Some(s) = self.server.as_mut() {
                         s.wr = Some(wr);
                     }
-                    let done = self.up_write.take();
-                    match done {
+                    match self.up_write.take() {
                         Some(UpWrite::Range(n)) => {
                             let mut b = buf;
                             b.consume(n);
@@ -465,6 +526,9 @@ impl Flow {
                     self.settle_client_write(buf);
                 }
                 Event::Acquired(res) => {
+                    if let Some(c) = probe_stop.take() {
+                        let _ = c.cancel();
+                    }
                     if let Some(t) = self.wait_started.take() {
                         self.who.pool.stats().record_wait(t.elapsed());
                     }
@@ -473,7 +537,7 @@ impl Flow {
                 }
                 Event::Signal => {
                     if let Some(why) = self.signal.killed() {
-                        up.set(None);
+                        swr.set(None);
                         srv.set(None);
                         self.abandon_server();
                         return Err(SessionError::Killed(why));
@@ -489,7 +553,7 @@ impl Flow {
                     if Instant::now() < at {
                         continue;
                     }
-                    up.set(None);
+                    swr.set(None);
                     srv.set(None);
                     let code = match which {
                         Deadline::Rollback => {
@@ -542,64 +606,130 @@ impl Flow {
         None
     }
 
-    /// The next operation of the client -> server slot, if any.
-    fn next_up_step(&mut self) -> Result<Option<Step<ClientRd, ServerWr>>, SessionError> {
-        if let Some(kind) = self.up_write {
-            // Output is waiting for the server's write half.
-            let Some(wr) = self.server.as_mut().and_then(|s| s.wr.take()) else {
-                return Ok(None);
-            };
-            let step = match kind {
-                UpWrite::Range(n) => Step::Write(wr, self.ubuf.take().unwrap_or_else(|| MsgBuf::with_capacity(0)), n),
-                UpWrite::Copy(_) => {
-                    let out = self.uout.take().unwrap_or_else(|| MsgBuf::with_capacity(0));
-                    let n = out.len();
-                    Step::Write(wr, out, n)
+    /// One line per event at verbose = 2: what happened and the state it found.
+    fn trace_event(&self, event: &Event) {
+        let what = match event {
+            Event::ClientRead(_, r, _) => format!("client read {:?}", r.as_ref().ok()),
+            Event::ServerWrite(_, r, _) => format!("server write {:?}", r.as_ref().ok()),
+            Event::Probe(_, r, _) => format!("probe {:?}", r.as_ref().ok()),
+            Event::ServerRead(_, r, _) => format!("server read {:?}", r.as_ref().ok()),
+            Event::ClientWrite(_, r, _) => format!("client write {:?}", r.as_ref().ok()),
+            Event::Acquired(r) => format!("acquired {}", r.is_ok()),
+            Event::Deadline => "deadline".into(),
+            Event::Signal => "signal".into(),
+        };
+        log::trace!(
+            "C-{} {what}: server={} tracker={:?} queue={} upw={} blocked={} want={} ubuf={} dfwd={} dpend={} changed={} resetting={:?} gone={}",
+            self.who.id,
+            self.server.as_ref().map_or(0, |s| s.meta.id),
+            self.tracker,
+            self.queue.len(),
+            self.up_write.is_some(),
+            self.up_blocked,
+            self.up_want,
+            self.ubuf.as_ref().map_or(0, |b| b.len()),
+            self.dfwd,
+            self.dpend.len(),
+            self.settings_changed,
+            self.resetting,
+            self.client_gone,
+        );
+    }
+
+    /// Bookkeeping for bytes the client sent.
+    fn client_sent(&mut self, n: usize) {
+        self.tally.bytes_in += n as u64;
+        self.up_want = 0;
+        if self.timeouts.client_idle.is_some() {
+            self.last_activity = Instant::now();
+        }
+    }
+
+    /// The next write to the server: output already prepared, or what processing the
+    /// client's buffered bytes (or pgsilo's own needs) produces now.
+    fn next_server_write(&mut self) -> Result<Option<(ServerWr, MsgBuf, usize)>, SessionError> {
+        if self.up_write.is_none() {
+            self.prepare_server_write()?;
+        }
+        let Some(kind) = self.up_write else {
+            return Ok(None);
+        };
+        let Some(wr) = self.server.as_mut().and_then(|s| s.wr.take()) else {
+            return Ok(None);
+        };
+        let (buf, n) = match kind {
+            UpWrite::Range(n) => (self.ubuf.take(), n),
+            UpWrite::Copy(_) => {
+                let out = self.uout.take();
+                let n = out.as_ref().map_or(0, |o| o.len());
+                (out, n)
+            }
+        };
+        match buf {
+            Some(buf) => Ok(Some((wr, buf, n))),
+            None => {
+                // The buffer is in another operation; try again when it is back.
+                if let Some(s) = self.server.as_mut() {
+                    s.wr = Some(wr);
                 }
-            };
-            return Ok(Some(step));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Decides what goes to the server next, leaving it in `up_write`.
+    fn prepare_server_write(&mut self) -> Result<(), SessionError> {
+        if self.server.is_none() || !self.server_wr_free() {
+            return Ok(());
         }
         if self.up_blocked {
             if !self.queue.is_empty() {
-                return Ok(None);
+                return Ok(());
             }
             self.up_blocked = false;
         }
-        if self.resetting == Resetting::Done && self.queue.is_empty() && self.server_wr_free() {
+        if self.resetting == Resetting::Done && self.queue.is_empty() {
             self.resetting = Resetting::No;
             if self.inject_resync() {
-                return self.next_up_step();
+                return Ok(());
             }
         }
         let has_data = self.ubuf.as_ref().is_some_and(|b| !b.is_empty());
         if has_data && self.up_want == 0 {
-            if self.server.is_some() {
-                self.process_up()?;
-                if self.up_write.is_some() {
-                    return self.next_up_step();
-                }
-            } else {
-                let data = self.ubuf.as_ref().map(|b| b.data()).unwrap_or_default();
-                let p = upstream::peek(data)?;
-                if p.terminate {
-                    self.client_gone = true;
-                    return Ok(None);
-                }
-                if p.needs_server {
-                    return Ok(None);
-                }
-                // Stray COPY data after a failed COPY, or a bare Flush: the server would
-                // ignore it, so there is no need to find one.
-                if let Some(b) = self.ubuf.as_mut() {
-                    b.consume(p.whole);
-                }
-                if p.whole == 0 {
-                    self.up_want = crate::protocol::HEADER_LEN;
-                }
-            }
+            self.process_up()?;
         }
-        if self.client_gone {
+        Ok(())
+    }
+
+    /// The next read of the client, when nothing buffered can be acted on without more.
+    fn next_client_read(&mut self) -> Result<Option<(ClientRd, MsgBuf)>, SessionError> {
+        if self.client_gone || self.up_blocked || matches!(self.up_write, Some(UpWrite::Range(_))) {
             return Ok(None);
+        }
+        let has_data = self.ubuf.as_ref().is_some_and(|b| !b.is_empty());
+        if has_data && self.up_want == 0 {
+            if self.server.is_some() {
+                // Processing comes first (next_server_write); unprocessed bytes here
+                // wait for the server's write half.
+                return Ok(None);
+            }
+            let data = self.ubuf.as_ref().map(|b| b.data()).unwrap_or_default();
+            let p = upstream::peek(data)?;
+            if p.terminate {
+                self.client_gone = true;
+                return Ok(None);
+            }
+            if p.needs_server {
+                return Ok(None);
+            }
+            // Stray COPY data after a failed COPY, or a bare Flush: the server would
+            // ignore it, so there is no need to find one.
+            if let Some(b) = self.ubuf.as_mut() {
+                b.consume(p.whole);
+            }
+            if p.whole == 0 {
+                self.up_want = crate::protocol::HEADER_LEN;
+            }
         }
         let (Some(rd), Some(mut buf)) = (self.c_rd.take(), self.ubuf.take()) else {
             return Ok(None);
@@ -610,7 +740,7 @@ impl Flow {
                 .max(1024)
                 .min(self.pkt_buf.max(self.up_want)),
         );
-        Ok(Some(Step::Read(rd, buf)))
+        Ok(Some((rd, buf)))
     }
 
     fn wants_acquire(&self) -> bool {
@@ -797,7 +927,8 @@ impl Flow {
         };
         let whole = s.rd.is_some() && s.wr.is_some() && self.up_write.is_none();
         let nothing_partial = self.up_cur.skip == 0 && self.down_skip == 0 && self.dpartial == 0;
-        let mode_allows = (self.mode == PoolMode::Transaction && !self.pinned) || self.client_gone;
+        let mode_allows =
+            (self.mode == PoolMode::Transaction && !self.pinned && !self.settings_changed) || self.client_gone;
         whole && nothing_partial && mode_allows && self.tracker.is_idle()
     }
 
@@ -816,6 +947,8 @@ impl Flow {
             synth: &mut self.synth,
             pinned: &mut self.pinned,
             resetting: &mut self.resetting,
+            settings_changed: &mut self.settings_changed,
+            captured: &mut self.captured,
         };
         let was_pinned = *st.pinned;
         let r = downstream::process(buf.data(), &mut st, self.dpend.vec_mut())?;
@@ -838,11 +971,25 @@ impl Flow {
         if r.ready_for_query > 0 {
             self.timed(r.xact_ends > 0);
         }
-        if self.queue.resynced {
-            self.queue.resynced = false;
-            if let Some(server) = self.server.as_mut() {
-                after_sync(&mut self.who.settings, &mut server.meta, &self.welcome);
+        match self.queue.finished.take() {
+            Some(Injected::Resync) => {
+                if let Some(server) = self.server.as_mut() {
+                    after_sync(&mut self.who.settings, &mut server.meta, &self.welcome);
+                }
             }
+            Some(Injected::Snapshot) => {
+                let captured = std::mem::take(&mut self.captured);
+                if let Some(server) = self.server.as_mut() {
+                    apply_snapshot(
+                        &mut self.who.settings,
+                        &mut server.meta,
+                        &self.welcome,
+                        &self.initial,
+                        &captured,
+                    );
+                }
+            }
+            None => {}
         }
         Ok(())
     }
@@ -913,10 +1060,18 @@ impl Flow {
         self.flush_tally();
         let reset =
             !self.reset_query.is_empty() && ((self.mode == PoolMode::Session && self.client_gone) || self.reset_always);
-        // A departed listener's channels must not deliver to the next client.
+        // A departed listener's channels must not deliver to the next client, nor a
+        // departed client's SET (not yet read back) reach it.
         let unlisten = self.pinned && !reset;
-        if reset || unlisten {
-            let sql = if reset { self.reset_query.as_str() } else { "UNLISTEN *" };
+        let unset = self.settings_changed && !reset;
+        self.settings_changed = false;
+        if reset || unlisten || unset {
+            let sql = match (reset, unlisten, unset) {
+                (true, _, _) => self.reset_query.as_str(),
+                (_, true, true) => "UNLISTEN *; RESET ALL",
+                (_, true, false) => "UNLISTEN *",
+                _ => "RESET ALL",
+            };
             match conn.internal_query(sql).await {
                 Ok(o) if o.error.is_none() && o.tx_status == b'I' => {}
                 Ok(o) => {
@@ -947,13 +1102,18 @@ impl Flow {
         let Some(sql) = sync_statement(&self.who.settings, &server.meta) else {
             return false;
         };
+        self.inject_query(&sql, Injected::Resync);
+        true
+    }
+
+    /// Sends a query of pgsilo's own through the up slot; the queue swallows its answers.
+    fn inject_query(&mut self, sql: &str, why: Injected) {
         let out = self.uout.get_or_insert_with(|| MsgBuf::with_capacity(64));
         out.clear();
-        frontend::query(out.vec_mut(), &sql);
+        frontend::query(out.vec_mut(), sql);
         self.tracker.client_message(b'Q');
-        self.queue.push(Expect::InjectedQuery);
+        self.queue.push(Expect::InjectedQuery(why));
         self.up_write = Some(UpWrite::Copy(0));
-        true
     }
 
     /// The client left with its server inside a transaction and nothing in flight:
