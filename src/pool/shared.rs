@@ -1,15 +1,185 @@
 //! The instance-wide side of a pool: the hard cap on server connections for one
-//! (database, user), and what each worker advertises so others can find idle servers
-//! and waiting clients without locks.
+//! (database, user), the database's cap across its pools (max_db_connections), the
+//! server_login_retry gate, and what each worker advertises so others can find idle
+//! servers and waiting clients without locks.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use super::settings::Settings;
 use super::target::ServerTarget;
 use crate::config::PoolMode;
 use crate::metrics::PoolStats;
+
+/// What claiming a connection slot came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reserve {
+    Done,
+    /// The pool is at the limit asked for.
+    PoolFull,
+    /// The pool had room, the database (max_db_connections) did not.
+    DbFull,
+}
+
+/// One database's side, shared by its (database, user) pools: server connections across
+/// them all, against max_db_connections.
+pub struct DbShared {
+    pub name: String,
+    /// 0: unlimited.
+    cap: AtomicUsize,
+    /// Server connections open or being opened for all the database's pools.
+    total: AtomicUsize,
+    pools: RwLock<Vec<Weak<SharedPool>>>,
+}
+
+impl DbShared {
+    fn new(name: &str) -> DbShared {
+        DbShared {
+            name: name.to_string(),
+            cap: AtomicUsize::new(0),
+            total: AtomicUsize::new(0),
+            pools: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// max_db_connections; 0 is unlimited.
+    pub fn cap(&self) -> usize {
+        self.cap.load(SeqCst)
+    }
+
+    pub fn set_cap(&self, cap: usize) {
+        self.cap.store(cap, SeqCst);
+    }
+
+    pub fn total(&self) -> usize {
+        self.total.load(SeqCst)
+    }
+
+    fn try_reserve(&self) -> bool {
+        let cap = self.cap.load(SeqCst);
+        self.total
+            .fetch_update(SeqCst, SeqCst, |t| (cap == 0 || t < cap).then_some(t + 1))
+            .is_ok()
+    }
+
+    fn unreserve(&self) {
+        let _ = self.total.fetch_update(SeqCst, SeqCst, |t| t.checked_sub(1));
+    }
+
+    /// The database's pools.
+    pub fn pools(&self) -> Vec<Arc<SharedPool>> {
+        let pools = match self.pools.read() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        pools.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    fn add_pool(&self, pool: &Arc<SharedPool>) {
+        match self.pools.write() {
+            Ok(mut p) => p.push(Arc::downgrade(pool)),
+            Err(poisoned) => poisoned.into_inner().push(Arc::downgrade(pool)),
+        }
+    }
+}
+
+/// server_login_retry: after a failed connect or login, no new connection is tried for
+/// the pool until the retry time; then one attempt (the probe) goes, and the others wait
+/// for its outcome, as PgBouncer launches one connection at a time.
+#[derive(Default)]
+pub struct LoginGate {
+    /// Fast path: false while logins succeed, so the mutex is only taken after a failure.
+    failed: AtomicBool,
+    state: Mutex<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    retry_at: Option<Instant>,
+    probing: bool,
+}
+
+/// May a connection be opened now?
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Open,
+    /// The first attempt after a failure; it must be reported.
+    Probe,
+    /// Not yet: try again at the time given, or (None) when the probe in flight reports.
+    Closed(Option<Instant>),
+}
+
+impl LoginGate {
+    /// Whether an attempt would be admitted, without claiming the probe: `None` if so,
+    /// else when to look again (None inside: when the probe in flight reports).
+    pub fn blocked(&self, now: Instant) -> Option<Option<Instant>> {
+        match self.look(now, false) {
+            Admit::Closed(at) => Some(at),
+            Admit::Open | Admit::Probe => None,
+        }
+    }
+
+    /// Admits an attempt, claiming the probe if this is the first one after a failure.
+    pub fn admit(&self, now: Instant) -> Admit {
+        self.look(now, true)
+    }
+
+    fn look(&self, now: Instant, claim: bool) -> Admit {
+        if !self.failed.load(SeqCst) {
+            return Admit::Open;
+        }
+        let mut st = lock(&self.state);
+        if st.probing {
+            return Admit::Closed(None);
+        }
+        match st.retry_at {
+            Some(at) if now < at => Admit::Closed(Some(at)),
+            Some(_) => {
+                if claim {
+                    st.probing = true;
+                }
+                Admit::Probe
+            }
+            // A success raced in between the flag and the lock.
+            None => Admit::Open,
+        }
+    }
+
+    /// The outcome of an admitted attempt. Returns true when this opened a closed gate
+    /// (waiters held back by it may go now).
+    pub fn report(&self, probe: bool, ok: bool, retry: Duration, now: Instant) -> bool {
+        let mut st = lock(&self.state);
+        if probe {
+            st.probing = false;
+        }
+        if ok {
+            let was_closed = self.failed.swap(false, SeqCst);
+            st.retry_at = None;
+            return was_closed;
+        }
+        if !retry.is_zero() {
+            st.retry_at = Some(now + retry);
+            self.failed.store(true, SeqCst);
+        }
+        false
+    }
+
+    /// A probe given up before it finished (the client went away): someone else may try.
+    pub fn abandon(&self, probe: bool) {
+        if probe {
+            lock(&self.state).probing = false;
+        }
+    }
+}
+
+/// Milliseconds since the first pool was made, plus one: 0 means "nobody".
+fn stamp(at: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    at.saturating_duration_since(epoch).as_millis() as u64 + 1
+}
 
 pub struct SharedPool {
     pub id: usize,
@@ -26,6 +196,13 @@ pub struct SharedPool {
     /// other workers; the owning worker's lists are the truth.
     idle: Box<[AtomicUsize]>,
     waiting: Box<[AtomicUsize]>,
+    /// Per worker: when its longest-waiting client started waiting (`stamp`), 0 if none;
+    /// lets pools of one database serve their waiters oldest first under
+    /// max_db_connections.
+    oldest: Box<[AtomicU64]>,
+    /// The database this pool belongs to, with its other pools.
+    pub db: Arc<DbShared>,
+    pub gate: LoginGate,
     /// Settings a fresh server connection reports at login, handed to each new client.
     welcome: Mutex<Option<Arc<Settings>>>,
     /// ClientKey recovered from a client's SCRAM proof, for SCRAM passthrough.
@@ -37,6 +214,7 @@ pub struct SharedPool {
 }
 
 impl SharedPool {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: usize,
         database: &str,
@@ -45,7 +223,10 @@ impl SharedPool {
         cap: usize,
         target: ServerTarget,
         workers: usize,
+        db: Arc<DbShared>,
     ) -> SharedPool {
+        // Fixes the epoch of waiting-time stamps before any client can wait.
+        stamp(Instant::now());
         let counters = |n| {
             (0..n)
                 .map(|_| AtomicUsize::new(0))
@@ -62,6 +243,9 @@ impl SharedPool {
             total: AtomicUsize::new(0),
             idle: counters(workers),
             waiting: counters(workers),
+            oldest: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            db,
+            gate: LoginGate::default(),
             welcome: Mutex::new(None),
             scram_client_key: Mutex::new(None),
             validated: Mutex::new(HashMap::new()),
@@ -95,16 +279,33 @@ impl SharedPool {
         self.total.load(SeqCst)
     }
 
-    /// Claims one connection slot under the cap.
+    /// Claims one connection slot under the cap and under the database's cap.
     pub fn try_reserve(&self) -> bool {
-        let cap = self.cap.load(SeqCst);
-        self.total
-            .fetch_update(SeqCst, SeqCst, |t| (t < cap).then_some(t + 1))
-            .is_ok()
+        self.try_reserve_upto(self.cap()) == Reserve::Done
     }
 
+    /// Claims one connection slot with the pool below `limit` (the cap, the cap plus the
+    /// reserve pool, or min_pool_size) and the database below max_db_connections.
+    pub fn try_reserve_upto(&self, limit: usize) -> Reserve {
+        if self
+            .total
+            .fetch_update(SeqCst, SeqCst, |t| (t < limit).then_some(t + 1))
+            .is_err()
+        {
+            return Reserve::PoolFull;
+        }
+        if !self.db.try_reserve() {
+            let _ = self.total.fetch_update(SeqCst, SeqCst, |t| t.checked_sub(1));
+            return Reserve::DbFull;
+        }
+        Reserve::Done
+    }
+
+    /// Gives a slot back, to the pool and to the database.
     pub fn unreserve(&self) {
-        let _ = self.total.fetch_update(SeqCst, SeqCst, |t| t.checked_sub(1));
+        if self.total.fetch_update(SeqCst, SeqCst, |t| t.checked_sub(1)).is_ok() {
+            self.db.unreserve();
+        }
     }
 
     pub(crate) fn idle_add(&self, worker: usize, delta: isize) {
@@ -113,6 +314,26 @@ impl SharedPool {
 
     pub(crate) fn waiting_add(&self, worker: usize, delta: isize) {
         add(&self.waiting[worker], delta);
+    }
+
+    /// Advertises when this worker's longest-waiting client started waiting.
+    pub(crate) fn set_oldest(&self, worker: usize, since: Option<Instant>) {
+        self.oldest[worker].store(since.map_or(0, stamp), SeqCst);
+    }
+
+    /// When the longest-waiting client across workers started waiting (a `stamp`), and on
+    /// which worker.
+    pub(crate) fn oldest_waiter(&self) -> Option<(u64, usize)> {
+        self.oldest
+            .iter()
+            .enumerate()
+            .map(|(w, s)| (s.load(SeqCst), w))
+            .filter(|(s, _)| *s != 0)
+            .min()
+    }
+
+    pub(crate) fn stamp_of(at: Instant) -> u64 {
+        stamp(at)
     }
 
     pub fn idle_count(&self) -> usize {
@@ -128,8 +349,23 @@ impl SharedPool {
         self.find_other(&self.waiting, me)
     }
 
+    /// Every other worker with clients waiting, starting after `me`.
+    pub(crate) fn workers_with_waiters(&self, me: usize) -> Vec<usize> {
+        let n = self.waiting.len();
+        (1..n)
+            .map(|i| (me + i) % n)
+            .filter(|&w| self.waiting[w].load(SeqCst) > 0)
+            .collect()
+    }
+
     pub(crate) fn worker_with_idle(&self, me: usize) -> Option<usize> {
         self.find_other(&self.idle, me)
+    }
+
+    /// A worker holding idle servers, `me` first.
+    pub(crate) fn any_worker_with_idle(&self, me: usize) -> Option<usize> {
+        let n = self.idle.len();
+        (0..n).map(|i| (me + i) % n).find(|&w| self.idle[w].load(SeqCst) > 0)
     }
 
     fn find_other(&self, counters: &[AtomicUsize], me: usize) -> Option<usize> {
@@ -188,10 +424,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// All pools of the instance, created on first use.
+/// All pools of the instance, created on first use, and their databases.
 pub struct PoolRegistry {
     workers: usize,
     pools: Mutex<Vec<Arc<SharedPool>>>,
+    dbs: Mutex<HashMap<String, Arc<DbShared>>>,
 }
 
 impl PoolRegistry {
@@ -199,7 +436,13 @@ impl PoolRegistry {
         PoolRegistry {
             workers,
             pools: Mutex::new(Vec::new()),
+            dbs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The database's shared side, if any of its pools exists.
+    pub fn db(&self, database: &str) -> Option<Arc<DbShared>> {
+        lock(&self.dbs).get(database).cloned()
     }
 
     pub fn get_or_create(
@@ -213,6 +456,10 @@ impl PoolRegistry {
             return p.clone();
         }
         let (mode, cap, target) = make();
+        let db = lock(&self.dbs)
+            .entry(database.to_string())
+            .or_insert_with(|| Arc::new(DbShared::new(database)))
+            .clone();
         let pool = Arc::new(SharedPool::new(
             pools.len(),
             database,
@@ -221,7 +468,9 @@ impl PoolRegistry {
             cap,
             target,
             self.workers,
+            db.clone(),
         ));
+        db.add_pool(&pool);
         pools.push(pool.clone());
         pool
     }
