@@ -178,16 +178,17 @@ impl LocalPool {
         let deadline = wait_timeout.map(|t| Instant::now() + t);
         let mut since = None;
         loop {
-            let grant = match self.grant_now() {
-                Some(g) => g,
+            // A server straight from the idle list was peeked at a moment ago.
+            let (grant, peeked) = match self.grant_now() {
+                Some(g) => (g, true),
                 None => {
                     let since = *since.get_or_insert_with(Instant::now);
-                    self.wait(deadline, since).await?
+                    (self.wait(deadline, since).await?, false)
                 }
             };
             match grant {
                 Grant::Server(conn) => {
-                    if let Some(conn) = self.checked(*conn).await {
+                    if let Some(conn) = self.checked(*conn, peeked).await {
                         return Ok(conn);
                     }
                 }
@@ -277,8 +278,8 @@ impl LocalPool {
     /// A server for a client, once it passes the cheap liveness peek and, when it sat
     /// unused longer than server_check_delay, server_check_query. A server failing either
     /// is closed (its slot freed) and None returned.
-    async fn checked(&self, conn: ServerConn) -> Option<ServerConn> {
-        if !conn.is_alive() {
+    async fn checked(&self, conn: ServerConn, peeked: bool) -> Option<ServerConn> {
+        if !peeked && !conn.is_alive() {
             self.close(conn, "server conn crashed or was terminated while idle");
             return None;
         }
