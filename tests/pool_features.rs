@@ -484,9 +484,40 @@ async fn max_db_connections_caps_a_database_across_users_without_starving_any() 
                 .expect("every query succeeds"),
         );
     }
+    assert_eq!(done.iter().filter(|u| **u == "md5_user").count(), 4);
+
+    // One user keeps the database busy without a pause; a query of the other user must
+    // not wait for that load to end: the client waiting longest gets the next room.
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (silo, busy) = (silo.clone(), busy.clone());
+        load.push(tokio::spawn(async move {
+            let c = silo.connect("scram_user", "scram_pass", "app_db").await.expect("login");
+            while busy.load(Ordering::SeqCst) {
+                c.simple_query("SELECT pg_sleep(0.02)").await.expect("scram_user query");
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = silo.connect("md5_user", "md5_pass", "app_db").await.expect("login");
+    let served = tokio::time::timeout(HANG, b.simple_query("SELECT 1")).await;
+    let load_still_running = load.iter().all(|t| !t.is_finished());
+    busy.store(false, Ordering::SeqCst);
+    served.expect("md5_user must not starve").expect("md5_user query");
+    assert!(
+        load_still_running,
+        "md5_user was served only once scram_user's load had ended"
+    );
+    for t in load {
+        tokio::time::timeout(HANG, t)
+            .await
+            .expect("load ends")
+            .expect("load task");
+    }
+
     stop.store(true, Ordering::SeqCst);
     sampler.await.expect("sampler");
-    assert_eq!(done.iter().filter(|u| **u == "md5_user").count(), 4);
     let peak = peak.load(Ordering::SeqCst);
     assert!(
         peak <= 2,
