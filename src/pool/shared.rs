@@ -483,3 +483,96 @@ impl PoolRegistry {
         lock(&self.pools).get(id).cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::Credential;
+
+    fn target() -> ServerTarget {
+        ServerTarget {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            dbname: "app".into(),
+            user: "u".into(),
+            credential: Credential::None,
+            connect_timeout: Duration::from_secs(1),
+            tcp_keepalive: false,
+        }
+    }
+
+    #[test]
+    fn login_gate_holds_back_until_the_retry_time_then_admits_one_probe() {
+        let gate = LoginGate::default();
+        let t0 = Instant::now();
+        let retry = Duration::from_secs(15);
+        assert_eq!(gate.admit(t0), Admit::Open);
+        assert!(!gate.report(false, false, retry, t0));
+        let at = t0 + retry;
+        assert_eq!(gate.blocked(t0), Some(Some(at)));
+        assert_eq!(gate.admit(t0 + Duration::from_secs(1)), Admit::Closed(Some(at)));
+        // After the retry time, one attempt goes; the others wait for its outcome.
+        assert_eq!(gate.blocked(at), None);
+        assert_eq!(gate.admit(at), Admit::Probe);
+        assert_eq!(gate.admit(at), Admit::Closed(None));
+        // It fails: another retry interval.
+        gate.report(true, false, retry, at);
+        assert_eq!(gate.admit(at), Admit::Closed(Some(at + retry)));
+        // A probe given up lets the next one go.
+        assert_eq!(gate.admit(at + retry), Admit::Probe);
+        gate.abandon(true);
+        assert_eq!(gate.admit(at + retry), Admit::Probe);
+        // Success opens the gate, and says so once.
+        assert!(gate.report(true, true, retry, at + retry));
+        assert_eq!(gate.admit(at + retry), Admit::Open);
+        assert!(!gate.report(false, true, retry, at + retry));
+    }
+
+    #[test]
+    fn login_gate_with_zero_retry_never_closes() {
+        let gate = LoginGate::default();
+        let now = Instant::now();
+        gate.report(false, false, Duration::ZERO, now);
+        assert_eq!(gate.admit(now), Admit::Open);
+    }
+
+    #[test]
+    fn reservations_respect_the_pool_limit_and_the_database_cap() {
+        let registry = PoolRegistry::new(2);
+        let a = registry.get_or_create("app", "a", || (PoolMode::Transaction, 2, target()));
+        let b = registry.get_or_create("app", "b", || (PoolMode::Transaction, 2, target()));
+        let other = registry.get_or_create("other", "a", || (PoolMode::Transaction, 2, target()));
+        assert!(Arc::ptr_eq(&a.db, &b.db) && !Arc::ptr_eq(&a.db, &other.db));
+        assert_eq!(a.db.pools().len(), 2);
+        a.db.set_cap(3);
+        assert_eq!(a.try_reserve_upto(2), Reserve::Done);
+        assert_eq!(a.try_reserve_upto(2), Reserve::Done);
+        assert_eq!(a.try_reserve_upto(2), Reserve::PoolFull);
+        // The reserve pool lets the pool past its cap, but not the database.
+        assert_eq!(b.try_reserve_upto(2), Reserve::Done);
+        assert_eq!(a.try_reserve_upto(3), Reserve::DbFull);
+        assert_eq!((a.total(), b.total(), a.db.total()), (2, 1, 3));
+        // Another database is not affected.
+        assert_eq!(other.try_reserve_upto(2), Reserve::Done);
+        a.unreserve();
+        assert_eq!(b.try_reserve_upto(2), Reserve::Done);
+        assert_eq!((a.total(), b.total(), a.db.total()), (1, 2, 3));
+        // Unlimited when max_db_connections is 0.
+        a.db.set_cap(0);
+        assert_eq!(a.try_reserve_upto(5), Reserve::Done);
+        assert_eq!(registry.db("app").map(|d| d.total()), Some(4));
+    }
+
+    #[test]
+    fn the_oldest_waiter_is_found_across_workers() {
+        let registry = PoolRegistry::new(3);
+        let p = registry.get_or_create("app", "a", || (PoolMode::Transaction, 2, target()));
+        assert_eq!(p.oldest_waiter(), None);
+        let t = Instant::now();
+        p.set_oldest(2, Some(t + Duration::from_millis(50)));
+        p.set_oldest(1, Some(t));
+        assert_eq!(p.oldest_waiter().map(|(_, w)| w), Some(1));
+        p.set_oldest(1, None);
+        assert_eq!(p.oldest_waiter().map(|(_, w)| w), Some(2));
+    }
+}
