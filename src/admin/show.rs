@@ -284,7 +284,8 @@ fn databases(instance: &Instance) -> ResultSet {
     let pools = instance.pools.all();
     for (name, db) in &config.databases {
         let mine: Vec<_> = pools.iter().filter(|p| &p.database == name).collect();
-        let current: usize = mine.iter().map(|p| p.total()).sum();
+        // Server connections across the database's pools, as max_db_connections counts them.
+        let current = instance.pools.db(name).map_or(0, |d| d.total());
         let paused = mine.iter().any(|p| p.paused.load(std::sync::atomic::Ordering::SeqCst));
         rs.row(vec![
             t(name),
@@ -293,8 +294,8 @@ fn databases(instance: &Instance) -> ResultSet {
             t(&db.dbname),
             db.user.clone(),
             n(db.effective_pool_size(g)),
-            n(g.min_pool_size),
-            n(g.reserve_pool_size),
+            n(db.effective_min_pool_size(g)),
+            n(db.effective_reserve_pool(g)),
             t(db.effective_pool_mode(g).as_str()),
             n(db.max_db_connections),
             n(current),

@@ -29,6 +29,11 @@ pub struct Database {
     pub pool_size: Option<usize>,
     /// `pool_mode`: overrides the `[pgsilo]` pool_mode for this database.
     pub pool_mode: Option<PoolMode>,
+    /// `min_pool_size`: overrides the `[pgsilo]` min_pool_size for this database's pools.
+    pub min_pool_size: Option<usize>,
+    /// `reserve_pool`: overrides `reserve_pool_size` for this database's pools (PgBouncer's
+    /// per-database name for it).
+    pub reserve_pool: Option<usize>,
     /// `max_db_connections`: server connections to this database across users; 0 =
     /// unlimited. Default: the `[pgsilo]` value.
     pub max_db_connections: usize,
@@ -42,6 +47,17 @@ impl Database {
 
     pub fn effective_pool_mode(&self, g: &General) -> PoolMode {
         self.pool_mode.unwrap_or(g.pool_mode)
+    }
+
+    /// Server connections each of this database's pools keeps open even when idle.
+    pub fn effective_min_pool_size(&self, g: &General) -> usize {
+        self.min_pool_size.unwrap_or(g.min_pool_size)
+    }
+
+    /// Extra connections each of this database's pools may open for clients that waited
+    /// reserve_pool_timeout.
+    pub fn effective_reserve_pool(&self, g: &General) -> usize {
+        self.reserve_pool.unwrap_or(g.reserve_pool_size)
     }
 
     /// Reads the table. As with `General::read`, the result is only meaningful when the
@@ -81,6 +97,8 @@ impl Database {
         }
         let pool_size = section.opt_uint("pool_size", 1);
         let pool_mode = read_pool_mode(section, "pool_mode");
+        let min_pool_size = section.opt_uint("min_pool_size", 0);
+        let reserve_pool = section.opt_uint("reserve_pool", 0);
         let max_db_connections = section
             .opt_uint("max_db_connections", 0)
             .unwrap_or(general.max_db_connections);
@@ -93,6 +111,8 @@ impl Database {
             password,
             pool_size,
             pool_mode,
+            min_pool_size,
+            reserve_pool,
             max_db_connections,
         }
     }

@@ -111,6 +111,9 @@ pub struct General {
     pub min_pool_size: usize,
     /// `reserve_pool_size`: extra connections for pools that keep clients waiting. Default 0.
     pub reserve_pool_size: usize,
+    /// `reserve_pool_timeout`: how long a client waits before a reserve connection may be
+    /// opened for it; `None` (0) disables the reserve pool. Default 5 s.
+    pub reserve_pool_timeout: Option<Duration>,
     /// `max_db_connections`: server connections per database across users; 0 = unlimited.
     pub max_db_connections: usize,
     /// `max_prepared_statements`: prepared statements tracked per server connection in
@@ -121,6 +124,9 @@ pub struct General {
     pub server_reset_query: Option<String>,
     /// `server_reset_query_always`: run the reset query in transaction mode too. Default false.
     pub server_reset_query_always: bool,
+    /// `server_check_query`: run on a server idle longer than server_check_delay before
+    /// a client gets it; `None` when set to the empty string (no check). Default "select 1".
+    pub server_check_query: Option<String>,
     /// `server_check_delay`: how long a released connection is reused without a health
     /// check; zero checks every time. Default 30 s.
     pub server_check_delay: Duration,
@@ -198,10 +204,12 @@ impl General {
         "default_pool_size",
         "min_pool_size",
         "reserve_pool_size",
+        "reserve_pool_timeout",
         "max_db_connections",
         "max_prepared_statements",
         "server_reset_query",
         "server_reset_query_always",
+        "server_check_query",
         "server_check_delay",
         "server_connect_timeout",
         "server_login_retry",
@@ -243,10 +251,12 @@ impl General {
             default_pool_size: 20,
             min_pool_size: 0,
             reserve_pool_size: 0,
+            reserve_pool_timeout: Some(Duration::from_secs(5)),
             max_db_connections: 0,
             max_prepared_statements: 200,
             server_reset_query: Some("DISCARD ALL".to_string()),
             server_reset_query_always: false,
+            server_check_query: Some("select 1".to_string()),
             server_check_delay: Duration::from_secs(30),
             server_connect_timeout: Some(Duration::from_secs(15)),
             server_login_retry: Duration::from_secs(15),
@@ -303,6 +313,7 @@ impl General {
         let default_pool_size = section.uint("default_pool_size", d.default_pool_size, 1);
         let min_pool_size = section.uint("min_pool_size", d.min_pool_size, 0);
         let reserve_pool_size = section.uint("reserve_pool_size", d.reserve_pool_size, 0);
+        let reserve_pool_timeout = section.timeout("reserve_pool_timeout", d.reserve_pool_timeout);
         let max_db_connections = section.uint("max_db_connections", d.max_db_connections, 0);
         let max_prepared_statements = section.uint("max_prepared_statements", d.max_prepared_statements, 0);
         let server_reset_query = match section.string("server_reset_query") {
@@ -311,6 +322,11 @@ impl General {
             None => d.server_reset_query,
         };
         let server_reset_query_always = section.bool("server_reset_query_always", d.server_reset_query_always);
+        let server_check_query = match section.string("server_check_query") {
+            Some((query, _)) if query.trim().is_empty() => None,
+            Some((query, _)) => Some(query),
+            None => d.server_check_query,
+        };
         let server_check_delay = section.seconds("server_check_delay", d.server_check_delay);
         let server_connect_timeout = section.timeout("server_connect_timeout", d.server_connect_timeout);
         let server_login_retry = section.seconds("server_login_retry", d.server_login_retry);
@@ -375,10 +391,12 @@ impl General {
             default_pool_size,
             min_pool_size,
             reserve_pool_size,
+            reserve_pool_timeout,
             max_db_connections,
             max_prepared_statements,
             server_reset_query,
             server_reset_query_always,
+            server_check_query,
             server_check_delay,
             server_connect_timeout,
             server_login_retry,
@@ -437,6 +455,7 @@ impl General {
             ("default_pool_size", self.default_pool_size.to_string()),
             ("min_pool_size", self.min_pool_size.to_string()),
             ("reserve_pool_size", self.reserve_pool_size.to_string()),
+            ("reserve_pool_timeout", timeout(self.reserve_pool_timeout)),
             ("max_db_connections", self.max_db_connections.to_string()),
             ("max_prepared_statements", self.max_prepared_statements.to_string()),
             (
@@ -444,6 +463,10 @@ impl General {
                 self.server_reset_query.clone().unwrap_or_default(),
             ),
             ("server_reset_query_always", self.server_reset_query_always.to_string()),
+            (
+                "server_check_query",
+                self.server_check_query.clone().unwrap_or_default(),
+            ),
             ("server_check_delay", seconds_text(self.server_check_delay)),
             ("server_connect_timeout", timeout(self.server_connect_timeout)),
             ("server_login_retry", seconds_text(self.server_login_retry)),

@@ -327,6 +327,8 @@ mod tests {
         assert_eq!(g.server_reset_query.as_deref(), Some("DISCARD ALL"));
         assert!(!g.server_reset_query_always);
         assert_eq!(g.server_check_delay, Duration::from_secs(30));
+        assert_eq!(g.server_check_query.as_deref(), Some("select 1"));
+        assert_eq!(g.reserve_pool_timeout, Some(Duration::from_secs(5)));
         assert_eq!(g.server_connect_timeout, Some(Duration::from_secs(15)));
         assert_eq!(g.server_login_retry, Duration::from_secs(15));
         assert_eq!(g.query_wait_timeout, Some(Duration::from_secs(120)));
@@ -357,6 +359,7 @@ mod tests {
         assert_eq!(db.max_db_connections, 0);
         assert_eq!(db.effective_pool_size(g), 20);
         assert_eq!(db.effective_pool_mode(g), PoolMode::Session);
+        assert_eq!((db.effective_min_pool_size(g), db.effective_reserve_pool(g)), (0, 0));
     }
 
     #[test]
@@ -376,10 +379,12 @@ max_client_conn = 1000
 default_pool_size = 10
 min_pool_size = 2
 reserve_pool_size = 3
+reserve_pool_timeout = 0
 max_db_connections = 50
 max_prepared_statements = 0
 server_reset_query = ""
 server_reset_query_always = true
+server_check_query = ""
 server_check_delay = 0
 server_connect_timeout = 5
 server_login_retry = 1
@@ -412,6 +417,8 @@ user = "app"
 password = "secret"
 pool_size = 4
 pool_mode = "session"
+min_pool_size = 1
+reserve_pool = 2
 max_db_connections = 8
 "#,
         );
@@ -446,6 +453,9 @@ max_db_connections = 8
         assert_eq!(db.effective_pool_size(g), 4);
         assert_eq!(db.effective_pool_mode(g), PoolMode::Session);
         assert_eq!(db.max_db_connections, 8);
+        assert_eq!((db.effective_min_pool_size(g), db.effective_reserve_pool(g)), (1, 2));
+        assert_eq!(g.reserve_pool_timeout, None);
+        assert_eq!(g.server_check_query, None);
 
         let items: BTreeMap<_, _> = c.config_items().into_iter().collect();
         assert_eq!(items["idle_transaction_timeout"], "0.5");

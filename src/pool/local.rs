@@ -1,12 +1,28 @@
 //! One worker's share of a pool: its idle servers, its waiting clients, and the
-//! hand-over protocol that keeps the instance-wide cap without letting a client wait
+//! hand-over protocol that keeps the instance-wide caps without letting a client wait
 //! while another worker sits on an idle server.
 //!
 //! The rule that makes hand-over race-free is Dekker's: a worker publishes its own state
 //! (an idle server, a waiting client, a freed slot) before it looks at the other workers'
 //! advertisements, with sequentially consistent atomics. Of two workers acting at once,
 //! at least one sees the other, and duplicates are harmless (a steal request finding
-//! nothing is ignored; a server arriving with no one waiting goes idle).
+//! nothing is ignored; a server arriving with no one waiting goes idle; a kick finding
+//! nothing to do does nothing).
+//!
+//! A client waits for one of three reasons, and each has its wake-up:
+//! - the pool is at its cap: a released server or a freed slot is handed to it, from this
+//!   worker or another (`Handover`, `Slot`); after reserve_pool_timeout it may open one of
+//!   reserve_pool_size extra connections (the front waiter's alarm);
+//! - server_login_retry: a connect or login failed recently; the front waiter's alarm
+//!   goes at the retry time, one attempt (the probe) goes, and its outcome wakes the
+//!   others (`Kick`);
+//! - max_db_connections: the database is full across its pools. The client whose wait
+//!   began earliest, in whichever pool, gets the database's next slot: a pool releasing a
+//!   server while an older client of another pool waits closes it instead ("evicted") and
+//!   kicks that pool; a waiter finding the database full asks a worker holding an idle
+//!   server of another pool to close it (`Evict`).
+//!
+//! The one-second maintenance tick serves waiters again as a safety net.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -21,8 +37,9 @@ use futures_channel::mpsc::UnboundedSender;
 
 use super::connect::connect;
 use super::server::{ServerConn, ServerParts};
-use super::shared::SharedPool;
+use super::shared::{Admit, Reserve, SharedPool};
 use super::PoolError;
+use crate::config::Config;
 use crate::metrics::{ConnState, WorkerPoolStats};
 
 /// Messages between workers about one pool.
@@ -34,8 +51,27 @@ pub enum PoolMsg {
         pool: Arc<SharedPool>,
         parts: Box<ServerParts>,
     },
-    /// One connection slot under the cap, transferred: the receiver may open a server.
+    /// One connection slot under the caps, transferred: the receiver may open a server.
     Slot { pool: Arc<SharedPool> },
+    /// "Look at your waiting clients again": a slot went back under a cap, the login gate
+    /// opened or closed, or another pool of the database freed room.
+    Kick { pool: Arc<SharedPool> },
+    /// "Close an idle server of this pool": a client of another pool of the same database
+    /// waits for room under max_db_connections.
+    Evict { pool: Arc<SharedPool> },
+}
+
+impl PoolMsg {
+    /// The pool the message is about.
+    pub fn pool(&self) -> &Arc<SharedPool> {
+        match self {
+            PoolMsg::Steal { pool, .. }
+            | PoolMsg::Handover { pool, .. }
+            | PoolMsg::Slot { pool }
+            | PoolMsg::Kick { pool }
+            | PoolMsg::Evict { pool } => pool,
+        }
+    }
 }
 
 /// The senders of every worker's pool inbox, indexed by worker.
@@ -50,6 +86,9 @@ enum Grant {
 struct Waiter {
     grant: RefCell<Option<Grant>>,
     waker: Cell<Option<Waker>>,
+    /// When the client began waiting for this server (kept if it has to wait again): its
+    /// place in the queue, its claim on the reserve pool, and its turn in the database.
+    since: Instant,
 }
 
 pub struct LocalPool {
@@ -58,9 +97,20 @@ pub struct LocalPool {
     postman: Postman,
     /// LIFO, like PgBouncer's default: the most recently used server is warmest.
     idle: RefCell<Vec<ServerConn>>,
+    /// Ordered by `since`, oldest first.
     waiters: RefCell<VecDeque<Rc<Waiter>>>,
+    /// When the front waiter should look again (login retry time, reserve_pool_timeout);
+    /// its wait sleeps until then.
+    recheck_at: Cell<Option<Instant>>,
     pub server_idle_timeout: Cell<Duration>,
     pub server_lifetime: Cell<Duration>,
+    check_delay: Cell<Duration>,
+    check_query: RefCell<Option<Rc<str>>>,
+    login_retry: Cell<Duration>,
+    reserve_size: Cell<usize>,
+    /// None: the reserve pool is disabled.
+    reserve_timeout: Cell<Option<Duration>>,
+    min_size: Cell<usize>,
 }
 
 impl LocalPool {
@@ -71,9 +121,36 @@ impl LocalPool {
             postman,
             idle: RefCell::new(Vec::new()),
             waiters: RefCell::new(VecDeque::new()),
+            recheck_at: Cell::new(None),
             server_idle_timeout: Cell::new(Duration::from_secs(600)),
             server_lifetime: Cell::new(Duration::from_secs(3600)),
+            check_delay: Cell::new(Duration::from_secs(30)),
+            check_query: RefCell::new(Some(Rc::from("select 1"))),
+            login_retry: Cell::new(Duration::from_secs(15)),
+            reserve_size: Cell::new(0),
+            reserve_timeout: Cell::new(Some(Duration::from_secs(5))),
+            min_size: Cell::new(0),
         }
+    }
+
+    /// Takes the pool's settings from the configuration (at creation and on reload).
+    pub fn configure(&self, config: &Config) {
+        let g = &config.general;
+        let db = config.databases.get(&self.shared.database);
+        self.server_idle_timeout
+            .set(g.server_idle_timeout.unwrap_or(Duration::ZERO));
+        self.server_lifetime.set(g.server_lifetime);
+        self.check_delay.set(g.server_check_delay);
+        *self.check_query.borrow_mut() = g.server_check_query.as_deref().map(Rc::from);
+        self.login_retry.set(g.server_login_retry);
+        self.reserve_timeout.set(g.reserve_pool_timeout);
+        self.reserve_size
+            .set(db.map_or(g.reserve_pool_size, |d| d.effective_reserve_pool(g)));
+        self.min_size
+            .set(db.map_or(g.min_pool_size, |d| d.effective_min_pool_size(g)));
+        self.shared
+            .db
+            .set_cap(db.map_or(g.max_db_connections, |d| d.max_db_connections));
     }
 
     /// This worker's counters for the pool.
@@ -94,35 +171,66 @@ impl LocalPool {
         self.waiters.borrow().len()
     }
 
-    /// Gets a server for a client: an idle one here, a new one under the cap, or the next
-    /// one released anywhere in the instance. Gives up after `wait_timeout` (None: never).
+    /// Gets a server for a client: an idle one here, a new one under the caps, or the
+    /// next one released anywhere in the instance. Gives up after `wait_timeout` (None:
+    /// never).
     pub async fn acquire(self: &Rc<Self>, wait_timeout: Option<Duration>) -> Result<ServerConn, PoolError> {
         let deadline = wait_timeout.map(|t| Instant::now() + t);
+        let mut since = None;
         loop {
-            if !self.paused() {
-                if let Some(conn) = self.pop_idle() {
-                    return Ok(conn);
+            // A server straight from the idle list was peeked at a moment ago.
+            let (grant, peeked) = match self.grant_now() {
+                Some(g) => (g, true),
+                None => {
+                    let since = *since.get_or_insert_with(Instant::now);
+                    (self.wait(deadline, since).await?, false)
                 }
-                if self.shared.try_reserve() {
-                    return self.open().await;
-                }
-            }
-            match self.wait(deadline).await? {
-                Grant::Server(conn) if conn.is_alive() => return Ok(*conn),
+            };
+            match grant {
                 Grant::Server(conn) => {
-                    drop(conn);
-                    self.slot_freed();
+                    if let Some(conn) = self.checked(*conn, peeked).await {
+                        return Ok(conn);
+                    }
                 }
-                Grant::Slot => return self.open().await,
+                Grant::Slot => match self.open().await {
+                    Ok(conn) => return Ok(conn),
+                    Err(Some(e)) => return Err(e),
+                    // The login gate closed meanwhile: wait for the retry like the others.
+                    Err(None) => {}
+                },
             }
+            since.get_or_insert_with(Instant::now);
         }
     }
 
-    /// Opens a server on a slot this worker already holds; the slot goes on to someone
-    /// else if the connection fails.
-    async fn open(self: &Rc<Self>) -> Result<ServerConn, PoolError> {
-        let stats = self.stats();
-        WorkerPoolStats::add(&stats.servers_login, 1);
+    /// A server or a slot at once, unless clients here wait already: they go first.
+    fn grant_now(&self) -> Option<Grant> {
+        if self.paused() || !self.waiters.borrow().is_empty() {
+            return None;
+        }
+        if let Some(conn) = self.pop_idle() {
+            return Some(Grant::Server(Box::new(conn)));
+        }
+        let now = Instant::now();
+        if self.shared.gate.blocked(now).is_some() || !self.db_turn(SharedPool::stamp_of(now)) {
+            return None;
+        }
+        (self.shared.try_reserve_upto(self.shared.cap()) == Reserve::Done).then_some(Grant::Slot)
+    }
+
+    /// Opens a server on a slot this worker holds; the slot goes on to someone else if
+    /// the connection fails. `Err(None)`: server_login_retry holds new connections back
+    /// for now, and the slot has been given back.
+    async fn open(self: &Rc<Self>) -> Result<ServerConn, Option<PoolError>> {
+        let probe = match self.shared.gate.admit(Instant::now()) {
+            Admit::Open => false,
+            Admit::Probe => true,
+            Admit::Closed(_) => {
+                self.slot_freed();
+                return Err(None);
+            }
+        };
+        let mut attempt = Attempt::new(self, probe);
         let target = self.shared.target();
         let res = connect(
             &target,
@@ -131,9 +239,14 @@ impl LocalPool {
             self.worker,
         )
         .await;
-        WorkerPoolStats::add(&stats.servers_login, -1);
+        attempt.settled = true;
+        let now = Instant::now();
         match res {
             Ok(conn) => {
+                if self.shared.gate.report(probe, true, self.login_retry.get(), now) {
+                    // The server is back: clients held back by the retry time may go.
+                    self.wake_all();
+                }
                 self.shared.set_welcome(&conn.meta.settings);
                 log::info!(
                     "S-{}: {}/{}@{} new connection to server (pid {})",
@@ -146,10 +259,53 @@ impl LocalPool {
                 Ok(conn)
             }
             Err(e) => {
+                log::warn!(
+                    "{}/{}@{}:{} could not open a server connection: {e}",
+                    self.shared.database,
+                    target.user,
+                    target.host,
+                    target.port
+                );
+                self.shared.gate.report(probe, false, self.login_retry.get(), now);
+                // With the gate closed the slot is not passed on; the waiters here and
+                // on the other workers set their alarms for the retry time instead.
                 self.slot_freed();
-                Err(e)
+                Err(Some(e))
             }
         }
+    }
+
+    /// A server for a client, once it passes the cheap liveness peek and, when it sat
+    /// unused longer than server_check_delay, server_check_query. A server failing either
+    /// is closed (its slot freed) and None returned.
+    async fn checked(&self, conn: ServerConn, peeked: bool) -> Option<ServerConn> {
+        if !peeked && !conn.is_alive() {
+            self.close(conn, "server conn crashed or was terminated while idle");
+            return None;
+        }
+        let query = self.check_query.borrow().clone();
+        let Some(query) = query.filter(|_| conn.meta.last_used.elapsed() >= self.check_delay.get()) else {
+            return Some(conn);
+        };
+        let limit = self.shared.target().connect_timeout;
+        let mut held = Checking {
+            pool: self,
+            conn: Some(conn),
+        };
+        let conn = held.conn.as_mut()?;
+        let why = match monoio::time::timeout(limit, conn.internal_query(&query)).await {
+            Ok(Ok(o)) if o.error.is_none() && o.tx_status == b'I' => return held.conn.take(),
+            Ok(Ok(o)) => o
+                .error
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "it left a transaction open".to_string()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {limit:?}"),
+        };
+        if let Some(conn) = held.conn.take() {
+            self.close(conn, &format!("server_check_query failed: {why}"));
+        }
+        None
     }
 
     fn pop_idle(&self) -> Option<ServerConn> {
@@ -168,26 +324,20 @@ impl LocalPool {
         }
     }
 
-    async fn wait(self: &Rc<Self>, deadline: Option<Instant>) -> Result<Grant, PoolError> {
+    async fn wait(self: &Rc<Self>, deadline: Option<Instant>, since: Instant) -> Result<Grant, PoolError> {
         let waiter = Rc::new(Waiter {
             grant: RefCell::new(None),
             waker: Cell::new(None),
+            since,
         });
-        self.waiters.borrow_mut().push_back(waiter.clone());
-        self.shared.waiting_add(self.worker, 1);
+        self.enqueue(&waiter);
         // Published as waiting; now look for what others may have freed meanwhile.
-        if !self.paused() && self.shared.try_reserve() {
-            self.grant_to(&waiter, Grant::Slot);
-        } else if let Some(w) = self.shared.worker_with_idle(self.worker) {
-            self.post(
-                w,
-                PoolMsg::Steal {
-                    pool: self.shared.clone(),
-                    to: self.worker,
-                },
-            );
-        }
-        let fut = WaitForGrant { pool: self, waiter };
+        self.serve_waiters();
+        let fut = WaitForGrant {
+            pool: self,
+            waiter,
+            alarm: None,
+        };
         match deadline {
             None => Ok(fut.await),
             Some(d) => match monoio::time::timeout_at(d.into(), fut).await {
@@ -197,25 +347,240 @@ impl LocalPool {
         }
     }
 
-    /// Hands a waiter its grant. The waiter has already been removed from the queue.
+    /// Queues a waiter in order of `since`: one that had to wait again keeps its place.
+    fn enqueue(&self, waiter: &Rc<Waiter>) {
+        let mut q = self.waiters.borrow_mut();
+        let at = q.iter().rposition(|w| w.since <= waiter.since).map_or(0, |i| i + 1);
+        q.insert(at, waiter.clone());
+        self.shared.waiting_add(self.worker, 1);
+        self.shared.set_oldest(self.worker, q.front().map(|w| w.since));
+    }
+
+    /// Hands a waiter its grant, taking it out of the queue.
     fn grant_to(&self, waiter: &Rc<Waiter>, grant: Grant) {
-        self.remove_waiter(waiter);
+        if !self.remove_waiter(waiter) {
+            // Served meanwhile (closing a dead idle server hands out its slot) or gone:
+            // the grant must not overwrite another nor be lost.
+            match grant {
+                Grant::Server(conn) => self.give(*conn),
+                Grant::Slot => self.slot_freed(),
+            }
+            return;
+        }
         *waiter.grant.borrow_mut() = Some(grant);
         if let Some(w) = waiter.waker.take() {
             w.wake();
         }
+        // A client of another pool may have deferred to this one for room in the
+        // database; if room is left, it is its turn now.
+        let db = &self.shared.db;
+        if db.cap() > 0 && db.total() < db.cap() {
+            self.kick_db();
+        }
     }
 
-    fn remove_waiter(&self, waiter: &Rc<Waiter>) {
+    /// Takes a waiter out of the queue; false if it was not in it.
+    fn remove_waiter(&self, waiter: &Rc<Waiter>) -> bool {
         let mut q = self.waiters.borrow_mut();
-        if let Some(i) = q.iter().position(|w| Rc::ptr_eq(w, waiter)) {
-            q.remove(i);
-            self.shared.waiting_add(self.worker, -1);
-        }
+        let Some(i) = q.iter().position(|w| Rc::ptr_eq(w, waiter)) else {
+            return false;
+        };
+        q.remove(i);
+        self.shared.waiting_add(self.worker, -1);
+        self.shared.set_oldest(self.worker, q.front().map(|w| w.since));
+        true
     }
 
     fn next_waiter(&self) -> Option<Rc<Waiter>> {
         self.waiters.borrow().front().cloned()
+    }
+
+    fn is_front(&self, waiter: &Rc<Waiter>) -> bool {
+        self.waiters.borrow().front().is_some_and(|w| Rc::ptr_eq(w, waiter))
+    }
+
+    /// Serves waiting clients in order from idle servers and fresh slots, until one
+    /// cannot be served; that one (the front) gets an alarm if the reason has an end time.
+    fn serve_waiters(&self) {
+        self.recheck_at.set(None);
+        while !self.paused() {
+            let Some(w) = self.next_waiter() else {
+                return;
+            };
+            if let Some(conn) = self.pop_idle() {
+                self.grant_to(&w, Grant::Server(Box::new(conn)));
+                continue;
+            }
+            match self.reserve(w.since) {
+                Ok(()) => self.grant_to(&w, Grant::Slot),
+                Err(at) => {
+                    self.recheck_at.set(at);
+                    if at.is_some() {
+                        if let Some(wk) = w.waker.take() {
+                            wk.wake();
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Claims a slot for a client waiting since `since`, by PgBouncer's rules: not within
+    /// server_login_retry of a failure, under the pool's cap (or its reserve, once the
+    /// client has waited reserve_pool_timeout), and under max_db_connections, where the
+    /// database's longest-waiting client goes first. `Err(at)`: not now; look again at
+    /// `at`, or (None) when something is freed.
+    fn reserve(&self, since: Instant) -> Result<(), Option<Instant>> {
+        let now = Instant::now();
+        if let Some(at) = self.shared.gate.blocked(now) {
+            return Err(at);
+        }
+        if !self.db_turn(SharedPool::stamp_of(since)) {
+            return Err(None);
+        }
+        let cap = self.shared.cap();
+        match self.shared.try_reserve_upto(cap) {
+            Reserve::Done => return Ok(()),
+            Reserve::DbFull => return Err(self.make_db_room()),
+            Reserve::PoolFull => {}
+        }
+        if let Some(w) = self.shared.worker_with_idle(self.worker) {
+            self.post(
+                w,
+                PoolMsg::Steal {
+                    pool: self.shared.clone(),
+                    to: self.worker,
+                },
+            );
+        }
+        let extra = self.reserve_size.get();
+        let Some(timeout) = self.reserve_timeout.get().filter(|_| extra > 0) else {
+            return Err(None);
+        };
+        let at = since + timeout;
+        if now < at {
+            return Err(Some(at));
+        }
+        match self.shared.try_reserve_upto(cap + extra) {
+            Reserve::Done => {
+                log::warn!(
+                    "{}/{}: taking connection from reserve_pool",
+                    self.shared.database,
+                    self.shared.user
+                );
+                Ok(())
+            }
+            Reserve::DbFull => Err(self.make_db_room()),
+            Reserve::PoolFull => Err(None),
+        }
+    }
+
+    /// The pool has room but the database is full: fetch an idle server of this pool from
+    /// another worker, or have an idle server of another pool closed, as PgBouncer
+    /// evicts one. The freed room comes back as a kick.
+    fn make_db_room(&self) -> Option<Instant> {
+        if let Some(w) = self.shared.worker_with_idle(self.worker) {
+            self.post(
+                w,
+                PoolMsg::Steal {
+                    pool: self.shared.clone(),
+                    to: self.worker,
+                },
+            );
+            return None;
+        }
+        for p in self.shared.db.pools() {
+            if Arc::ptr_eq(&p, &self.shared) {
+                continue;
+            }
+            if let Some(w) = p.any_worker_with_idle(self.worker) {
+                self.post(w, PoolMsg::Evict { pool: p });
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Whether a client of another pool of this database is waiting for room under
+    /// max_db_connections, and since when (a stamp) and on which worker.
+    fn needs_db_room(&self, p: &SharedPool) -> Option<(u64, usize)> {
+        if p.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        let (oldest, worker) = p.oldest_waiter()?;
+        let now = Instant::now();
+        if p.gate.blocked(now).is_some() {
+            return None;
+        }
+        let (total, cap) = (p.total(), p.cap());
+        if total < cap {
+            return Some((oldest, worker));
+        }
+        // At its cap it may still open a reserve connection for a client that has waited
+        // long enough. The database's pools share the reserve settings.
+        let extra = self.reserve_size.get();
+        let timeout = self.reserve_timeout.get()?;
+        let waited = SharedPool::stamp_of(now).saturating_sub(oldest);
+        (extra > 0 && total < cap + extra && u128::from(waited) >= timeout.as_millis()).then_some((oldest, worker))
+    }
+
+    /// Under max_db_connections, whether a client waiting since `stamp` may take the
+    /// database's room: no older client of another pool is waiting for it.
+    fn db_turn(&self, stamp: u64) -> bool {
+        if self.shared.db.cap() == 0 {
+            return true;
+        }
+        !self
+            .shared
+            .db
+            .pools()
+            .iter()
+            .filter(|p| !Arc::ptr_eq(p, &self.shared))
+            .any(|p| self.needs_db_room(p).is_some_and(|(s, _)| s < stamp))
+    }
+
+    /// The database is full and a client of another pool has waited longer than any of
+    /// this pool's: a server of this pool should be closed to make room for it.
+    fn db_wants_room(&self) -> bool {
+        let db = &self.shared.db;
+        let cap = db.cap();
+        if cap == 0 || db.total() < cap {
+            return false;
+        }
+        let mine = self.shared.oldest_waiter().map(|(s, _)| s);
+        db.pools()
+            .iter()
+            .filter(|p| !Arc::ptr_eq(p, &self.shared))
+            .any(|p| self.needs_db_room(p).is_some_and(|(s, _)| mine.is_none_or(|m| s < m)))
+    }
+
+    /// Room came free in the database: kick the other pools whose clients wait for it.
+    fn kick_db(&self) {
+        if self.shared.db.cap() == 0 {
+            return;
+        }
+        for p in self.shared.db.pools() {
+            if Arc::ptr_eq(&p, &self.shared) {
+                continue;
+            }
+            if let Some((_, w)) = self.needs_db_room(&p) {
+                self.post(w, PoolMsg::Kick { pool: p });
+            }
+        }
+    }
+
+    /// Serves the waiters here and kicks every other worker with waiters of this pool.
+    fn wake_all(&self) {
+        self.serve_waiters();
+        for w in self.shared.workers_with_waiters(self.worker) {
+            self.post(
+                w,
+                PoolMsg::Kick {
+                    pool: self.shared.clone(),
+                },
+            );
+        }
     }
 
     /// Returns a server after a client is done with it. `reusable` is false when the
@@ -246,12 +611,19 @@ impl LocalPool {
         self.slot_freed();
     }
 
-    /// A usable server: to a waiting client here, else idle here, and if another worker
-    /// has clients waiting, over there.
+    /// A usable server: closed to make room if an older client of another pool of the
+    /// database waits for room, else to a waiting client here, else idle here, and if
+    /// another worker has clients waiting, over there.
     fn give(&self, conn: ServerConn) {
-        if let Some(w) = self.next_waiter().filter(|_| !self.paused()) {
-            self.grant_to(&w, Grant::Server(Box::new(conn)));
-            return;
+        if !self.paused() {
+            if self.db_wants_room() {
+                self.evict(conn);
+                return;
+            }
+            if let Some(w) = self.next_waiter() {
+                self.grant_to(&w, Grant::Server(Box::new(conn)));
+                return;
+            }
         }
         self.idle.borrow_mut().push(conn);
         self.shared.idle_add(self.worker, 1);
@@ -266,28 +638,100 @@ impl LocalPool {
                     },
                 );
             }
+        } else if !self.paused() && self.db_wants_room() {
+            // Published as idle; a client of another pool may have begun waiting meanwhile.
+            let conn = self.idle.borrow_mut().pop();
+            if let Some(conn) = conn {
+                self.shared.idle_add(self.worker, -1);
+                self.evict(conn);
+            }
         }
     }
 
+    /// Closes a server so that its room in the database goes to another pool's client.
+    fn evict(&self, conn: ServerConn) {
+        log::info!(
+            "S-{}: {}/{} closing because: evicted",
+            conn.meta.id,
+            self.shared.database,
+            self.shared.user
+        );
+        drop(conn);
+        self.shared.unreserve();
+        self.slot_released();
+    }
+
+    /// Another pool's client needs room in the database: close the least recently used
+    /// idle server here, unless this pool's own clients wait.
+    fn evict_idle(&self) {
+        if self.next_waiter().is_some() {
+            return;
+        }
+        let conn = {
+            let mut idle = self.idle.borrow_mut();
+            if idle.is_empty() {
+                return;
+            }
+            idle.remove(0)
+        };
+        self.shared.idle_add(self.worker, -1);
+        self.evict(conn);
+    }
+
     /// A connection closed (or failed to open): its slot goes to a waiting client here,
-    /// else to a worker with waiting clients, else back under the cap.
+    /// else to a worker with waiting clients, else back under the caps (where the
+    /// database's other pools may take it).
     pub fn slot_freed(&self) {
-        if let Some(w) = self.next_waiter().filter(|_| !self.paused()) {
-            self.grant_to(&w, Grant::Slot);
+        if self.pass_slot_here() {
             return;
         }
         self.shared.unreserve();
-        if self.shared.worker_with_waiters(self.worker).is_some() && self.shared.try_reserve() {
-            match self.shared.worker_with_waiters(self.worker) {
-                Some(w) => self.post(
-                    w,
-                    PoolMsg::Slot {
-                        pool: self.shared.clone(),
-                    },
-                ),
-                None => self.shared.unreserve(),
+        self.slot_released();
+    }
+
+    /// Passes a freed slot to the next client here if it may use it: not while paused,
+    /// nor within server_login_retry, nor when the slot was a reserve one (above the cap),
+    /// nor when an older client of another pool waits for room in the database.
+    fn pass_slot_here(&self) -> bool {
+        if self.paused() || self.shared.total() > self.shared.cap() {
+            return false;
+        }
+        if self.shared.gate.blocked(Instant::now()).is_some() {
+            return false;
+        }
+        let Some(w) = self.next_waiter() else {
+            return false;
+        };
+        if !self.db_turn(SharedPool::stamp_of(w.since)) {
+            return false;
+        }
+        self.grant_to(&w, Grant::Slot);
+        true
+    }
+
+    /// A slot went back under the caps: serve the clients here by the usual rules, pass
+    /// a slot to one other worker with waiting clients and kick the rest (they may need
+    /// an alarm for the retry time, or may now use the reserve), and tell the database's
+    /// other pools.
+    fn slot_released(&self) {
+        self.serve_waiters();
+        let mut slot_sent = false;
+        for w in self.shared.workers_with_waiters(self.worker) {
+            let pool = self.shared.clone();
+            if !slot_sent && self.may_send_slot() && self.shared.try_reserve() {
+                slot_sent = true;
+                self.post(w, PoolMsg::Slot { pool });
+            } else {
+                self.post(w, PoolMsg::Kick { pool });
             }
         }
+        self.kick_db();
+    }
+
+    fn may_send_slot(&self) -> bool {
+        !self.paused()
+            && self.shared.gate.blocked(Instant::now()).is_none()
+            && self.shared.oldest_waiter().is_none_or(|(s, _)| self.db_turn(s))
     }
 
     /// Handles a message from another worker about this pool.
@@ -315,21 +759,14 @@ impl LocalPool {
             },
             PoolMsg::Slot { .. } => match self.next_waiter() {
                 Some(w) => self.grant_to(&w, Grant::Slot),
-                None => self.slot_freed_elsewhere(),
+                None => {
+                    // The waiters it was meant for have gone.
+                    self.shared.unreserve();
+                    self.slot_released();
+                }
             },
-        }
-    }
-
-    /// A slot arrived for waiters that have gone: pass it on or give it back.
-    fn slot_freed_elsewhere(&self) {
-        match self.shared.worker_with_waiters(self.worker) {
-            Some(w) => self.post(
-                w,
-                PoolMsg::Slot {
-                    pool: self.shared.clone(),
-                },
-            ),
-            None => self.shared.unreserve(),
+            PoolMsg::Kick { .. } => self.serve_waiters(),
+            PoolMsg::Evict { .. } => self.evict_idle(),
         }
     }
 
@@ -338,28 +775,70 @@ impl LocalPool {
             return;
         };
         if let Err(e) = tx.unbounded_send(msg) {
-            // The receiving worker has stopped: keep the cap honest.
+            // The receiving worker has stopped: keep the caps honest.
             match e.into_inner() {
                 PoolMsg::Handover { .. } | PoolMsg::Slot { .. } => self.shared.unreserve(),
-                PoolMsg::Steal { .. } => {}
+                PoolMsg::Steal { .. } | PoolMsg::Kick { .. } | PoolMsg::Evict { .. } => {}
             }
         }
     }
 
-    /// Closes idle servers past server_idle_timeout or server_lifetime. Run periodically.
+    /// Periodic upkeep, once a second: expired idle servers; waiting clients served again
+    /// (a safety net should a wake-up have been lost); and, when `open_new`, servers
+    /// opened in the background up to min_pool_size.
+    pub fn maintain(self: &Rc<Self>, open_new: bool) {
+        self.close_expired();
+        if self.next_waiter().is_some() {
+            self.serve_waiters();
+        }
+        if open_new {
+            self.fill_min_pool();
+        }
+    }
+
+    /// Opens servers in the background until the pool (across workers) has
+    /// min_pool_size, never above its cap nor max_db_connections, and only when no client
+    /// of the database waits for room and no login failed within server_login_retry.
+    fn fill_min_pool(self: &Rc<Self>) {
+        let min = self.min_size.get().min(self.shared.cap());
+        if min == 0 || self.paused() {
+            return;
+        }
+        let now = Instant::now();
+        if self.shared.gate.blocked(now).is_some() || !self.db_turn(SharedPool::stamp_of(now)) {
+            return;
+        }
+        while self.shared.try_reserve_upto(min) == Reserve::Done {
+            let pool = self.clone();
+            monoio::spawn(async move {
+                // A failure was logged and the slot given back by open().
+                if let Ok(mut conn) = pool.open().await {
+                    conn.meta.last_used = Instant::now();
+                    conn.meta.mark(ConnState::Idle, 0);
+                    pool.give(conn);
+                }
+            });
+        }
+    }
+
+    /// Closes idle servers past server_idle_timeout (keeping min_pool_size open) or
+    /// server_lifetime.
     pub fn close_expired(&self) {
         let idle_timeout = self.server_idle_timeout.get();
         let lifetime = self.server_lifetime.get();
+        let keep = self.min_size.get();
+        let mut open = self.shared.total();
         let mut expired = Vec::new();
         {
             let mut idle = self.idle.borrow_mut();
             let mut i = 0;
             while i < idle.len() {
                 let m = &idle[i].meta;
-                let too_idle = !idle_timeout.is_zero() && m.last_used.elapsed() >= idle_timeout;
+                let too_idle = !idle_timeout.is_zero() && m.last_used.elapsed() >= idle_timeout && open > keep;
                 let too_old = !lifetime.is_zero() && m.created.elapsed() >= lifetime;
                 if too_idle || too_old || !idle[i].is_alive() {
                     expired.push(idle.swap_remove(i));
+                    open = open.saturating_sub(1);
                 } else {
                     i += 1;
                 }
@@ -377,18 +856,7 @@ impl LocalPool {
 
     /// After RESUME: serve waiting clients from idle servers or fresh slots.
     pub fn kick(&self) {
-        while !self.paused() {
-            let Some(w) = self.next_waiter() else {
-                return;
-            };
-            if let Some(conn) = self.pop_idle() {
-                self.grant_to(&w, Grant::Server(Box::new(conn)));
-            } else if self.shared.try_reserve() {
-                self.grant_to(&w, Grant::Slot);
-            } else {
-                return;
-            }
-        }
+        self.serve_waiters();
     }
 
     /// Closes every idle server (shutdown, KILL, a changed target after reload).
@@ -418,31 +886,112 @@ impl LocalPool {
     }
 }
 
+/// A connection attempt in progress: if the client's task ends before it settles, the
+/// slot and the login probe must not be lost with it.
+struct Attempt<'a> {
+    pool: &'a LocalPool,
+    probe: bool,
+    settled: bool,
+}
+
+impl<'a> Attempt<'a> {
+    fn new(pool: &'a LocalPool, probe: bool) -> Attempt<'a> {
+        WorkerPoolStats::add(&pool.stats().servers_login, 1);
+        Attempt {
+            pool,
+            probe,
+            settled: false,
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        WorkerPoolStats::add(&self.pool.stats().servers_login, -1);
+        if !self.settled {
+            self.pool.shared.gate.abandon(self.probe);
+            self.pool.slot_freed();
+            if self.probe {
+                self.pool.wake_all();
+            }
+        }
+    }
+}
+
+/// A server under server_check_query: closed (its slot freed) if the client's task ends
+/// before the check does.
+struct Checking<'a> {
+    pool: &'a LocalPool,
+    conn: Option<ServerConn>,
+}
+
+impl Drop for Checking<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.close(conn, "client gave up during server_check_query");
+        }
+    }
+}
+
 struct WaitForGrant<'a> {
     pool: &'a Rc<LocalPool>,
     waiter: Rc<Waiter>,
+    /// The front waiter's alarm for `recheck_at`, and the time it is set for.
+    alarm: Option<(Instant, Pin<Box<monoio::time::Sleep>>)>,
 }
 
 impl Future for WaitForGrant<'_> {
     type Output = Grant;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Grant> {
-        if let Some(g) = self.waiter.grant.borrow_mut().take() {
-            return Poll::Ready(g);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Grant> {
+        let this = &mut *self;
+        // Bounded: serve_waiters only sets alarms in the future, but a clock that jumps
+        // must not make this spin.
+        for _ in 0..4 {
+            if let Some(g) = this.waiter.grant.borrow_mut().take() {
+                return Poll::Ready(g);
+            }
+            this.waiter.waker.set(Some(cx.waker().clone()));
+            let at = if this.pool.is_front(&this.waiter) {
+                this.pool.recheck_at.get()
+            } else {
+                None
+            };
+            let Some(at) = at else {
+                this.alarm = None;
+                return Poll::Pending;
+            };
+            if this.alarm.as_ref().is_none_or(|(t, _)| *t != at) {
+                this.alarm = Some((at, Box::pin(monoio::time::sleep_until(at.into()))));
+            }
+            let Some((_, sleep)) = this.alarm.as_mut() else {
+                return Poll::Pending;
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.alarm = None;
+            this.pool.recheck_at.set(None);
+            this.pool.serve_waiters();
         }
-        self.waiter.waker.set(Some(cx.waker().clone()));
+        cx.waker().wake_by_ref();
         Poll::Pending
     }
 }
 
 impl Drop for WaitForGrant<'_> {
-    /// A wait abandoned (timeout, client gone) must not strand what it was given.
+    /// A wait abandoned (timeout, client gone) must not strand what it was given, nor
+    /// the alarm the next client in line may need.
     fn drop(&mut self) {
-        self.pool.remove_waiter(&self.waiter);
-        match self.waiter.grant.borrow_mut().take() {
+        let queued = self.pool.remove_waiter(&self.waiter);
+        let grant = self.waiter.grant.borrow_mut().take();
+        match grant {
             Some(Grant::Server(conn)) => self.pool.give(*conn),
             Some(Grant::Slot) => self.pool.slot_freed(),
             None => {}
+        }
+        if queued {
+            self.pool.serve_waiters();
         }
     }
 }

@@ -102,11 +102,7 @@ impl WorkerCtx {
     }
 
     fn apply_timeouts(&self, pool: &LocalPool) {
-        let config = self.instance.config();
-        let g = &config.general;
-        pool.server_idle_timeout
-            .set(g.server_idle_timeout.unwrap_or(Duration::ZERO));
-        pool.server_lifetime.set(g.server_lifetime);
+        pool.configure(&self.instance.config());
     }
 }
 
@@ -223,8 +219,10 @@ async fn run(
 
     loop {
         monoio::time::sleep(Duration::from_secs(1)).await;
+        // min_pool_size is kept only while the instance runs normally.
+        let open_new = instance.phase() == Phase::Running;
         for pool in ctx.local_pools() {
-            pool.close_expired();
+            pool.maintain(open_new);
         }
         if instance.phase() >= Phase::Exiting && ctx.sessions.live() == 0 {
             for pool in ctx.local_pools() {
@@ -238,9 +236,7 @@ async fn run(
 async fn pool_inbox(ctx: Rc<WorkerCtx>, mut inbox: UnboundedReceiver<PoolMsg>) {
     use futures_core::Stream;
     while let Some(msg) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut inbox).poll_next(cx)).await {
-        let shared = match &msg {
-            PoolMsg::Steal { pool, .. } | PoolMsg::Handover { pool, .. } | PoolMsg::Slot { pool } => pool.clone(),
-        };
+        let shared = msg.pool().clone();
         ctx.local_pool(&shared).on_message(msg);
     }
 }
