@@ -91,6 +91,9 @@ struct Waiter {
     since: Instant,
 }
 
+/// Idle servers younger than this are handed out without a liveness peek.
+const RECENTLY_USED: Duration = Duration::from_millis(100);
+
 pub struct LocalPool {
     pub shared: Arc<SharedPool>,
     worker: usize,
@@ -203,6 +206,22 @@ impl LocalPool {
         }
     }
 
+    /// The common case, without a future: an idle server on this worker that needs no
+    /// check query. None sends the caller to [`LocalPool::acquire`].
+    pub fn try_acquire_now(&self) -> Option<ServerConn> {
+        if self.paused() || !self.waiters.borrow().is_empty() {
+            return None;
+        }
+        {
+            let idle = self.idle.borrow();
+            let last = idle.last()?;
+            if self.check_query.borrow().is_some() && last.meta.last_used.elapsed() >= self.check_delay.get() {
+                return None;
+            }
+        }
+        self.pop_idle()
+    }
+
     /// A server or a slot at once, unless clients here wait already: they go first.
     fn grant_now(&self) -> Option<Grant> {
         if self.paused() || !self.waiters.borrow().is_empty() {
@@ -312,7 +331,9 @@ impl LocalPool {
         loop {
             let conn = self.idle.borrow_mut().pop()?;
             self.shared.idle_add(self.worker, -1);
-            if conn.is_alive() {
+            // A server released moments ago is alive; the peek (a system call) is for
+            // those that sat long enough to have been terminated or lost.
+            if conn.meta.last_used.elapsed() < RECENTLY_USED || conn.is_alive() {
                 return Some(conn);
             }
             log::info!(

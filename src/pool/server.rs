@@ -27,7 +27,9 @@ pub const INTERNAL_MESSAGE_LIMIT: u32 = 1 << 20;
 
 pub struct ServerConn {
     pub(crate) stream: TcpStream,
-    pub meta: ServerMeta,
+    /// Boxed: it moves with the connection between pool, sessions and workers, and a
+    /// session keeps it while attached; a pointer keeps all of those small.
+    pub meta: Box<ServerMeta>,
 }
 
 /// Everything about a server connection except the socket; `Send`, so a connection can
@@ -113,7 +115,7 @@ impl ServerMeta {
 /// A server connection in transit between workers.
 pub struct ServerParts {
     fd: OwnedFd,
-    pub meta: ServerMeta,
+    pub meta: Box<ServerMeta>,
 }
 
 /// What an internal query left behind.
@@ -124,7 +126,10 @@ pub struct InternalOutcome {
 
 impl ServerConn {
     pub fn new(stream: TcpStream, meta: ServerMeta) -> ServerConn {
-        ServerConn { stream, meta }
+        ServerConn {
+            stream,
+            meta: Box::new(meta),
+        }
     }
 
     /// True when the server has neither closed the socket nor sent anything unasked.
@@ -148,14 +153,14 @@ impl ServerConn {
         false
     }
 
-    pub fn split(self) -> (ServerRd, ServerWr, ServerMeta) {
+    pub fn split(self) -> (ServerRd, ServerWr, Box<ServerMeta>) {
         let (rd, wr) = self.stream.into_split();
         (rd, wr, self.meta)
     }
 
     /// Puts the halves back together. Fails only if they came from different sockets,
     /// which would be a bug; the caller then drops both (closing the socket).
-    pub fn reunite(rd: ServerRd, wr: ServerWr, meta: ServerMeta) -> Option<ServerConn> {
+    pub fn reunite(rd: ServerRd, wr: ServerWr, meta: Box<ServerMeta>) -> Option<ServerConn> {
         rd.reunite(wr).ok().map(|stream| ServerConn { stream, meta })
     }
 

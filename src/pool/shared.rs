@@ -181,6 +181,9 @@ fn stamp(at: Instant) -> u64 {
     at.saturating_duration_since(epoch).as_millis() as u64 + 1
 }
 
+/// The startup parameters (name, value) that decide a client's initial settings.
+type StartupKey = Vec<(String, String)>;
+
 pub struct SharedPool {
     pub id: usize,
     /// The database name clients ask for.
@@ -207,6 +210,9 @@ pub struct SharedPool {
     welcome: Mutex<Option<Arc<Settings>>>,
     /// ClientKey recovered from a client's SCRAM proof, for SCRAM passthrough.
     scram_client_key: Mutex<Option<[u8; 32]>>,
+    /// Client settings by the startup parameters that produced them, so clients that log
+    /// in alike share one copy (a pool may have thousands of idle clients).
+    settings_cache: Mutex<HashMap<StartupKey, Arc<Settings>>>,
     /// (setting, value as a client sent it) -> value as the server normalised it.
     validated: Mutex<HashMap<(String, String), String>>,
     pub paused: AtomicBool,
@@ -244,6 +250,7 @@ impl SharedPool {
             welcome: Mutex::new(None),
             scram_client_key: Mutex::new(None),
             validated: Mutex::new(HashMap::new()),
+            settings_cache: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
             stats: PoolStats::new(workers),
         }
@@ -389,6 +396,20 @@ impl SharedPool {
 
     pub fn forget_scram_client_key(&self) {
         *lock(&self.scram_client_key) = None;
+    }
+
+    pub fn shared_settings(&self, key: &[(String, String)]) -> Option<Arc<Settings>> {
+        lock(&self.settings_cache).get(key).cloned()
+    }
+
+    pub fn share_settings(&self, key: Vec<(String, String)>, settings: Settings) -> Arc<Settings> {
+        let settings = Arc::new(settings);
+        let mut cache = lock(&self.settings_cache);
+        // Bounded: clients with ever-new parameters get their own copies.
+        if cache.len() < 256 {
+            cache.insert(key, settings.clone());
+        }
+        settings
     }
 
     pub fn validated(&self, name: &str, value: &str) -> Option<String> {

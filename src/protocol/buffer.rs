@@ -127,6 +127,47 @@ impl MsgBuf {
     }
 }
 
+/// A worker's spare forwarding buffers. Sessions take one per direction while they have a
+/// server and give it back when idle, so thousands of idle clients hold no large buffer
+/// and busy ones never call the allocator per transaction.
+pub struct BufPool {
+    size: usize,
+    free: std::cell::RefCell<Vec<MsgBuf>>,
+}
+
+impl BufPool {
+    /// Buffers kept for reuse; beyond this, returned buffers are freed.
+    const KEEP: usize = 256;
+
+    pub fn new(size: usize) -> BufPool {
+        BufPool {
+            size,
+            free: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn take(&self) -> MsgBuf {
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| MsgBuf::with_capacity(self.size))
+    }
+
+    /// Takes back a buffer of the pool's size; others (grown for a large message) are
+    /// freed so the pool never hoards memory.
+    pub fn give(&self, mut b: MsgBuf) {
+        let mut free = self.free.borrow_mut();
+        if b.capacity() == self.size && free.len() < Self::KEEP {
+            b.clear();
+            free.push(b);
+        }
+    }
+}
+
 /// A [`MsgBuf`] lent to a read: bytes land after the filled part.
 pub struct ReadTail(MsgBuf);
 

@@ -9,7 +9,7 @@ pub mod frontend;
 pub mod io;
 pub mod startup;
 
-pub use buffer::MsgBuf;
+pub use buffer::{BufPool, MsgBuf};
 pub use error_fields::{ErrorFields, SqlState};
 pub use framing::{Header, HEADER_LEN};
 

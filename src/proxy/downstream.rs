@@ -10,6 +10,7 @@ use crate::pool::settings::{is_tracked_reported, parse_parameter_status};
 use crate::pool::{ServerMeta, Settings};
 use crate::protocol::framing::{Header, HEADER_LEN};
 use crate::protocol::{ErrorFields, ProtocolError};
+use std::sync::Arc;
 
 pub const SERVER_MESSAGE_LIMIT: u32 = i32::MAX as u32;
 
@@ -30,8 +31,8 @@ pub struct DownState<'a> {
     pub queue: &'a mut ExpectQueue,
     pub statements: &'a mut ClientStatements,
     pub server: &'a mut ServerMeta,
-    /// The settings this client expects, and those it logged in with.
-    pub client_settings: &'a mut Settings,
+    /// The settings this client expects (shared until changed), and those it logged in with.
+    pub client_settings: &'a mut Arc<Settings>,
     pub initial: &'a Settings,
     /// Synthesized bytes, reused between calls.
     pub synth: &'a mut Vec<u8>,
@@ -59,11 +60,14 @@ impl DownState<'_> {
             // The client changed it (SET) or the server did: either way the client now
             // has it. After RESET the client's own startup value is what it should have.
             let wanted = if *self.resetting == Resetting::During {
-                self.initial.get(name).unwrap_or(value).to_string()
+                self.initial.get(name).unwrap_or(value)
             } else {
-                value.to_string()
+                value
             };
-            self.client_settings.set(name, &wanted);
+            if self.client_settings.get(name) != Some(wanted) {
+                let wanted = wanted.to_string();
+                Arc::make_mut(self.client_settings).set(name, &wanted);
+            }
         }
     }
 
@@ -228,7 +232,7 @@ mod tests {
         queue: ExpectQueue,
         stmts: ClientStatements,
         server: ServerMeta,
-        settings: Settings,
+        settings: Arc<Settings>,
         initial: Settings,
         synth: Vec<u8>,
         pinned: bool,
@@ -245,7 +249,7 @@ mod tests {
                 queue: ExpectQueue::default(),
                 stmts: ClientStatements::default(),
                 server: ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1),
-                settings: Settings::default(),
+                settings: Arc::new(Settings::default()),
                 initial: Settings::default(),
                 synth: Vec::new(),
                 pinned: false,
@@ -298,7 +302,7 @@ mod tests {
     fn reset_returns_reported_settings_to_the_startup_values() {
         let mut f = Fixture::new();
         f.initial.set("TimeZone", "Asia/Tokyo");
-        f.settings.set("TimeZone", "America/New_York");
+        Arc::make_mut(&mut f.settings).set("TimeZone", "America/New_York");
         let mut data = msg(b'C', b"RESET\0");
         data.extend(msg(b'S', b"TimeZone\0Etc/UTC\0"));
         data.extend(msg(b'Z', b"I"));

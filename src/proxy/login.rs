@@ -36,7 +36,8 @@ pub struct LoggedIn {
     pub application_name: String,
     pub peer: SocketAddr,
     pub pool: Rc<LocalPool>,
-    pub settings: Settings,
+    /// Shared with other clients that logged in with the same parameters until it changes.
+    pub settings: Arc<Settings>,
     pub cancel_pid: u32,
     pub cancel: Arc<CancelSlot>,
     /// This client's row in SHOW CLIENTS.
@@ -345,7 +346,7 @@ async fn client_settings(
     options: &[(String, String)],
     ignored: &[String],
     wait_timeout: Option<std::time::Duration>,
-) -> Result<Settings, SessionError> {
+) -> Result<Arc<Settings>, SessionError> {
     let overrides: Vec<&(String, String)> = startup
         .params
         .iter()
@@ -360,13 +361,18 @@ async fn client_settings(
     };
     if let Some(welcome) = pool.shared.welcome() {
         if !unjudged(pool) {
+            // Clients that log in with the same parameters share one copy.
+            let key: Vec<(String, String)> = overrides.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            if let Some(s) = pool.shared.shared_settings(&key) {
+                return Ok(s);
+            }
             let mut s = initial_settings(&welcome, &startup.params, options, ignored);
             for (k, v) in &overrides {
                 if let Some(norm) = pool.shared.validated(k, v) {
                     s.set(k, &norm);
                 }
             }
-            return Ok(s);
+            return Ok(pool.shared.share_settings(key, s));
         }
     }
     let mut conn = pool.acquire(wait_timeout).await?;
@@ -399,7 +405,7 @@ async fn client_settings(
     }
     let reusable = conn.meta.tx_status == b'I';
     pool.release(conn, reusable);
-    Ok(settings)
+    Ok(Arc::new(settings))
 }
 
 /// SQLSTATEs are five characters from a small alphabet; map the server's to the matching

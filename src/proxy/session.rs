@@ -8,9 +8,11 @@
 //! may already have consumed bytes, so no read is abandoned while the session runs.
 
 use std::future::{poll_fn, Future};
+use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -33,12 +35,15 @@ use crate::config::PoolMode;
 use crate::metrics::{ConnState, WorkerPoolStats};
 use crate::pool::{LocalPool, PoolError, ServerConn, ServerMeta, ServerRd, ServerWr, Settings};
 use crate::protocol::backend::{self, Severity};
-use crate::protocol::{frontend, MsgBuf, SqlState};
+use crate::protocol::{frontend, BufPool, MsgBuf, SqlState};
 use crate::runtime::control::SessionSignal;
 use crate::runtime::worker::WorkerCtx;
 
 type ClientRd = OwnedReadHalf<TcpStream>;
 type ClientWr = OwnedWriteHalf<TcpStream>;
+
+/// Stands for the configured server_reset_query in [`Flow::release_now`]'s answer.
+const RESET_QUERY: &str = "server_reset_query";
 
 /// How long a departed client's open transaction may take to roll back before the
 /// server is closed instead.
@@ -46,6 +51,8 @@ const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a response already on its way to a client may take to finish when the
 /// session ends with an error the client should see after it.
 const CLIENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Output buffers of pgsilo's own that stay allocated while idle must be at most this.
+const IDLE_BUF: usize = 256;
 /// Output pgsilo built for a slow client, beyond which the server is not read further.
 const PENDING_OUTPUT_LIMIT: usize = 256 * 1024;
 
@@ -66,8 +73,29 @@ async fn probe_op(mut r: ClientRd, buf: Vec<u8>, c: CancelHandle) -> (ClientRd, 
     (r, res, back)
 }
 
-async fn acquire(pool: Rc<LocalPool>, wait: Option<Duration>) -> Result<Box<ServerConn>, PoolError> {
-    pool.acquire(wait).await.map(Box::new)
+/// Waits until the client's socket has something to read, holding no buffer.
+async fn readable_op(rd: ClientRd) -> (ClientRd, std::io::Result<()>) {
+    // SAFETY: the read half owns a reference-counted cell with the stream. While a
+    // session is idle no operation runs on the client socket, so this shared view cannot
+    // alias a mutable one; the half (moved into this future) keeps the stream alive.
+    let stream = unsafe { &*rd.0.get() };
+    let res = stream.readable(false).await;
+    (rd, res)
+}
+
+/// What ended an idle wait.
+enum Woke {
+    Ready(std::io::Result<()>),
+    Timeout,
+    Signal,
+}
+
+/// Waiting for (or opening) a server: boxed, so the rarely used and large future does not
+/// sit in every session's state.
+type Acquire = std::pin::Pin<Box<dyn Future<Output = Result<Box<ServerConn>, PoolError>>>>;
+
+fn acquire(pool: Rc<LocalPool>, wait: Option<Duration>) -> Acquire {
+    Box::pin(async move { pool.acquire(wait).await.map(Box::new) })
 }
 
 enum Event {
@@ -86,7 +114,7 @@ enum Event {
 struct Attached {
     rd: Option<ServerRd>,
     wr: Option<ServerWr>,
-    meta: ServerMeta,
+    meta: Box<ServerMeta>,
 }
 
 /// PgBouncer's session timeouts; None is disabled.
@@ -131,14 +159,16 @@ struct Flow {
     who: LoggedIn,
     mode: PoolMode,
     pkt_buf: usize,
+    /// The worker's forwarding buffers.
+    bufs: Rc<BufPool>,
     wait_timeout: Option<Duration>,
     reset_query: String,
     reset_always: bool,
     /// Named statements are renamed and carried across servers (transaction pooling).
     track_statements: bool,
     max_prepared: usize,
-    welcome: Settings,
-    initial: Settings,
+    welcome: Arc<Settings>,
+    initial: Arc<Settings>,
 
     c_rd: Option<ClientRd>,
     c_wr: Option<ClientWr>,
@@ -204,13 +234,14 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
     let g = &config.general;
     let pkt_buf = g.pkt_buf.max(1024);
     let mode = who.pool.shared.mode;
-    let welcome = who.pool.shared.welcome().map(|w| (*w).clone()).unwrap_or_default();
+    let welcome = who.pool.shared.welcome().unwrap_or_default();
     let (c_rd, c_wr) = stream.into_split();
     WorkerPoolStats::add(&who.pool.stats().clients, 1);
     who.entry.entry.set_state(ConnState::Active);
     let mut flow = Flow {
         mode,
         pkt_buf,
+        bufs: ctx.bufs.clone(),
         wait_timeout: g.query_wait_timeout,
         reset_query: g.server_reset_query.clone().unwrap_or_default(),
         reset_always: g.server_reset_query_always,
@@ -221,12 +252,14 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         c_rd: Some(c_rd),
         c_wr: Some(c_wr),
         server: None,
-        ubuf: Some(MsgBuf::with_capacity(pkt_buf)),
+        // Buffers come from the worker's pool when there is something to hold.
+        ubuf: Some(MsgBuf::with_capacity(0)),
         uout: Some(MsgBuf::with_capacity(0)),
         up_write: None,
         up_want: 0,
         up_cur: UpCursor::default(),
-        dbuf: Some(MsgBuf::with_capacity(pkt_buf)),
+        // Allocated (from the pool) when a server first has something to say.
+        dbuf: Some(MsgBuf::with_capacity(0)),
         dfwd: 0,
         dpartial: 0,
         down_skip: 0,
@@ -261,13 +294,13 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         who,
     };
     drop(config);
-    let result = flow.run().await;
+    let result = flow.serve().await;
     flow.finish_tally();
     if let Err(e) = &result {
         if let (Some((code, message)), Some(mut wr)) = (e.client_error(), flow.c_wr.take()) {
             let mut out = Vec::with_capacity(64 + message.len());
             backend::error_response(&mut out, Severity::Fatal, SqlState(code_static(&code)), &message);
-            let _ = wr.write_all(out).await;
+            let _ = Box::pin(wr.write_all(out)).await;
         }
     }
     result
@@ -280,13 +313,163 @@ fn code_static(code: &str) -> &'static str {
     ALL.iter().find(|c| **c == code).copied().unwrap_or("08006")
 }
 
+/// How a stretch of activity ended.
+enum Stretch {
+    /// The session owes nothing and has no server: wait cheaply for the client.
+    Idle,
+    /// The session is over.
+    Done,
+}
+
 impl Flow {
-    async fn run(&mut self) -> Result<(), SessionError> {
+    /// Alternates between active stretches (the forwarding loop, boxed: its operations
+    /// and state are large) and idle waits that hold little more than one read of the
+    /// client, so thousands of idle clients cost little memory.
+    async fn serve(&mut self) -> Result<(), SessionError> {
+        loop {
+            match Box::pin(self.run()).await? {
+                Stretch::Done => return Ok(()),
+                Stretch::Idle => self.idle_wait().await?,
+            }
+        }
+    }
+
+    /// Nothing is in flight and nothing is owed: the session can wait without its
+    /// forwarding machinery.
+    fn idle(&self) -> bool {
+        self.server.is_none()
+            && !self.client_gone
+            && !self.draining
+            && !self.up_blocked
+            && self.up_write.is_none()
+            && self.dfwd == 0
+            && self.dpend.is_empty()
+            && self.rollback_deadline.is_none()
+            && self.c_rd.is_some()
+            && self.c_wr.is_some()
+            && self.ubuf.as_ref().is_some_and(|b| b.is_empty())
+    }
+
+    /// Waits for the client's next bytes, a signal (KILL, shutdown), or
+    /// client_idle_timeout. Returns once there is something for an active stretch. Holds
+    /// no buffer while waiting: readiness first, then a non-blocking receive into a
+    /// buffer from the worker's pool.
+    async fn idle_wait(&mut self) -> Result<(), SessionError> {
+        self.park_buffers();
+        loop {
+            let Some(rd) = self.c_rd.take() else {
+                return Ok(());
+            };
+            let (rd, woke) = {
+                let mut ready = pin!(readable_op(rd));
+                let mut timer = self
+                    .timeouts
+                    .client_idle
+                    .map(|d| Box::pin(monoio::time::sleep_until((self.last_activity + d).into())));
+                let signal = self.signal.clone();
+                let mut seen = (false, false);
+                poll_fn(|cx| {
+                    if let Poll::Ready((rd, res)) = ready.as_mut().poll(cx) {
+                        return Poll::Ready((Some(rd), Woke::Ready(res)));
+                    }
+                    if let Some(t) = timer.as_mut() {
+                        if t.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready((None, Woke::Timeout));
+                        }
+                    }
+                    if signal.poll_changed(cx, &mut seen).is_ready() {
+                        return Poll::Ready((None, Woke::Signal));
+                    }
+                    Poll::Pending
+                })
+                .await
+            };
+            match woke {
+                Woke::Ready(Ok(())) => {
+                    self.c_rd = rd;
+                    match self.receive_now() {
+                        Some(0) => {
+                            self.client_gone = true;
+                            return Ok(());
+                        }
+                        Some(n) => {
+                            self.client_sent(n);
+                            return Ok(());
+                        }
+                        // Woken without data after all: wait again.
+                        None => continue,
+                    }
+                }
+                Woke::Ready(Err(_)) => {
+                    self.c_rd = rd;
+                    self.client_gone = true;
+                    return Ok(());
+                }
+                // Dropping the readiness wait cancels it; the client is closed either way.
+                Woke::Timeout => {
+                    return Err(SessionError::TimedOut(
+                        SqlState::IDLE_SESSION_TIMEOUT,
+                        "client_idle_timeout",
+                    ))
+                }
+                Woke::Signal => {
+                    if let Some(why) = self.signal.killed() {
+                        return Err(SessionError::Killed(why));
+                    }
+                    // Only draining remains, and an idle client is between transactions.
+                    return Err(SessionError::Shutdown);
+                }
+            }
+        }
+    }
+
+    /// A non-blocking receive of what the client sent, into a pooled buffer. None when
+    /// nothing was there after all; Some(0) when the client closed.
+    fn receive_now(&mut self) -> Option<usize> {
+        let fd = self.c_rd.as_ref().map(|rd| {
+            // SAFETY: a shared view of the stream for its descriptor; see readable_op.
+            unsafe { &*rd.0.get() }.as_raw_fd()
+        })?;
+        let buf = self.ubuf.get_or_insert_with(|| MsgBuf::with_capacity(0));
+        if buf.capacity() == 0 {
+            *buf = self.bufs.take();
+        }
+        buf.reserve(1);
+        let v = buf.vec_mut();
+        let len = v.len();
+        let spare = v.capacity() - len;
+        // SAFETY: recv writes at most `spare` bytes into the vector's spare capacity,
+        // and set_len covers exactly the bytes it wrote.
+        let n = unsafe {
+            let n = libc::recv(fd, v.as_mut_ptr().add(len).cast(), spare, libc::MSG_DONTWAIT);
+            if n > 0 {
+                v.set_len(len + n as usize);
+            }
+            n
+        };
+        match n {
+            n if n > 0 => Some(n as usize),
+            0 => Some(0),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) {
+                    None
+                } else {
+                    Some(0)
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self) -> Result<Stretch, SessionError> {
         let mut crd = pin!(None::<(ClientRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
         let mut swr = pin!(None::<(ServerWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut srv = pin!(None::<(ServerRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
         let mut cli = pin!(None::<(ClientWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
-        let mut acq = pin!(None::<(Rc<LocalPool>, Option<Duration>)>.map(|(p, w)| acquire(p, w)));
+        let mut acq: Option<Acquire> = None;
         let mut probe = pin!(None::<(ClientRd, Vec<u8>, CancelHandle)>.map(|(r, b, c)| probe_op(r, b, c)));
         let mut probe_stop: Option<Canceller> = None;
         let mut timer = pin!(None::<Instant>.map(|d| monoio::time::sleep_until(d.into())));
@@ -300,7 +483,7 @@ impl Flow {
                 let next = match self.next_server_write() {
                     Ok(next) => next,
                     Err(e) => {
-                        self.finish_client_write(cli.as_mut().as_pin_mut()).await;
+                        Box::pin(self.finish_client_write(cli.as_mut().as_pin_mut())).await;
                         return Err(e);
                     }
                 };
@@ -308,18 +491,28 @@ impl Flow {
                     swr.set(Some(write_op(w, b, n)));
                 }
             }
+            if crd.is_none() && cli.is_none() && swr.is_none() && acq.is_none() && probe.is_none() && self.idle() {
+                return Ok(Stretch::Idle);
+            }
             if crd.is_none() && acq.is_none() && probe.is_none() {
                 match self.next_client_read() {
                     Ok(Some((r, b))) => crd.set(Some(read_op(r, b))),
                     Ok(None) => {
                         if self.wants_acquire() {
+                            if let Some(conn) = self.who.pool.try_acquire_now() {
+                                // An idle server here: no waiting, no future.
+                                if let Some(conn) = self.try_plug(conn) {
+                                    Box::pin(self.sync_then_plug(conn)).await?;
+                                }
+                                continue;
+                            }
                             self.wait_started = Some(Instant::now());
                             self.who.entry.entry.set_state(ConnState::Waiting);
-                            acq.set(Some(acquire(self.who.pool.clone(), self.wait_timeout)));
+                            acq = Some(acquire(self.who.pool.clone(), self.wait_timeout));
                         }
                     }
                     Err(e) => {
-                        self.finish_client_write(cli.as_mut().as_pin_mut()).await;
+                        Box::pin(self.finish_client_write(cli.as_mut().as_pin_mut())).await;
                         return Err(e);
                     }
                 }
@@ -361,7 +554,9 @@ impl Flow {
             // Hand the server back, or deal with a departed client's server. The client
             // read may stay armed: it holds no part of the server.
             if self.releasable() {
-                self.release().await;
+                if let Some((conn, sql)) = self.release_now() {
+                    Box::pin(self.release_after(conn, sql)).await;
+                }
                 continue;
             }
             if self.client_gone && self.server_wr_free() && !self.rollback_sent {
@@ -375,14 +570,16 @@ impl Flow {
                 self.abandon_server();
             }
             if self.client_gone && self.server.is_none() && swr.is_none() && acq.is_none() {
-                return Ok(());
+                return Ok(Stretch::Done);
             }
             let output_flushed = cli.is_none() && self.dfwd == 0 && self.dpend.is_empty();
             if self.draining && output_flushed && acq.is_none() && self.up_write.is_none() && self.tracker.is_idle() {
                 // Between transactions: this is the moment to close the client.
                 if self.server.is_some() && self.releasable_when_gone() {
                     self.client_gone = true;
-                    self.release().await;
+                    if let Some((conn, sql)) = self.release_now() {
+                        Box::pin(self.release_after(conn, sql)).await;
+                    }
                 }
                 if self.server.is_none() {
                     return Err(SessionError::Shutdown);
@@ -425,9 +622,9 @@ impl Flow {
                         return Poll::Ready(Event::ClientWrite(w, res, b));
                     }
                 }
-                if let Some(f) = acq.as_mut().as_pin_mut() {
-                    if let Poll::Ready(r) = f.poll(cx) {
-                        acq.set(None);
+                if let Some(f) = acq.as_mut() {
+                    if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                        acq = None;
                         return Poll::Ready(Event::Acquired(r));
                     }
                 }
@@ -463,7 +660,7 @@ impl Flow {
                         Ok(0) => {
                             // Gone while waiting: stop waiting (the pool takes the wait back).
                             self.client_gone = true;
-                            acq.set(None);
+                            acq = None;
                             self.wait_started = None;
                         }
                         Ok(n) => {
@@ -498,7 +695,7 @@ impl Flow {
                         None => self.uout = Some(buf),
                     }
                     if res.is_err() {
-                        return self.server_lost().await;
+                        return Box::pin(self.server_lost()).await.map(|()| Stretch::Done);
                     }
                 }
                 Event::ServerRead(rd, res, buf) => {
@@ -507,10 +704,10 @@ impl Flow {
                     }
                     self.dbuf = Some(buf);
                     match res {
-                        Ok(0) | Err(_) => return self.server_lost().await,
+                        Ok(0) | Err(_) => return Box::pin(self.server_lost()).await.map(|()| Stretch::Done),
                         Ok(_) => {
                             if let Err(e) = self.process_down() {
-                                self.finish_client_write(cli.as_mut().as_pin_mut()).await;
+                                Box::pin(self.finish_client_write(cli.as_mut().as_pin_mut())).await;
                                 return Err(e);
                             }
                         }
@@ -533,7 +730,9 @@ impl Flow {
                         self.who.pool.stats().record_wait(t.elapsed());
                     }
                     self.who.entry.entry.set_state(ConnState::Active);
-                    self.attach(*res?).await?;
+                    if let Some(conn) = self.try_plug(*res?) {
+                        Box::pin(self.sync_then_plug(conn)).await?;
+                    }
                 }
                 Event::Signal => {
                     if let Some(why) = self.signal.killed() {
@@ -562,7 +761,7 @@ impl Flow {
                                 self.who.id
                             );
                             self.abandon_server();
-                            return Ok(());
+                            return Ok(Stretch::Done);
                         }
                         Deadline::ClientIdle => (SqlState::IDLE_SESSION_TIMEOUT, "client_idle_timeout"),
                         Deadline::IdleTransaction => {
@@ -731,15 +930,25 @@ impl Flow {
                 self.up_want = crate::protocol::HEADER_LEN;
             }
         }
-        let (Some(rd), Some(mut buf)) = (self.c_rd.take(), self.ubuf.take()) else {
+        if self.c_rd.is_none() {
+            return Ok(None);
+        }
+        let Some(mut buf) = self.ubuf.take() else {
             return Ok(None);
         };
-        buf.reserve(
-            self.up_want
-                .saturating_sub(buf.len())
-                .max(1024)
-                .min(self.pkt_buf.max(self.up_want)),
-        );
+        if buf.capacity() == 0 {
+            buf = self.bufs.take();
+        }
+        let need = self.up_want.saturating_sub(buf.len());
+        if need > 0 {
+            buf.reserve(need);
+        } else if buf.spare() == 0 {
+            buf.reserve(buf.capacity());
+        }
+        let Some(rd) = self.c_rd.take() else {
+            self.ubuf = Some(buf);
+            return Ok(None);
+        };
         Ok(Some((rd, buf)))
     }
 
@@ -823,6 +1032,9 @@ impl Flow {
             self.dbuf = Some(buf);
             return None;
         };
+        if buf.capacity() == 0 {
+            buf = self.bufs.take();
+        }
         let want = self.dpartial_want(&buf);
         buf.reserve(want.max(1024));
         Some((rd, buf))
@@ -870,14 +1082,46 @@ impl Flow {
         if self.dbuf.is_none() && self.dfwd > 0 {
             buf.consume(self.dfwd);
             self.dfwd = 0;
-            if self.server.is_none() && buf.is_empty() {
-                buf.shrink_to(self.pkt_buf);
-            }
             self.dbuf = Some(buf);
         } else {
             buf.clear();
             buf.shrink_to(self.pkt_buf);
             self.dspare = Some(buf);
+        }
+        self.park_buffers();
+    }
+
+    /// Without a server, a session keeps no large buffer: empty ones go back to the
+    /// worker's pool (a busy session takes them again at once, so this costs nothing but
+    /// a push and a pop per transaction).
+    fn park_buffers(&mut self) {
+        if self.server.is_some() {
+            return;
+        }
+        if let Some(b) = self.dbuf.as_mut() {
+            if b.is_empty() && b.capacity() > 0 {
+                let b = std::mem::replace(b, MsgBuf::with_capacity(0));
+                self.bufs.give(b);
+            }
+        }
+        if let Some(b) = self.ubuf.as_mut() {
+            if b.is_empty() && b.capacity() > 0 && self.c_rd.is_some() {
+                let b = std::mem::replace(b, MsgBuf::with_capacity(0));
+                self.bufs.give(b);
+            }
+        }
+        if let Some(b) = self.dspare.as_mut() {
+            if b.capacity() > 0 {
+                *b = MsgBuf::with_capacity(0);
+            }
+        }
+        if self.dpend.is_empty() && self.dpend.capacity() > 0 {
+            self.dpend = MsgBuf::with_capacity(0);
+        }
+        if let Some(b) = self.uout.as_mut() {
+            if b.is_empty() && b.capacity() > IDLE_BUF {
+                *b = MsgBuf::with_capacity(0);
+            }
         }
     }
 
@@ -974,14 +1218,14 @@ impl Flow {
         match self.queue.finished.take() {
             Some(Injected::Resync) => {
                 if let Some(server) = self.server.as_mut() {
-                    after_sync(&mut self.who.settings, &mut server.meta, &self.welcome);
+                    after_sync(Arc::make_mut(&mut self.who.settings), &mut server.meta, &self.welcome);
                 }
             }
             Some(Injected::Snapshot) => {
                 let captured = std::mem::take(&mut self.captured);
                 if let Some(server) = self.server.as_mut() {
                     apply_snapshot(
-                        &mut self.who.settings,
+                        Arc::make_mut(&mut self.who.settings),
                         &mut server.meta,
                         &self.welcome,
                         &self.initial,
@@ -996,11 +1240,22 @@ impl Flow {
 
     /// A server for the client's pending request: make its settings the client's, then
     /// let the directions use it.
-    async fn attach(&mut self, mut conn: ServerConn) -> Result<(), SessionError> {
+    /// Attaches the server when its settings already match the client's (the common
+    /// case); otherwise hands it back for [`Flow::sync_then_plug`], which the caller runs
+    /// boxed so its large future does not sit in every session's state.
+    fn try_plug(&mut self, conn: ServerConn) -> Option<ServerConn> {
+        if sync_statement(&self.who.settings, &conn.meta).is_some() {
+            return Some(conn);
+        }
+        self.plug(conn);
+        None
+    }
+
+    async fn sync_then_plug(&mut self, mut conn: ServerConn) -> Result<(), SessionError> {
         if let Some(sql) = sync_statement(&self.who.settings, &conn.meta) {
-            match conn.internal_query(&sql).await {
+            match Box::pin(conn.internal_query(&sql)).await {
                 Ok(outcome) if outcome.error.is_none() && outcome.tx_status == b'I' => {
-                    after_sync(&mut self.who.settings, &mut conn.meta, &self.welcome);
+                    after_sync(Arc::make_mut(&mut self.who.settings), &mut conn.meta, &self.welcome);
                 }
                 Ok(outcome) => {
                     self.who.pool.release(conn, false);
@@ -1017,6 +1272,12 @@ impl Flow {
                 }
             }
         }
+        self.plug(conn);
+        Ok(())
+    }
+
+    /// The server becomes the session's: cancel target, bookkeeping, halves.
+    fn plug(&mut self, conn: ServerConn) {
         self.who.cancel.set(conn.meta.backend_secret.map(|secret| CancelTarget {
             addr: conn.meta.addr,
             pid: conn.meta.backend_pid,
@@ -1032,7 +1293,6 @@ impl Flow {
             wr: Some(wr),
             meta,
         });
-        Ok(())
     }
 
     /// Takes the server out of the session; None if its halves are not both here.
@@ -1052,11 +1312,14 @@ impl Flow {
 
     /// Hands the server back: right away in transaction mode, after the reset query when
     /// a session-mode client has left (or always, with server_reset_query_always).
-    async fn release(&mut self) {
-        let Some(mut conn) = self.detach() else {
+    /// Hands the server back at once, or returns it with the statement that must run
+    /// on it first.
+    fn release_now(&mut self) -> Option<(ServerConn, &'static str)> {
+        let Some(conn) = self.detach() else {
             self.who.pool.slot_freed();
-            return;
+            return None;
         };
+        self.park_buffers();
         self.flush_tally();
         let reset =
             !self.reset_query.is_empty() && ((self.mode == PoolMode::Session && self.client_gone) || self.reset_always);
@@ -1065,32 +1328,40 @@ impl Flow {
         let unlisten = self.pinned && !reset;
         let unset = self.settings_changed && !reset;
         self.settings_changed = false;
-        if reset || unlisten || unset {
-            let sql = match (reset, unlisten, unset) {
-                (true, _, _) => self.reset_query.as_str(),
-                (_, true, true) => "UNLISTEN *; RESET ALL",
-                (_, true, false) => "UNLISTEN *",
-                _ => "RESET ALL",
-            };
-            match conn.internal_query(sql).await {
-                Ok(o) if o.error.is_none() && o.tx_status == b'I' => {}
-                Ok(o) => {
-                    log::warn!(
-                        "S-{}: server_reset_query failed: {}",
-                        conn.meta.id,
-                        o.error.map(|e| e.to_string()).unwrap_or_default()
-                    );
-                    self.who.pool.release(conn, false);
-                    return;
-                }
-                Err(e) => {
-                    log::warn!("S-{}: server_reset_query failed: {e}", conn.meta.id);
-                    self.who.pool.release(conn, false);
-                    return;
-                }
+        let sql = match (reset, unlisten, unset) {
+            (true, _, _) => RESET_QUERY,
+            (_, true, true) => "UNLISTEN *; RESET ALL",
+            (_, true, false) => "UNLISTEN *",
+            (_, false, true) => "RESET ALL",
+            _ => {
+                self.who.pool.release(conn, true);
+                return None;
+            }
+        };
+        Some((conn, sql))
+    }
+
+    async fn release_after(&mut self, mut conn: ServerConn, sql: &'static str) {
+        let sql = if sql == RESET_QUERY {
+            self.reset_query.as_str()
+        } else {
+            sql
+        };
+        match conn.internal_query(sql).await {
+            Ok(o) if o.error.is_none() && o.tx_status == b'I' => self.who.pool.release(conn, true),
+            Ok(o) => {
+                log::warn!(
+                    "S-{}: server_reset_query failed: {}",
+                    conn.meta.id,
+                    o.error.map(|e| e.to_string()).unwrap_or_default()
+                );
+                self.who.pool.release(conn, false);
+            }
+            Err(e) => {
+                log::warn!("S-{}: server_reset_query failed: {e}", conn.meta.id);
+                self.who.pool.release(conn, false);
             }
         }
-        self.who.pool.release(conn, true);
     }
 
     /// After a RESET: sends the statement that gives the server the client's settings

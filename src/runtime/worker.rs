@@ -29,6 +29,8 @@ pub struct WorkerCtx {
     pub sessions: Sessions,
     /// Stops the accept loops (cancelling their in-flight accepts) when draining.
     accept_stop: RefCell<Option<Canceller>>,
+    /// Forwarding buffers of pkt_buf bytes, shared by the worker's sessions.
+    pub bufs: Rc<crate::protocol::BufPool>,
 }
 
 impl WorkerCtx {
@@ -198,6 +200,9 @@ async fn run(
         pools: RefCell::new(HashMap::new()),
         sessions: Sessions::default(),
         accept_stop: RefCell::new(Some(Canceller::new())),
+        bufs: Rc::new(crate::protocol::BufPool::new(
+            instance.config().general.pkt_buf.max(1024),
+        )),
     });
     let mut listeners = Vec::new();
     for l in spec.listeners {
@@ -292,15 +297,16 @@ async fn client(ctx: Rc<WorkerCtx>, mut stream: TcpStream, peer: SocketAddr) {
     let log_pooler_errors = config.general.log_pooler_errors;
     drop(config);
     let opening = match login_timeout {
-        Some(t) => match monoio::time::timeout(t, login(&ctx, &mut stream, peer, id)).await {
+        // Boxed: the login's state (and its timer) is large and needed only once.
+        Some(t) => match Box::pin(monoio::time::timeout(t, login(&ctx, &mut stream, peer, id))).await {
             Ok(r) => r,
             Err(_) => Err(crate::proxy::SessionError::LoginTimeout),
         },
-        None => login(&ctx, &mut stream, peer, id).await,
+        None => Box::pin(login(&ctx, &mut stream, peer, id)).await,
     };
     match opening {
         Ok(Opening::Cancel) => {}
-        Ok(Opening::Admin(admin)) => crate::admin::serve(ctx.clone(), stream, admin).await,
+        Ok(Opening::Admin(admin)) => Box::pin(crate::admin::serve(ctx.clone(), stream, admin)).await,
         Ok(Opening::Session(who)) => {
             let cancel_pid = who.cancel_pid;
             let label = format!("{}/{}@{}", who.database, who.user, who.peer);
@@ -323,7 +329,7 @@ async fn client(ctx: Rc<WorkerCtx>, mut stream: TcpStream, peer: SocketAddr) {
                 if log_pooler_errors {
                     log::info!("C-{id}: {peer} login failed: {message}");
                 }
-                send_fatal(&mut stream, &code, &message).await;
+                Box::pin(send_fatal(&mut stream, &code, &message)).await;
             }
         }
     }
