@@ -26,7 +26,9 @@ pub mod txpool;
 pub mod wire;
 
 #[allow(unused_imports)]
-pub use pgsilo::{connect_with, db_error, must_fail, pgsilo_bin, runtime, toml_str, Db, Failed, Pgsilo, PgsiloBuilder};
+pub use pgsilo::{
+    connect_with, db_error, must_fail, pgsilo_bin, runtime, simple_rows, toml_str, Db, Failed, Pgsilo, PgsiloBuilder,
+};
 #[allow(unused_imports)]
 pub use ports::{free_port, wait_for_port};
 #[allow(unused_imports)]

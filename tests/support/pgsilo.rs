@@ -123,6 +123,8 @@ pub struct PgsiloBuilder {
     extra: Vec<String>,
     databases: Vec<Db>,
     userlist: Vec<String>,
+    /// Extra command-line arguments before the config path (e.g. `--takeover`).
+    args: Vec<String>,
 }
 
 impl PgsiloBuilder {
@@ -177,6 +179,12 @@ impl PgsiloBuilder {
     /// Removes a `[pgsilo]` key (to fall back to pgsilo's default).
     pub fn unset(mut self, key: &str) -> Self {
         self.settings.retain(|(k, _)| k != key);
+        self
+    }
+
+    /// An extra command-line argument, given before the config path (e.g. `--takeover`).
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_owned());
         self
     }
 
@@ -297,50 +305,57 @@ impl PgsiloBuilder {
             .tempdir()
             .expect("create temp dir for pgsilo");
         let config_path = self.write_files(dir.path(), port);
-        let log_path = dir.path().join("pgsilo.log");
-        let log = File::create(&log_path).expect("create pgsilo log file");
-        let log_err = log.try_clone().expect("dup log fd");
-        let child = Command::new(pgsilo_bin())
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", pgsilo_bin()));
-        let mut p = Pgsilo {
-            child: Some(child),
-            port,
-            log_path,
-            config_path,
-            status: None,
-            dir,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = p.try_wait() {
-                return Err(Failed {
-                    status: Some(status),
-                    stderr: p.log(),
-                    config: p.config_text(),
-                    port,
-                });
-            }
-            if p.log().contains(READY_LINE) {
-                return Ok(p);
-            }
-            if Instant::now() > deadline {
-                let stderr = p.log();
-                let config = p.config_text();
-                p.kill();
-                return Err(Failed {
-                    status: None,
-                    stderr: format!("{stderr}\n(not listening after {START_TIMEOUT:?})"),
-                    config,
-                    port,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        launch(dir, config_path, port, &self.args)
+    }
+}
+
+/// Starts the binary on `config_path` (in `dir`, which the returned [`Pgsilo`] owns) and
+/// waits until it logs that every worker listens, or until it exits.
+fn launch(dir: tempfile::TempDir, config_path: PathBuf, port: u16, args: &[String]) -> Result<Pgsilo, Failed> {
+    let log_path = dir.path().join("pgsilo.log");
+    let log = File::create(&log_path).expect("create pgsilo log file");
+    let log_err = log.try_clone().expect("dup log fd");
+    let child = Command::new(pgsilo_bin())
+        .args(args)
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", pgsilo_bin()));
+    let mut p = Pgsilo {
+        child: Some(child),
+        port,
+        log_path,
+        config_path,
+        status: None,
+        dir,
+    };
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = p.try_wait() {
+            return Err(Failed {
+                status: Some(status),
+                stderr: p.log(),
+                config: p.config_text(),
+                port,
+            });
         }
+        if p.log().contains(READY_LINE) {
+            return Ok(p);
+        }
+        if Instant::now() > deadline {
+            let stderr = p.log();
+            let config = p.config_text();
+            p.kill();
+            return Err(Failed {
+                status: None,
+                stderr: format!("{stderr}\n(not listening after {START_TIMEOUT:?})"),
+                config,
+                port,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -386,6 +401,7 @@ impl Pgsilo {
             extra: Vec::new(),
             databases: Vec::new(),
             userlist: Vec::new(),
+            args: Vec::new(),
         }
         .name("t")
         .auth_type("scram-sha-256")
@@ -492,6 +508,49 @@ impl Pgsilo {
         }
     }
 
+    /// Rewrites `pgsilo.toml` and `userlist.txt` from `builder`, keeping this process's
+    /// port (for SIGHUP / RELOAD tests). Nothing is signalled.
+    pub fn rewrite(&self, builder: &PgsiloBuilder) {
+        builder.write_files(self.dir.path(), self.port);
+    }
+
+    /// Replaces the config file's text (e.g. with something broken).
+    pub fn write_config(&self, text: &str) {
+        fs::write(&self.config_path, text).unwrap_or_else(|e| panic!("write {}: {e}", self.config_path.display()));
+    }
+
+    /// Replaces the auth_file's text.
+    pub fn write_userlist(&self, text: &str) {
+        let path = self.dir.path().join("userlist.txt");
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// Starts another pgsilo on a copy of this one's config and auth_file (same port,
+    /// same takeover_socket) with `args` (e.g. `["--takeover"]`). Ok once it listens;
+    /// Err with its output if it exits first.
+    pub fn start_again(&self, args: &[&str]) -> Result<Pgsilo, Failed> {
+        let dir = tempfile::Builder::new()
+            .prefix("pgsilo-test-")
+            .tempdir()
+            .expect("create temp dir for pgsilo");
+        let config_path = dir.path().join("pgsilo.toml");
+        fs::copy(&self.config_path, &config_path).expect("copy pgsilo.toml");
+        fs::copy(self.dir.path().join("userlist.txt"), dir.path().join("userlist.txt")).expect("copy userlist.txt");
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        launch(dir, config_path, self.port, &args)
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGHUP`) to the process, unless it has been reaped.
+    pub fn send_signal(&self, sig: i32) {
+        self.signal(sig);
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status, or None if it still
+    /// runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.wait_until(Instant::now() + timeout)
+    }
+
     /// Whether the process still runs.
     pub fn is_running(&mut self) -> bool {
         self.try_wait().is_none()
@@ -580,6 +639,31 @@ pub fn db_error(e: &tokio_postgres::Error) -> (String, String) {
         Some(d) => (d.code().code().to_owned(), d.message().to_owned()),
         None => panic!("expected an error from the server, got {e:?}"),
     }
+}
+
+/// The rows of a simple query (e.g. an admin console `SHOW`), each as column name ->
+/// text value (None for NULL), and the column names in order (empty when no row came).
+pub async fn simple_rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<(Vec<String>, Vec<std::collections::BTreeMap<String, Option<String>>>), tokio_postgres::Error> {
+    let mut columns = Vec::new();
+    let mut rows = Vec::new();
+    for m in client.simple_query(sql).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            if columns.is_empty() {
+                columns = r.columns().iter().map(|c| c.name().to_owned()).collect();
+            }
+            let row = r
+                .columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name().to_owned(), r.get(i).map(str::to_owned)))
+                .collect();
+            rows.push(row);
+        }
+    }
+    Ok((columns, rows))
 }
 
 /// A multi-threaded tokio runtime for a test.
