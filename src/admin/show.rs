@@ -337,6 +337,7 @@ fn config(instance: &Instance) -> ResultSet {
         "cpus",
         "name",
         "metrics_listen",
+        "takeover_socket",
     ];
     for (key, value) in config.config_items() {
         rs.row(vec![

@@ -302,19 +302,44 @@ fn wait_for_signals(instance: &Arc<Instance>) -> Result<(), RuntimeError> {
     }
 }
 
+/// Settings that are used only as the process starts (sockets bound, threads pinned,
+/// names given): a reload reports a change and keeps the running value, so the running
+/// configuration (SHOW CONFIG, metrics, the next reload) says what is in force.
+fn keep_restart_only_settings(new: &mut crate::config::General, running: &crate::config::General) {
+    let mut changed = Vec::new();
+    macro_rules! keep {
+        ($($field:ident),*) => {$(
+            if new.$field != running.$field {
+                changed.push(stringify!($field));
+                new.$field = running.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        name,
+        listen_addr,
+        listen_port,
+        listen_backlog,
+        cpus,
+        metrics_listen,
+        takeover_socket
+    );
+    if !changed.is_empty() {
+        ::log::warn!(
+            "reload: {} take effect only at restart; keeping the running values",
+            changed.join(", ")
+        );
+    }
+}
+
 /// Re-reads the config file and the auth_file. Settings that only take effect at start
 /// (listen address and port, cpus) are reported and kept.
 pub fn reload(instance: &Arc<Instance>) {
     let current = instance.config();
     match crate::config::check(&current.path) {
-        Ok((config, userlist)) => {
+        Ok((mut config, userlist)) => {
+            keep_restart_only_settings(&mut config.general, &current.general);
             let g = &config.general;
-            let old = &current.general;
-            if g.listen_port != old.listen_port || g.listen_addr != old.listen_addr || g.cpus != old.cpus {
-                ::log::warn!(
-                    "reload: listen_addr, listen_port and cpus take effect only at restart; keeping the running values"
-                );
-            }
             log::set_verbosity(g.verbose.min(255) as u8);
             let users = userlist.len();
             let old_users = instance.userlist();
@@ -340,5 +365,23 @@ pub fn reload(instance: &Arc<Instance>) {
                 ::log::error!("reload failed, keeping the running configuration: {p}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_keeps_restart_only_settings_and_takes_the_rest() {
+        let running = crate::config::General::defaults("t".into());
+        let mut new = running.clone();
+        new.listen_port = running.listen_port + 1;
+        new.cpus = Some(vec![0]);
+        new.default_pool_size = running.default_pool_size + 5;
+        keep_restart_only_settings(&mut new, &running);
+        assert_eq!(new.listen_port, running.listen_port);
+        assert_eq!(new.cpus, running.cpus);
+        assert_eq!(new.default_pool_size, running.default_pool_size + 5);
     }
 }
