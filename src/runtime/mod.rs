@@ -188,6 +188,11 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
             Err(e) if took_over => ::log::warn!("{e}"),
             Err(e) => return Err(e),
         }
+    } else {
+        // Nobody to hand them to: holding the duplicates would keep the listening
+        // sockets open after the workers stop accepting at shutdown, so new clients
+        // would queue unanswered instead of being refused.
+        drop(dups);
     }
     stats::spawn(instance.clone());
     notify::notify(&format!(
