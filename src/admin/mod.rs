@@ -30,6 +30,8 @@ pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
     let mut statement = String::new();
     let mut described: Option<Outcome> = None;
     let mut failed = false;
+    // Result format codes of the last Bind (tokio-postgres and JDBC ask for binary).
+    let mut formats: Vec<i16> = Vec::new();
     loop {
         let (res, back) = read_message(&mut stream, buf, ADMIN_MESSAGE_LIMIT).await;
         buf = back;
@@ -54,7 +56,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
                         continue;
                     }
                     match run(&ctx, &who, part).await {
-                        Ok(o) => write_outcome(&mut out, &o, true),
+                        Ok(o) => write_outcome(&mut out, &o, true, &[]),
                         Err((code, msg)) => {
                             backend::error_response(&mut out, Severity::Error, code, &msg);
                             break;
@@ -75,13 +77,19 @@ pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
                 described = None;
                 backend::message(&mut out, b'1', |_| {});
             }
-            b'B' if !failed => backend::message(&mut out, b'2', |_| {}),
+            b'B' if !failed => {
+                formats = result::bind_result_formats(&body);
+                backend::message(&mut out, b'2', |_| {});
+            }
             b'D' if !failed => match run(&ctx, &who, &statement).await {
                 Ok(o) => {
                     if body.first() == Some(&b'S') {
                         backend::message(&mut out, b't', |b| b.extend_from_slice(&0u16.to_be_bytes()));
                     }
                     match &o {
+                        Outcome::Rows(rs) if body.first() == Some(&b'P') => {
+                            rs.write_portal_description(&mut out, &formats)
+                        }
                         Outcome::Rows(rs) => rs.write_description(&mut out),
                         _ => backend::message(&mut out, b'n', |_| {}),
                     }
@@ -98,7 +106,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
                     None => run(&ctx, &who, &statement).await,
                 };
                 match o {
-                    Ok(o) => write_outcome(&mut out, &o, false),
+                    Ok(o) => write_outcome(&mut out, &o, false, &formats),
                     Err((code, msg)) => {
                         backend::error_response(&mut out, Severity::Error, code, &msg);
                         failed = true;
@@ -131,13 +139,13 @@ pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
     }
 }
 
-fn write_outcome(out: &mut Vec<u8>, o: &Outcome, with_description: bool) {
+fn write_outcome(out: &mut Vec<u8>, o: &Outcome, with_description: bool, formats: &[i16]) {
     match o {
         Outcome::Rows(rs) => {
             if with_description {
                 rs.write_description(out);
             }
-            rs.write_rows(out);
+            rs.write_rows_as(out, formats);
         }
         Outcome::Done(tag) => backend::command_complete(out, tag),
         Outcome::Notice(lines, tag) => {

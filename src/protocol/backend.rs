@@ -135,16 +135,21 @@ pub fn negotiate_protocol_version(out: &mut Vec<u8>, minor: u16, unsupported: &[
 
 /// A text-format RowDescription, for result sets pgsilo produces (the admin console).
 pub fn row_description(out: &mut Vec<u8>, columns: &[(&str, ColumnType)]) {
+    row_description_as(out, columns, |_| 0);
+}
+
+/// RowDescription with each column's format code (0 text, 1 binary) from `format`.
+pub fn row_description_as(out: &mut Vec<u8>, columns: &[(&str, ColumnType)], format: impl Fn(usize) -> i16) {
     message(out, b'T', |b| {
         b.extend_from_slice(&(columns.len() as u16).to_be_bytes());
-        for (name, ty) in columns {
+        for (i, (name, ty)) in columns.iter().enumerate() {
             cstr(b, name);
             b.extend_from_slice(&0u32.to_be_bytes()); // table oid
             b.extend_from_slice(&0u16.to_be_bytes()); // column number
             b.extend_from_slice(&ty.oid().to_be_bytes());
             b.extend_from_slice(&ty.size().to_be_bytes());
             b.extend_from_slice(&(-1i32).to_be_bytes()); // type modifier
-            b.extend_from_slice(&0u16.to_be_bytes()); // text format
+            b.extend_from_slice(&format(i).to_be_bytes());
         }
     });
 }
