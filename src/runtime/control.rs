@@ -81,11 +81,37 @@ impl SessionSignal {
 #[derive(Default)]
 pub struct Sessions {
     list: RefCell<Vec<Weak<SessionSignal>>>,
+    /// The latest shutdown phase this worker has acted on. A session that starts later
+    /// (a client accepted before the shutdown that finished logging in after it) gets
+    /// the same treatment as those that were there.
+    shutdown: Cell<Option<Phase>>,
 }
 
+/// What a session is told in each shutdown phase.
+pub const SHUTTING_DOWN: &str = "pgsilo is shutting down";
+
 impl Sessions {
+    /// Tells every session of this worker about a new shutdown phase (Closing: end
+    /// between transactions; Exiting: end now), and remembers it for sessions to come.
+    pub fn enter_phase(&self, phase: Phase) {
+        if self.shutdown.get().is_some_and(|p| p >= phase) {
+            return;
+        }
+        self.shutdown.set(Some(phase));
+        match phase {
+            Phase::Closing => self.each(|s| s.drain()),
+            Phase::Exiting => self.each(|s| s.kill(SHUTTING_DOWN)),
+            _ => {}
+        }
+    }
+
     pub fn add(&self, database: &str) -> Rc<SessionSignal> {
         let s = Rc::new(SessionSignal::new(database));
+        match self.shutdown.get() {
+            Some(Phase::Closing) => s.drain(),
+            Some(Phase::Exiting) => s.kill(SHUTTING_DOWN),
+            _ => {}
+        }
         let mut list = self.list.borrow_mut();
         // Forget sessions that have ended, now and then, so the list stays short.
         if list.len() >= 64 && list.len().is_power_of_two() {

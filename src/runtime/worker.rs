@@ -69,11 +69,7 @@ impl WorkerCtx {
                 if phase >= Phase::Draining {
                     self.stop_accepting();
                 }
-                match phase {
-                    Phase::Closing => self.sessions.each(|s| s.drain()),
-                    Phase::Exiting => self.sessions.each(|s| s.kill("pgsilo is shutting down")),
-                    _ => {}
-                }
+                self.sessions.enter_phase(phase);
             }
             ControlMsg::Kill { database } => {
                 self.sessions.each(|s| {
