@@ -6,7 +6,10 @@ pub mod command;
 mod result;
 mod show;
 
+use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::rc::Rc;
+use std::task::Poll;
 
 use monoio::net::TcpStream;
 
@@ -20,6 +23,9 @@ use command::Command;
 use result::{Outcome, ResultSet};
 
 const ADMIN_MESSAGE_LIMIT: u32 = 1 << 20;
+/// The database name console sessions are listed under for shutdown signals (KILL
+/// only names configured databases, so it never matches).
+const ADMIN_DATABASE: &str = "pgsilo";
 
 pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
     who.entry.entry.set_state(crate::metrics::ConnState::Active);
@@ -32,8 +38,35 @@ pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
     let mut failed = false;
     // Result format codes of the last Bind (tokio-postgres and JDBC ask for binary).
     let mut formats: Vec<i16> = Vec::new();
+    // Shutdown reaches the console too: an idle console session must not hold a
+    // SIGTERM/SHUTDOWN (which waits for clients to leave) until shutdown_timeout.
+    let signal = ctx.sessions.add(ADMIN_DATABASE);
     loop {
-        let (res, back) = read_message(&mut stream, buf, ADMIN_MESSAGE_LIMIT).await;
+        let read = {
+            let mut read = pin!(read_message(&mut stream, buf, ADMIN_MESSAGE_LIMIT));
+            let mut seen = (false, false);
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                if signal.poll_changed(cx, &mut seen).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        // Waiting for a command is always between transactions: close at once.
+        let Some((res, back)) = read else {
+            backend::error_response(
+                &mut out,
+                Severity::Fatal,
+                SqlState::ADMIN_SHUTDOWN,
+                signal.killed().unwrap_or(crate::runtime::control::SHUTTING_DOWN),
+            );
+            let _ = write_out(&mut stream, out).await;
+            return;
+        };
         buf = back;
         let h = match res {
             Ok(h) => h,
