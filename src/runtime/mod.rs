@@ -93,6 +93,14 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
         control_senders.push(tx);
         control_inboxes.push(rx);
     }
+    // Before any worker accepts: once this process accepts on sockets taken over from
+    // a running one, failing would drop the clients it accepted.
+    if let Some(addr) = g.metrics_listen {
+        if taken.is_none() {
+            listener::ensure_port_free(addr.ip(), addr.port())?;
+        }
+        metrics_http::start(instance.clone(), addr)?;
+    }
     let postman = Arc::new(senders);
     let _ = instance.postman.set(postman.clone());
     let _ = instance.control.set(control_senders);
@@ -168,13 +176,8 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
     );
 
     // Everything that can fail comes before telling an old process to stop, so a failed
-    // takeover leaves the old one serving.
-    if let Some(addr) = g.metrics_listen {
-        if taken.is_none() {
-            listener::ensure_port_free(addr.ip(), addr.port())?;
-        }
-        metrics_http::start(instance.clone(), addr)?;
-    }
+    // takeover leaves the old one serving (the metrics endpoint is bound before the
+    // workers start accepting).
     let took_over = taken.is_some();
     if let Some(t) = taken {
         t.finish()?;
