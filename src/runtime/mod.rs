@@ -75,6 +75,10 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
         for addr in &g.listen_addr {
             listener::ensure_port_free(*addr, g.listen_port)?;
         }
+        // Before any worker accepts, so a refused second instance never takes a client.
+        if let Some(path) = &g.takeover_socket {
+            takeover::ensure_free(path)?;
+        }
     }
     let mut inherited = listener::Inherited::new(taken.as_ref().map(|t| t.fds.as_slice()).unwrap_or_default());
     let mut dups = Vec::new();

@@ -25,12 +25,7 @@ const MAX_FDS: usize = 252;
 /// listening socket; they are released when the process starts shutting down, so that
 /// a plain shutdown does not leave a socket open that nobody accepts on.
 pub fn serve(instance: Arc<Instance>, path: &Path, fds: Vec<OwnedFd>) -> Result<(), RuntimeError> {
-    if UnixStream::connect(path).is_ok() {
-        return Err(RuntimeError::Takeover(format!(
-            "{} is in use by a running pgsilo; start with --takeover to replace it",
-            path.display()
-        )));
-    }
+    ensure_free(path)?;
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)
         .map_err(|e| RuntimeError::Takeover(format!("cannot create takeover socket {}: {e}", path.display())))?;
@@ -65,6 +60,18 @@ pub fn serve(instance: Arc<Instance>, path: &Path, fds: Vec<OwnedFd>) -> Result<
             }
         })
         .map_err(|e| RuntimeError::Takeover(e.to_string()))?;
+    Ok(())
+}
+
+/// Fails when a running process answers on the takeover socket: a second instance for
+/// the same tenant must be started with --takeover.
+pub fn ensure_free(path: &Path) -> Result<(), RuntimeError> {
+    if UnixStream::connect(path).is_ok() {
+        return Err(RuntimeError::Takeover(format!(
+            "{} is in use by a running pgsilo; start with --takeover to replace it",
+            path.display()
+        )));
+    }
     Ok(())
 }
 
