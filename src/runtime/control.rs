@@ -5,6 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use super::instance::Phase;
 
@@ -22,9 +23,10 @@ pub enum ControlMsg {
 }
 
 /// What a session is told, read and cleared by the session itself.
-#[derive(Default)]
 pub struct SessionSignal {
     pub database: String,
+    /// When the session started (its client had logged in).
+    born: Instant,
     /// End now, telling the client why.
     kill: Cell<Option<&'static str>>,
     /// End at the next moment the client has no transaction open.
@@ -36,7 +38,10 @@ impl SessionSignal {
     pub fn new(database: &str) -> SessionSignal {
         SessionSignal {
             database: database.to_string(),
-            ..Default::default()
+            born: Instant::now(),
+            kill: Cell::new(None),
+            drain: Cell::new(false),
+            waker: Cell::new(None),
         }
     }
 
@@ -90,6 +95,13 @@ pub struct Sessions {
 /// What a session is told in each shutdown phase.
 pub const SHUTTING_DOWN: &str = "pgsilo is shutting down";
 
+/// How long a session that has just logged in may go on before a shutdown drain closes
+/// it. A client that connects for one query (the common pattern behind a takeover's
+/// "no connection fails") sends it right after its login; closing it in between would
+/// fail that query although nothing was wrong with its connection. Long-connected idle
+/// clients are closed at once, and a grace session in a transaction still finishes it.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 impl Sessions {
     /// Tells every session of this worker about a new shutdown phase (Closing: end
     /// between transactions; Exiting: end now), and remembers it for sessions to come.
@@ -99,18 +111,31 @@ impl Sessions {
         }
         self.shutdown.set(Some(phase));
         match phase {
-            Phase::Closing => self.each(|s| s.drain()),
+            Phase::Closing => self.drain_due(),
             Phase::Exiting => self.each(|s| s.kill(SHUTTING_DOWN)),
             _ => {}
         }
     }
 
+    /// While closing: drains the sessions whose [`DRAIN_GRACE`] has passed. Called when
+    /// the phase begins and then periodically by the worker.
+    pub fn drain_due(&self) {
+        if self.shutdown.get() != Some(Phase::Closing) {
+            return;
+        }
+        self.each(|s| {
+            if !s.draining() && s.born.elapsed() >= DRAIN_GRACE {
+                s.drain();
+            }
+        });
+    }
+
+    /// A new session. One that starts while closing is drained by [`Sessions::drain_due`]
+    /// once its grace has passed; one that starts while exiting is killed at once.
     pub fn add(&self, database: &str) -> Rc<SessionSignal> {
         let s = Rc::new(SessionSignal::new(database));
-        match self.shutdown.get() {
-            Some(Phase::Closing) => s.drain(),
-            Some(Phase::Exiting) => s.kill(SHUTTING_DOWN),
-            _ => {}
+        if self.shutdown.get() == Some(Phase::Exiting) {
+            s.kill(SHUTTING_DOWN);
         }
         let mut list = self.list.borrow_mut();
         // Forget sessions that have ended, now and then, so the list stays short.
@@ -131,5 +156,31 @@ impl Sessions {
 
     pub fn live(&self) -> usize {
         self.list.borrow().iter().filter(|w| w.strong_count() > 0).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_spares_new_sessions_for_their_grace_and_exiting_kills_all() {
+        let sessions = Sessions::default();
+        let old = sessions.add("db");
+        let young = {
+            std::thread::sleep(DRAIN_GRACE);
+            sessions.add("db")
+        };
+        sessions.enter_phase(Phase::Closing);
+        assert!(old.draining());
+        assert!(!young.draining());
+        let late = sessions.add("db");
+        assert!(!late.draining());
+        std::thread::sleep(DRAIN_GRACE);
+        sessions.drain_due();
+        assert!(young.draining() && late.draining());
+        sessions.enter_phase(Phase::Exiting);
+        assert_eq!(old.killed(), Some(SHUTTING_DOWN));
+        assert_eq!(sessions.add("db").killed(), Some(SHUTTING_DOWN));
     }
 }

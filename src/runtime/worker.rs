@@ -221,6 +221,7 @@ async fn run(
     loop {
         monoio::time::sleep(Duration::from_secs(1)).await;
         // min_pool_size is kept only while the instance runs normally.
+        ctx.sessions.drain_due();
         let open_new = instance.phase() == Phase::Running;
         for pool in ctx.local_pools() {
             pool.maintain(open_new);
