@@ -36,7 +36,7 @@ use crate::metrics::{ConnState, WorkerPoolStats};
 use crate::pool::{LocalPool, PoolError, ServerConn, ServerMeta, ServerRd, ServerWr, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frontend, BufPool, MsgBuf, SqlState};
-use crate::runtime::control::SessionSignal;
+use crate::runtime::control::{Seen, SessionSignal};
 use crate::runtime::worker::WorkerCtx;
 
 type ClientRd = OwnedReadHalf<TcpStream>;
@@ -58,6 +58,13 @@ const PENDING_OUTPUT_LIMIT: usize = 256 * 1024;
 
 async fn read_op<R: AsyncReadRent>(mut r: R, buf: MsgBuf) -> (R, std::io::Result<usize>, MsgBuf) {
     let (res, back) = r.read(buf.into_read()).await;
+    (r, res, back.into_inner())
+}
+
+/// A read of the client that can be called off without losing anything: once cancelled,
+/// it still completes, with the bytes it took or with ECANCELED.
+async fn client_read_op(mut r: ClientRd, buf: MsgBuf, c: CancelHandle) -> (ClientRd, std::io::Result<usize>, MsgBuf) {
+    let (res, back) = r.cancelable_read(buf.into_read(), c).await;
     (r, res, back.into_inner())
 }
 
@@ -85,7 +92,7 @@ async fn readable_op(rd: ClientRd) -> (ClientRd, std::io::Result<()>) {
 
 /// What ended an idle wait.
 enum Woke {
-    Ready(std::io::Result<()>),
+    Ready(ClientRd, std::io::Result<()>),
     Timeout,
     Signal,
 }
@@ -212,6 +219,8 @@ struct Flow {
     signal: Rc<SessionSignal>,
     /// Shutting down: end the session at the first moment no transaction is open.
     draining: bool,
+    /// The client has been quiet: go idle (see [`Flow::idle_wait`]) when nothing is owed.
+    shrink: bool,
     /// No more reads from the client: it sent Terminate, closed, or failed.
     client_gone: bool,
     rollback_sent: bool,
@@ -277,6 +286,8 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         captured: Vec::new(),
         signal: ctx.sessions.add(&who.database),
         draining: false,
+        // A new session starts idle: nothing to forward yet.
+        shrink: true,
         client_gone: false,
         rollback_sent: false,
         rollback_deadline: None,
@@ -356,37 +367,42 @@ impl Flow {
     /// buffer from the worker's pool.
     async fn idle_wait(&mut self) -> Result<(), SessionError> {
         self.park_buffers();
+        let mut timer = self
+            .timeouts
+            .client_idle
+            .map(|d| Box::pin(monoio::time::sleep_until((self.last_activity + d).into())));
+        let signal = self.signal.clone();
+        let mut seen = signal.seen_now();
         loop {
             let Some(rd) = self.c_rd.take() else {
                 return Ok(());
             };
-            let (rd, woke) = {
-                let mut ready = pin!(readable_op(rd));
-                let mut timer = self
-                    .timeouts
-                    .client_idle
-                    .map(|d| Box::pin(monoio::time::sleep_until((self.last_activity + d).into())));
-                let signal = self.signal.clone();
-                let mut seen = (false, false);
-                poll_fn(|cx| {
-                    if let Poll::Ready((rd, res)) = ready.as_mut().poll(cx) {
-                        return Poll::Ready((Some(rd), Woke::Ready(res)));
+            let mut ready = pin!(readable_op(rd));
+            let woke = poll_fn(|cx| {
+                if let Poll::Ready((rd, res)) = ready.as_mut().poll(cx) {
+                    return Poll::Ready(Woke::Ready(rd, res));
+                }
+                if let Some(t) = timer.as_mut() {
+                    if t.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Woke::Timeout);
                     }
-                    if let Some(t) = timer.as_mut() {
-                        if t.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready((None, Woke::Timeout));
-                        }
+                }
+                // A shrink request changes nothing here (already as small as it gets);
+                // only KILL and shutdown end the wait.
+                while signal.poll_changed(cx, &mut seen).is_ready() {
+                    if signal.killed().is_some() || signal.draining() {
+                        return Poll::Ready(Woke::Signal);
                     }
-                    if signal.poll_changed(cx, &mut seen).is_ready() {
-                        return Poll::Ready((None, Woke::Signal));
-                    }
-                    Poll::Pending
-                })
-                .await
-            };
+                }
+                Poll::Pending
+            })
+            .await;
             match woke {
-                Woke::Ready(Ok(())) => {
-                    self.c_rd = rd;
+                Woke::Ready(rd, Ok(())) => {
+                    self.c_rd = Some(rd);
+                    // Active again: the next shrink needs a fresh quiet period.
+                    self.signal.take_shrink();
+                    self.shrink = false;
                     match self.receive_now() {
                         Some(0) => {
                             self.client_gone = true;
@@ -400,8 +416,8 @@ impl Flow {
                         None => continue,
                     }
                 }
-                Woke::Ready(Err(_)) => {
-                    self.c_rd = rd;
+                Woke::Ready(rd, Err(_)) => {
+                    self.c_rd = Some(rd);
                     self.client_gone = true;
                     return Ok(());
                 }
@@ -416,7 +432,7 @@ impl Flow {
                     if let Some(why) = self.signal.killed() {
                         return Err(SessionError::Killed(why));
                     }
-                    // Only draining remains, and an idle client is between transactions.
+                    // Draining, and an idle client is between transactions: close it now.
                     return Err(SessionError::Shutdown);
                 }
             }
@@ -465,7 +481,8 @@ impl Flow {
     }
 
     async fn run(&mut self) -> Result<Stretch, SessionError> {
-        let mut crd = pin!(None::<(ClientRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
+        let mut crd = pin!(None::<(ClientRd, MsgBuf, CancelHandle)>.map(|(r, b, c)| client_read_op(r, b, c)));
+        let mut crd_stop: Option<Canceller> = None;
         let mut swr = pin!(None::<(ServerWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut srv = pin!(None::<(ServerRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
         let mut cli = pin!(None::<(ClientWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
@@ -475,7 +492,7 @@ impl Flow {
         let mut timer = pin!(None::<Instant>.map(|d| monoio::time::sleep_until(d.into())));
         let mut timer_at: Option<(Instant, Deadline)> = None;
         let signal = self.signal.clone();
-        let mut signal_seen = (false, false);
+        let mut signal_seen = Seen::default();
 
         loop {
             // Client -> server: what is processed goes out; more is read when needed.
@@ -491,12 +508,18 @@ impl Flow {
                     swr.set(Some(write_op(w, b, n)));
                 }
             }
-            if crd.is_none() && cli.is_none() && swr.is_none() && acq.is_none() && probe.is_none() && self.idle() {
+            let quiet = crd.is_none() && cli.is_none() && swr.is_none() && acq.is_none() && probe.is_none();
+            if self.shrink && quiet && self.idle() {
+                self.shrink = false;
                 return Ok(Stretch::Idle);
             }
             if crd.is_none() && acq.is_none() && probe.is_none() {
                 match self.next_client_read() {
-                    Ok(Some((r, b))) => crd.set(Some(read_op(r, b))),
+                    Ok(Some((r, b))) => {
+                        let c = Canceller::new();
+                        crd.set(Some(client_read_op(r, b, c.handle())));
+                        crd_stop = Some(c);
+                    }
                     Ok(None) => {
                         if self.wants_acquire() {
                             if let Some(conn) = self.who.pool.try_acquire_now() {
@@ -648,9 +671,16 @@ impl Flow {
                 Event::ClientRead(rd, res, buf) => {
                     self.c_rd = Some(rd);
                     self.ubuf = Some(buf);
+                    crd_stop = None;
                     match res {
-                        Ok(0) | Err(_) => self.client_gone = true,
-                        Ok(n) => self.client_sent(n),
+                        Ok(0) => self.client_gone = true,
+                        Ok(n) => {
+                            self.shrink = false;
+                            self.client_sent(n);
+                        }
+                        // Called off to shrink: nothing was read.
+                        Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+                        Err(_) => self.client_gone = true,
                     }
                 }
                 Event::Probe(rd, res, buf) => {
@@ -735,6 +765,16 @@ impl Flow {
                     }
                 }
                 Event::Signal => {
+                    if self.signal.take_shrink() && !self.client_gone {
+                        self.shrink = true;
+                        // Quiet for a second: if nothing else is going on, stop the read
+                        // (it completes, cancelled or with data) and go idle.
+                        if self.server.is_none() && swr.is_none() && cli.is_none() && acq.is_none() {
+                            if let Some(c) = crd_stop.take() {
+                                let _ = c.cancel();
+                            }
+                        }
+                    }
                     if let Some(why) = self.signal.killed() {
                         swr.set(None);
                         srv.set(None);
@@ -837,6 +877,7 @@ impl Flow {
 
     /// Bookkeeping for bytes the client sent.
     fn client_sent(&mut self, n: usize) {
+        self.signal.active();
         self.tally.bytes_in += n as u64;
         self.up_want = 0;
         if self.timeouts.client_idle.is_some() {

@@ -226,6 +226,7 @@ async fn run(
         monoio::time::sleep(Duration::from_secs(1)).await;
         // min_pool_size is kept only while the instance runs normally.
         let open_new = instance.phase() == Phase::Running;
+        ctx.sessions.each(|s| s.tick());
         for pool in ctx.local_pools() {
             pool.maintain(open_new);
         }
