@@ -73,11 +73,48 @@ async fn write_op<W: AsyncWriteRent>(mut w: W, buf: MsgBuf, n: usize) -> (W, std
     (w, res, back.into_inner())
 }
 
-/// A read of the client while it waits for a server, only to notice if it goes away.
-/// Cancelled once the server comes; a cancelled read still reports any bytes it took.
-async fn probe_op(mut r: ClientRd, buf: Vec<u8>, c: CancelHandle) -> (ClientRd, std::io::Result<usize>, Vec<u8>) {
-    let (res, back) = r.cancelable_read(buf, c).await;
-    (r, res, back)
+/// Readiness of the client socket while the client waits for a server: to notice a client
+/// that hangs up. A readiness wait takes nothing from the socket, so dropping it when the
+/// server comes loses nothing.
+fn client_readiness(rd: &ClientRd) -> impl Future<Output = std::io::Result<()>> + 'static {
+    // SAFETY: the stream lives in an Rc held by the session's read half, which the
+    // session keeps (in `c_rd`) for longer than this future lives: the future is a local
+    // of the forwarding loop and is dropped before the loop returns, and the read half
+    // is never dropped while the loop runs. No read runs on the socket meanwhile.
+    let stream: &'static TcpStream = unsafe { &*rd.0.get() };
+    stream.readable(false)
+}
+
+/// Peeks whether a readable client socket has data (Some(true)), was closed
+/// (Some(false)), or nothing after all (None).
+fn peek_client(rd: &ClientRd) -> Option<bool> {
+    // SAFETY: a shared view for the descriptor, as in client_readiness.
+    let fd = unsafe { &*rd.0.get() }.as_raw_fd();
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a valid local.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        n if n > 0 => Some(true),
+        0 => Some(false),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) {
+                None
+            } else {
+                Some(false)
+            }
+        }
+    }
 }
 
 /// Waits until the client's socket has something to read, holding no buffer.
@@ -99,19 +136,19 @@ enum Woke {
 
 /// Waiting for (or opening) a server: boxed, so the rarely used and large future does not
 /// sit in every session's state.
-type Acquire = std::pin::Pin<Box<dyn Future<Output = Result<Box<ServerConn>, PoolError>>>>;
+type Acquire = std::pin::Pin<Box<dyn Future<Output = Result<ServerConn, PoolError>>>>;
 
 fn acquire(pool: Rc<LocalPool>, wait: Option<Duration>) -> Acquire {
-    Box::pin(async move { pool.acquire(wait).await.map(Box::new) })
+    Box::pin(async move { pool.acquire(wait).await })
 }
 
 enum Event {
     ClientRead(ClientRd, std::io::Result<usize>, MsgBuf),
     ServerWrite(ServerWr, std::io::Result<usize>, MsgBuf),
-    Probe(ClientRd, std::io::Result<usize>, Vec<u8>),
+    Probe(std::io::Result<()>),
     ServerRead(ServerRd, std::io::Result<usize>, MsgBuf),
     ClientWrite(ClientWr, std::io::Result<usize>, MsgBuf),
-    Acquired(Result<Box<ServerConn>, PoolError>),
+    Acquired(Result<ServerConn, PoolError>),
     Deadline,
     /// KILL or a shutdown phase reached this session.
     Signal,
@@ -221,6 +258,9 @@ struct Flow {
     draining: bool,
     /// The client has been quiet: go idle (see [`Flow::idle_wait`]) when nothing is owed.
     shrink: bool,
+    /// Calls off the client read when shrinking; one for the session's life, so a read
+    /// costs no allocation for it.
+    read_stop: Canceller,
     /// No more reads from the client: it sent Terminate, closed, or failed.
     client_gone: bool,
     rollback_sent: bool,
@@ -288,6 +328,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         draining: false,
         // A new session starts idle: nothing to forward yet.
         shrink: true,
+        read_stop: Canceller::new(),
         client_gone: false,
         rollback_sent: false,
         rollback_deadline: None,
@@ -482,13 +523,13 @@ impl Flow {
 
     async fn run(&mut self) -> Result<Stretch, SessionError> {
         let mut crd = pin!(None::<(ClientRd, MsgBuf, CancelHandle)>.map(|(r, b, c)| client_read_op(r, b, c)));
-        let mut crd_stop: Option<Canceller> = None;
         let mut swr = pin!(None::<(ServerWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut srv = pin!(None::<(ServerRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
         let mut cli = pin!(None::<(ClientWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut acq: Option<Acquire> = None;
-        let mut probe = pin!(None::<(ClientRd, Vec<u8>, CancelHandle)>.map(|(r, b, c)| probe_op(r, b, c)));
-        let mut probe_stop: Option<Canceller> = None;
+        let mut probe = pin!(None::<&ClientRd>.map(client_readiness));
+        // Set once the probe saw data: the client pipelined more; nothing to watch for.
+        let mut probe_done = false;
         let mut timer = pin!(None::<Instant>.map(|d| monoio::time::sleep_until(d.into())));
         let mut timer_at: Option<(Instant, Deadline)> = None;
         let signal = self.signal.clone();
@@ -513,13 +554,9 @@ impl Flow {
                 self.shrink = false;
                 return Ok(Stretch::Idle);
             }
-            if crd.is_none() && acq.is_none() && probe.is_none() {
+            if crd.is_none() && acq.is_none() {
                 match self.next_client_read() {
-                    Ok(Some((r, b))) => {
-                        let c = Canceller::new();
-                        crd.set(Some(client_read_op(r, b, c.handle())));
-                        crd_stop = Some(c);
-                    }
+                    Ok(Some((r, b))) => crd.set(Some(client_read_op(r, b, self.read_stop.handle()))),
                     Ok(None) => {
                         if self.wants_acquire() {
                             if let Some(conn) = self.who.pool.try_acquire_now() {
@@ -541,11 +578,9 @@ impl Flow {
                 }
             }
             // While waiting for a server, notice a client that hangs up.
-            if acq.is_some() && probe.is_none() && !self.client_gone {
-                if let Some(rd) = self.c_rd.take() {
-                    let c = Canceller::new();
-                    probe.set(Some(probe_op(rd, Vec::with_capacity(256), c.handle())));
-                    probe_stop = Some(c);
+            if acq.is_some() && probe.is_none() && !probe_done && !self.client_gone {
+                if let Some(rd) = self.c_rd.as_ref() {
+                    probe.set(Some(client_readiness(rd)));
                 }
             }
             // Server -> client.
@@ -628,9 +663,9 @@ impl Flow {
                     }
                 }
                 if let Some(f) = probe.as_mut().as_pin_mut() {
-                    if let Poll::Ready((r, res, b)) = f.poll(cx) {
+                    if let Poll::Ready(res) = f.poll(cx) {
                         probe.set(None);
-                        return Poll::Ready(Event::Probe(r, res, b));
+                        return Poll::Ready(Event::Probe(res));
                     }
                 }
                 if let Some(f) = srv.as_mut().as_pin_mut() {
@@ -671,7 +706,6 @@ impl Flow {
                 Event::ClientRead(rd, res, buf) => {
                     self.c_rd = Some(rd);
                     self.ubuf = Some(buf);
-                    crd_stop = None;
                     match res {
                         Ok(0) => self.client_gone = true,
                         Ok(n) => {
@@ -683,25 +717,20 @@ impl Flow {
                         Err(_) => self.client_gone = true,
                     }
                 }
-                Event::Probe(rd, res, buf) => {
-                    self.c_rd = Some(rd);
-                    probe_stop = None;
-                    match res {
-                        Ok(0) => {
+                Event::Probe(res) => {
+                    let state = match res {
+                        Ok(()) => self.c_rd.as_ref().and_then(peek_client),
+                        Err(_) => Some(false),
+                    };
+                    match state {
+                        Some(false) => {
                             // Gone while waiting: stop waiting (the pool takes the wait back).
                             self.client_gone = true;
                             acq = None;
                             self.wait_started = None;
                         }
-                        Ok(n) => {
-                            if let Some(u) = self.ubuf.as_mut() {
-                                u.extend_from_slice(&buf[..n]);
-                            }
-                            self.client_sent(n);
-                        }
-                        // Cancelled because the server came, or a failed socket the next
-                        // read will report.
-                        Err(_) => {}
+                        Some(true) => probe_done = true,
+                        None => {}
                     }
                 }
                 Event::ServerWrite(wr, res, buf) => {
@@ -753,14 +782,13 @@ impl Flow {
                     self.settle_client_write(buf);
                 }
                 Event::Acquired(res) => {
-                    if let Some(c) = probe_stop.take() {
-                        let _ = c.cancel();
-                    }
+                    probe.set(None);
+                    probe_done = false;
                     if let Some(t) = self.wait_started.take() {
                         self.who.pool.stats().record_wait(t.elapsed());
                     }
                     self.who.entry.entry.set_state(ConnState::Active);
-                    if let Some(conn) = self.try_plug(*res?) {
+                    if let Some(conn) = self.try_plug(res?) {
                         Box::pin(self.sync_then_plug(conn)).await?;
                     }
                 }
@@ -769,10 +797,9 @@ impl Flow {
                         self.shrink = true;
                         // Quiet for a second: if nothing else is going on, stop the read
                         // (it completes, cancelled or with data) and go idle.
-                        if self.server.is_none() && swr.is_none() && cli.is_none() && acq.is_none() {
-                            if let Some(c) = crd_stop.take() {
-                                let _ = c.cancel();
-                            }
+                        if self.server.is_none() && swr.is_none() && cli.is_none() && acq.is_none() && crd.is_some() {
+                            // Cancelling returns a fresh canceller for later reads.
+                            self.read_stop = std::mem::take(&mut self.read_stop).cancel();
                         }
                     }
                     if let Some(why) = self.signal.killed() {
@@ -850,7 +877,7 @@ impl Flow {
         let what = match event {
             Event::ClientRead(_, r, _) => format!("client read {:?}", r.as_ref().ok()),
             Event::ServerWrite(_, r, _) => format!("server write {:?}", r.as_ref().ok()),
-            Event::Probe(_, r, _) => format!("probe {:?}", r.as_ref().ok()),
+            Event::Probe(r) => format!("probe {:?}", r.as_ref().ok()),
             Event::ServerRead(_, r, _) => format!("server read {:?}", r.as_ref().ok()),
             Event::ClientWrite(_, r, _) => format!("client write {:?}", r.as_ref().ok()),
             Event::Acquired(r) => format!("acquired {}", r.is_ok()),
