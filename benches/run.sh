@@ -459,6 +459,8 @@ run_pgbench() {  # round workload mode clients target
     note="pgbench did not finish within $((runfor + 120)) s and was killed (hung)"
   elif { [ "$rc" != 0 ] && [ "$stopped" = 0 ]; } || [ "${aborted:-0}" != 0 ] || [ "${tx:-0}" = 0 ]; then
     status=failed
+    # Clients that aborted also left: "not all connected" says nothing more then.
+    [ "${aborted:-0}" != 0 ] && note=
     note="pgbench exit $rc, $aborted of $clients clients aborted${note:+; $note}"
     local first
     first=$(grep -m1 -E 'ERROR|FATAL|error|could not' "$log" | tr -d '"\r' | cut -c1-200 || true)
@@ -485,7 +487,7 @@ run_pgbench() {  # round workload mode clients target
   }')
   IFS=, read -r cpu_s cpu_us pg_us bench_us busy other <<<"$split"
   [ "$avg" = nan ] && avg=; [ "$p50" = nan ] && p50=; [ "$p99" = nan ] && p99=; [ "$max" = nan ] && max=
-  printf '%-7s tps=%-7.0f p99=%-7s pooler %s us/tx, machine busy %s%% (other %s%%)\n' "$status" "${tps:-0}" "${p99:-–}" "${cpu_us:-–}" "$busy" "$other" >&2
+  printf '%-7s tps=%-7.0f p99=%-7s pooler %s us/tx, machine busy %s%% (other %s%%)\n' "$status" "${tps:-0}" "${p99:-–}" "${cpu_us:-–}" "$busy" "${other:-?}" >&2
   [ -n "$note" ] && say "         $note"
   echo "$round,$SEQ,$workload,$mode,$clients,$jobs,$target,$status,$tps,$tx,$lfail,$avg,$p50,$p99,$max,$conn,$window,$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$log" | head -n1),$cpu_s,$cpu_us,$pg_us,$bench_us,$hwm,$busy,$other,\"${note//\"/}\"" >>"$CSV"
   # A pooler that died takes no further runs; say so now.
