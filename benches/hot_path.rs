@@ -174,7 +174,7 @@ struct Session {
     unnamed: UnnamedStmt,
     server: ServerMeta,
     down_skip: usize,
-    settings: Settings,
+    settings: std::sync::Arc<Settings>,
     initial: Settings,
     synth: Vec<u8>,
     pinned: bool,
@@ -197,7 +197,7 @@ impl Session {
             unnamed: UnnamedStmt::default(),
             server: ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 40000),
             down_skip: 0,
-            settings: Settings::default(),
+            settings: std::sync::Arc::new(Settings::default()),
             initial: Settings::default(),
             synth: Vec::with_capacity(256),
             pinned: false,
@@ -484,8 +484,7 @@ fn scram(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3));
     g.bench_function("client_password_4096_iterations", |b| {
         b.iter(|| {
-            let mut cl =
-                ScramClient::with_nonce(ScramClientKeys::Password("bench_pass".into()), client_nonce.clone());
+            let mut cl = ScramClient::with_nonce(ScramClientKeys::Password("bench_pass".into()), client_nonce.clone());
             black_box(cl.handle_server_first(black_box(&server_first)).unwrap())
         })
     });
