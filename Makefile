@@ -34,6 +34,12 @@ down:
 demo: build
 	scripts/demo.sh
 
+# pgsilo vs PgBouncer vs PostgreSQL with pgbench, and memory per idle client (benches/run.sh,
+# about 10 minutes; BENCH_QUICK=1 about 4). Report in target/bench/report.md. Not part of
+# `make test`; the micro benchmarks are `cargo bench`. See benches/README.md.
+bench:
+	CARGO='$(CARGO)' benches/run.sh
+
 clean:
 	scripts/dev.sh down >/dev/null 2>&1 || true
 	$(CARGO) clean

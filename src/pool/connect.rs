@@ -45,7 +45,7 @@ pub async fn connect(
 ) -> Result<ServerConn, PoolError> {
     match monoio::time::timeout(target.connect_timeout, connect_inner(target, client_key)).await {
         Ok(Ok(mut conn)) => {
-            let local = conn.stream.local_addr().ok();
+            let local = conn.local_addr();
             let mut e = ConnEntry::new(conn.meta.id, &target.user, database, conn.meta.addr, local, worker);
             e.remote_pid = conn.meta.backend_pid;
             conn.meta.entry = Some(Registered::new(&SERVERS, e));

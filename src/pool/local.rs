@@ -78,7 +78,7 @@ impl PoolMsg {
 pub type Postman = Arc<Vec<UnboundedSender<PoolMsg>>>;
 
 enum Grant {
-    Server(Box<ServerConn>),
+    Server(ServerConn),
     /// A reserved slot: the waiter opens the connection itself.
     Slot,
 }
@@ -191,7 +191,7 @@ impl LocalPool {
             };
             match grant {
                 Grant::Server(conn) => {
-                    if let Some(conn) = self.checked(*conn, peeked).await {
+                    if let Some(conn) = self.checked(conn, peeked).await {
                         return Ok(conn);
                     }
                 }
@@ -228,7 +228,7 @@ impl LocalPool {
             return None;
         }
         if let Some(conn) = self.pop_idle() {
-            return Some(Grant::Server(Box::new(conn)));
+            return Some(Grant::Server(conn));
         }
         let now = Instant::now();
         if self.shared.gate.blocked(now).is_some() || !self.db_turn(SharedPool::stamp_of(now)) {
@@ -383,7 +383,7 @@ impl LocalPool {
             // Served meanwhile (closing a dead idle server hands out its slot) or gone:
             // the grant must not overwrite another nor be lost.
             match grant {
-                Grant::Server(conn) => self.give(*conn),
+                Grant::Server(conn) => self.give(conn),
                 Grant::Slot => self.slot_freed(),
             }
             return;
@@ -429,7 +429,7 @@ impl LocalPool {
                 return;
             };
             if let Some(conn) = self.pop_idle() {
-                self.grant_to(&w, Grant::Server(Box::new(conn)));
+                self.grant_to(&w, Grant::Server(conn));
                 continue;
             }
             match self.reserve(w.since) {
@@ -642,22 +642,17 @@ impl LocalPool {
                 return;
             }
             if let Some(w) = self.next_waiter() {
-                self.grant_to(&w, Grant::Server(Box::new(conn)));
+                self.grant_to(&w, Grant::Server(conn));
                 return;
             }
         }
         self.idle.borrow_mut().push(conn);
         self.shared.idle_add(self.worker, 1);
         if let Some(w) = self.shared.worker_with_waiters(self.worker) {
-            if let Some(conn) = self.idle.borrow_mut().pop() {
+            let conn = self.idle.borrow_mut().pop();
+            if let Some(conn) = conn {
                 self.shared.idle_add(self.worker, -1);
-                self.post(
-                    w,
-                    PoolMsg::Handover {
-                        pool: self.shared.clone(),
-                        parts: Box::new(conn.detach()),
-                    },
-                );
+                self.hand_over(w, conn);
             }
         } else if !self.paused() && self.db_wants_room() {
             // Published as idle; a client of another pool may have begun waiting meanwhile.
@@ -755,19 +750,27 @@ impl LocalPool {
             && self.shared.oldest_waiter().is_none_or(|(s, _)| self.db_turn(s))
     }
 
+    /// Sends an idle server to another worker.
+    fn hand_over(&self, worker: usize, conn: ServerConn) {
+        match conn.detach() {
+            Some(parts) => self.post(
+                worker,
+                PoolMsg::Handover {
+                    pool: self.shared.clone(),
+                    parts: Box::new(parts),
+                },
+            ),
+            None => self.slot_freed(),
+        }
+    }
+
     /// Handles a message from another worker about this pool.
     pub fn on_message(&self, msg: PoolMsg) {
         match msg {
             PoolMsg::Steal { to, .. } => {
                 if self.next_waiter().is_none() {
                     if let Some(conn) = self.pop_idle() {
-                        self.post(
-                            to,
-                            PoolMsg::Handover {
-                                pool: self.shared.clone(),
-                                parts: Box::new(conn.detach()),
-                            },
-                        );
+                        self.hand_over(to, conn);
                     }
                 }
             }
@@ -1007,7 +1010,7 @@ impl Drop for WaitForGrant<'_> {
         let queued = self.pool.remove_waiter(&self.waiter);
         let grant = self.waiter.grant.borrow_mut().take();
         match grant {
-            Some(Grant::Server(conn)) => self.pool.give(*conn),
+            Some(Grant::Server(conn)) => self.pool.give(conn),
             Some(Grant::Slot) => self.pool.slot_freed(),
             None => {}
         }

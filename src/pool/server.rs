@@ -26,7 +26,11 @@ static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 pub const INTERNAL_MESSAGE_LIMIT: u32 = 1 << 20;
 
 pub struct ServerConn {
-    pub(crate) stream: TcpStream,
+    /// The socket's two halves, kept apart for the connection's whole life: a session
+    /// reads and writes them concurrently, and splitting per transaction would cost an
+    /// allocation each time.
+    pub(crate) rd: ServerRd,
+    pub(crate) wr: ServerWr,
     /// Boxed: it moves with the connection between pool, sessions and workers, and a
     /// session keeps it while attached; a pointer keeps all of those small.
     pub meta: Box<ServerMeta>,
@@ -126,10 +130,24 @@ pub struct InternalOutcome {
 
 impl ServerConn {
     pub fn new(stream: TcpStream, meta: ServerMeta) -> ServerConn {
+        let (rd, wr) = stream.into_split();
         ServerConn {
-            stream,
+            rd,
+            wr,
             meta: Box::new(meta),
         }
+    }
+
+    fn raw_fd(&self) -> i32 {
+        // SAFETY: a shared view of the stream for its descriptor; no operation is in
+        // flight on an idle connection (the only kind this is called on) that could hold
+        // a mutable one.
+        unsafe { &*self.rd.0.get() }.as_raw_fd()
+    }
+
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        // SAFETY: as in raw_fd.
+        unsafe { &*self.rd.0.get() }.local_addr().ok()
     }
 
     /// True when the server has neither closed the socket nor sent anything unasked.
@@ -137,10 +155,10 @@ impl ServerConn {
     /// a server reload); either way it is not safe to hand to a client.
     pub fn is_alive(&self) -> bool {
         let mut byte = 0u8;
-        // SAFETY: a one-byte peek into a valid local; the fd is owned by self.stream.
+        // SAFETY: a one-byte peek into a valid local; the descriptor is owned by self.
         let n = unsafe {
             libc::recv(
-                self.stream.as_raw_fd(),
+                self.raw_fd(),
                 (&mut byte as *mut u8).cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
@@ -154,23 +172,23 @@ impl ServerConn {
     }
 
     pub fn split(self) -> (ServerRd, ServerWr, Box<ServerMeta>) {
-        let (rd, wr) = self.stream.into_split();
-        (rd, wr, self.meta)
+        (self.rd, self.wr, self.meta)
     }
 
-    /// Puts the halves back together. Fails only if they came from different sockets,
-    /// which would be a bug; the caller then drops both (closing the socket).
+    /// Puts a connection back together from what a session held.
     pub fn reunite(rd: ServerRd, wr: ServerWr, meta: Box<ServerMeta>) -> Option<ServerConn> {
-        rd.reunite(wr).ok().map(|stream| ServerConn { stream, meta })
+        Some(ServerConn { rd, wr, meta })
     }
 
     /// Takes the socket out of this worker's runtime so another worker can adopt it.
-    /// Only called on idle connections, which have no operation in flight.
-    pub fn detach(self) -> ServerParts {
-        let raw = self.stream.into_raw_fd();
+    /// Only called on idle connections, which have no operation in flight. None if the
+    /// halves do not belong together, which would be a bug; the socket then closes.
+    pub fn detach(self) -> Option<ServerParts> {
+        let stream = self.rd.reunite(self.wr).ok()?;
+        let raw = stream.into_raw_fd();
         // SAFETY: into_raw_fd hands over sole ownership of a valid, open descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        ServerParts { fd, meta: self.meta }
+        Some(ServerParts { fd, meta: self.meta })
     }
 
     pub fn adopt(parts: ServerParts, worker: usize) -> std::io::Result<ServerConn> {
@@ -180,8 +198,10 @@ impl ServerConn {
         let std_stream = std::net::TcpStream::from(parts.fd);
         std_stream.set_nonblocking(true)?;
         let stream = TcpStream::from_std(std_stream)?;
+        let (rd, wr) = stream.into_split();
         Ok(ServerConn {
-            stream,
+            rd,
+            wr,
             meta: parts.meta,
         })
     }
@@ -191,12 +211,12 @@ impl ServerConn {
     pub async fn internal_query(&mut self, sql: &str) -> Result<InternalOutcome, PoolError> {
         let mut out = Vec::with_capacity(sql.len() + 8);
         frontend::query(&mut out, sql);
-        let (res, _) = write_out(&mut self.stream, out).await;
+        let (res, _) = write_out(&mut self.wr, out).await;
         res?;
         let mut buf = MsgBuf::with_capacity(512);
         let mut error = None;
         loop {
-            let (res, back) = read_message(&mut self.stream, buf, INTERNAL_MESSAGE_LIMIT).await;
+            let (res, back) = read_message(&mut self.rd, buf, INTERNAL_MESSAGE_LIMIT).await;
             buf = back;
             let h = res?;
             let body = &buf.data()[5..h.total()];
@@ -228,10 +248,10 @@ impl ServerConn {
     pub async fn terminate(mut self) {
         let mut out = Vec::with_capacity(5);
         frontend::terminate(&mut out);
-        let _ = write_out(&mut self.stream, out).await;
+        let _ = write_out(&mut self.wr, out).await;
     }
 
     pub fn fd(&self) -> i32 {
-        self.stream.as_raw_fd()
+        self.raw_fd()
     }
 }

@@ -36,7 +36,7 @@ use crate::metrics::{ConnState, WorkerPoolStats};
 use crate::pool::{LocalPool, PoolError, ServerConn, ServerMeta, ServerRd, ServerWr, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frontend, BufPool, MsgBuf, SqlState};
-use crate::runtime::control::SessionSignal;
+use crate::runtime::control::{Seen, SessionSignal};
 use crate::runtime::worker::WorkerCtx;
 
 type ClientRd = OwnedReadHalf<TcpStream>;
@@ -61,16 +61,60 @@ async fn read_op<R: AsyncReadRent>(mut r: R, buf: MsgBuf) -> (R, std::io::Result
     (r, res, back.into_inner())
 }
 
+/// A read of the client that can be called off without losing anything: once cancelled,
+/// it still completes, with the bytes it took or with ECANCELED.
+async fn client_read_op(mut r: ClientRd, buf: MsgBuf, c: CancelHandle) -> (ClientRd, std::io::Result<usize>, MsgBuf) {
+    let (res, back) = r.cancelable_read(buf.into_read(), c).await;
+    (r, res, back.into_inner())
+}
+
 async fn write_op<W: AsyncWriteRent>(mut w: W, buf: MsgBuf, n: usize) -> (W, std::io::Result<usize>, MsgBuf) {
     let (res, back) = w.write_all(buf.into_write(n)).await;
     (w, res, back.into_inner())
 }
 
-/// A read of the client while it waits for a server, only to notice if it goes away.
-/// Cancelled once the server comes; a cancelled read still reports any bytes it took.
-async fn probe_op(mut r: ClientRd, buf: Vec<u8>, c: CancelHandle) -> (ClientRd, std::io::Result<usize>, Vec<u8>) {
-    let (res, back) = r.cancelable_read(buf, c).await;
-    (r, res, back)
+/// Readiness of the client socket while the client waits for a server: to notice a client
+/// that hangs up. A readiness wait takes nothing from the socket, so dropping it when the
+/// server comes loses nothing.
+fn client_readiness(rd: &ClientRd) -> impl Future<Output = std::io::Result<()>> + 'static {
+    // SAFETY: the stream lives in an Rc held by the session's read half, which the
+    // session keeps (in `c_rd`) for longer than this future lives: the future is a local
+    // of the forwarding loop and is dropped before the loop returns, and the read half
+    // is never dropped while the loop runs. No read runs on the socket meanwhile.
+    let stream: &'static TcpStream = unsafe { &*rd.0.get() };
+    stream.readable(false)
+}
+
+/// Peeks whether a readable client socket has data (Some(true)), was closed
+/// (Some(false)), or nothing after all (None).
+fn peek_client(rd: &ClientRd) -> Option<bool> {
+    // SAFETY: a shared view for the descriptor, as in client_readiness.
+    let fd = unsafe { &*rd.0.get() }.as_raw_fd();
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a valid local.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        n if n > 0 => Some(true),
+        0 => Some(false),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) {
+                None
+            } else {
+                Some(false)
+            }
+        }
+    }
 }
 
 /// Waits until the client's socket has something to read, holding no buffer.
@@ -85,26 +129,26 @@ async fn readable_op(rd: ClientRd) -> (ClientRd, std::io::Result<()>) {
 
 /// What ended an idle wait.
 enum Woke {
-    Ready(std::io::Result<()>),
+    Ready(ClientRd, std::io::Result<()>),
     Timeout,
     Signal,
 }
 
 /// Waiting for (or opening) a server: boxed, so the rarely used and large future does not
 /// sit in every session's state.
-type Acquire = std::pin::Pin<Box<dyn Future<Output = Result<Box<ServerConn>, PoolError>>>>;
+type Acquire = std::pin::Pin<Box<dyn Future<Output = Result<ServerConn, PoolError>>>>;
 
 fn acquire(pool: Rc<LocalPool>, wait: Option<Duration>) -> Acquire {
-    Box::pin(async move { pool.acquire(wait).await.map(Box::new) })
+    Box::pin(async move { pool.acquire(wait).await })
 }
 
 enum Event {
     ClientRead(ClientRd, std::io::Result<usize>, MsgBuf),
     ServerWrite(ServerWr, std::io::Result<usize>, MsgBuf),
-    Probe(ClientRd, std::io::Result<usize>, Vec<u8>),
+    Probe(std::io::Result<()>),
     ServerRead(ServerRd, std::io::Result<usize>, MsgBuf),
     ClientWrite(ClientWr, std::io::Result<usize>, MsgBuf),
-    Acquired(Result<Box<ServerConn>, PoolError>),
+    Acquired(Result<ServerConn, PoolError>),
     Deadline,
     /// KILL or a shutdown phase reached this session.
     Signal,
@@ -212,6 +256,11 @@ struct Flow {
     signal: Rc<SessionSignal>,
     /// Shutting down: end the session at the first moment no transaction is open.
     draining: bool,
+    /// The client has been quiet: go idle (see [`Flow::idle_wait`]) when nothing is owed.
+    shrink: bool,
+    /// Calls off the client read when shrinking; one for the session's life, so a read
+    /// costs no allocation for it.
+    read_stop: Canceller,
     /// No more reads from the client: it sent Terminate, closed, or failed.
     client_gone: bool,
     rollback_sent: bool,
@@ -277,6 +326,9 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         captured: Vec::new(),
         signal: ctx.sessions.add(&who.database),
         draining: false,
+        // A new session starts idle: nothing to forward yet.
+        shrink: true,
+        read_stop: Canceller::new(),
         client_gone: false,
         rollback_sent: false,
         rollback_deadline: None,
@@ -356,37 +408,42 @@ impl Flow {
     /// buffer from the worker's pool.
     async fn idle_wait(&mut self) -> Result<(), SessionError> {
         self.park_buffers();
+        let mut timer = self
+            .timeouts
+            .client_idle
+            .map(|d| Box::pin(monoio::time::sleep_until((self.last_activity + d).into())));
+        let signal = self.signal.clone();
+        let mut seen = signal.seen_now();
         loop {
             let Some(rd) = self.c_rd.take() else {
                 return Ok(());
             };
-            let (rd, woke) = {
-                let mut ready = pin!(readable_op(rd));
-                let mut timer = self
-                    .timeouts
-                    .client_idle
-                    .map(|d| Box::pin(monoio::time::sleep_until((self.last_activity + d).into())));
-                let signal = self.signal.clone();
-                let mut seen = (false, false);
-                poll_fn(|cx| {
-                    if let Poll::Ready((rd, res)) = ready.as_mut().poll(cx) {
-                        return Poll::Ready((Some(rd), Woke::Ready(res)));
+            let mut ready = pin!(readable_op(rd));
+            let woke = poll_fn(|cx| {
+                if let Poll::Ready((rd, res)) = ready.as_mut().poll(cx) {
+                    return Poll::Ready(Woke::Ready(rd, res));
+                }
+                if let Some(t) = timer.as_mut() {
+                    if t.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Woke::Timeout);
                     }
-                    if let Some(t) = timer.as_mut() {
-                        if t.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready((None, Woke::Timeout));
-                        }
+                }
+                // A shrink request changes nothing here (already as small as it gets);
+                // only KILL and shutdown end the wait.
+                while signal.poll_changed(cx, &mut seen).is_ready() {
+                    if signal.killed().is_some() || signal.draining() {
+                        return Poll::Ready(Woke::Signal);
                     }
-                    if signal.poll_changed(cx, &mut seen).is_ready() {
-                        return Poll::Ready((None, Woke::Signal));
-                    }
-                    Poll::Pending
-                })
-                .await
-            };
+                }
+                Poll::Pending
+            })
+            .await;
             match woke {
-                Woke::Ready(Ok(())) => {
-                    self.c_rd = rd;
+                Woke::Ready(rd, Ok(())) => {
+                    self.c_rd = Some(rd);
+                    // Active again: the next shrink needs a fresh quiet period.
+                    self.signal.take_shrink();
+                    self.shrink = false;
                     match self.receive_now() {
                         Some(0) => {
                             self.client_gone = true;
@@ -400,8 +457,8 @@ impl Flow {
                         None => continue,
                     }
                 }
-                Woke::Ready(Err(_)) => {
-                    self.c_rd = rd;
+                Woke::Ready(rd, Err(_)) => {
+                    self.c_rd = Some(rd);
                     self.client_gone = true;
                     return Ok(());
                 }
@@ -416,7 +473,7 @@ impl Flow {
                     if let Some(why) = self.signal.killed() {
                         return Err(SessionError::Killed(why));
                     }
-                    // Only draining remains, and an idle client is between transactions.
+                    // Draining, and an idle client is between transactions: close it now.
                     return Err(SessionError::Shutdown);
                 }
             }
@@ -465,17 +522,18 @@ impl Flow {
     }
 
     async fn run(&mut self) -> Result<Stretch, SessionError> {
-        let mut crd = pin!(None::<(ClientRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
+        let mut crd = pin!(None::<(ClientRd, MsgBuf, CancelHandle)>.map(|(r, b, c)| client_read_op(r, b, c)));
         let mut swr = pin!(None::<(ServerWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut srv = pin!(None::<(ServerRd, MsgBuf)>.map(|(r, b)| read_op(r, b)));
         let mut cli = pin!(None::<(ClientWr, MsgBuf, usize)>.map(|(w, b, n)| write_op(w, b, n)));
         let mut acq: Option<Acquire> = None;
-        let mut probe = pin!(None::<(ClientRd, Vec<u8>, CancelHandle)>.map(|(r, b, c)| probe_op(r, b, c)));
-        let mut probe_stop: Option<Canceller> = None;
+        let mut probe = pin!(None::<&ClientRd>.map(client_readiness));
+        // Set once the probe saw data: the client pipelined more; nothing to watch for.
+        let mut probe_done = false;
         let mut timer = pin!(None::<Instant>.map(|d| monoio::time::sleep_until(d.into())));
         let mut timer_at: Option<(Instant, Deadline)> = None;
         let signal = self.signal.clone();
-        let mut signal_seen = (false, false);
+        let mut signal_seen = Seen::default();
 
         loop {
             // Client -> server: what is processed goes out; more is read when needed.
@@ -491,12 +549,14 @@ impl Flow {
                     swr.set(Some(write_op(w, b, n)));
                 }
             }
-            if crd.is_none() && cli.is_none() && swr.is_none() && acq.is_none() && probe.is_none() && self.idle() {
+            let quiet = crd.is_none() && cli.is_none() && swr.is_none() && acq.is_none() && probe.is_none();
+            if self.shrink && quiet && self.idle() {
+                self.shrink = false;
                 return Ok(Stretch::Idle);
             }
-            if crd.is_none() && acq.is_none() && probe.is_none() {
+            if crd.is_none() && acq.is_none() {
                 match self.next_client_read() {
-                    Ok(Some((r, b))) => crd.set(Some(read_op(r, b))),
+                    Ok(Some((r, b))) => crd.set(Some(client_read_op(r, b, self.read_stop.handle()))),
                     Ok(None) => {
                         if self.wants_acquire() {
                             if let Some(conn) = self.who.pool.try_acquire_now() {
@@ -518,11 +578,9 @@ impl Flow {
                 }
             }
             // While waiting for a server, notice a client that hangs up.
-            if acq.is_some() && probe.is_none() && !self.client_gone {
-                if let Some(rd) = self.c_rd.take() {
-                    let c = Canceller::new();
-                    probe.set(Some(probe_op(rd, Vec::with_capacity(256), c.handle())));
-                    probe_stop = Some(c);
+            if acq.is_some() && probe.is_none() && !probe_done && !self.client_gone {
+                if let Some(rd) = self.c_rd.as_ref() {
+                    probe.set(Some(client_readiness(rd)));
                 }
             }
             // Server -> client.
@@ -605,9 +663,9 @@ impl Flow {
                     }
                 }
                 if let Some(f) = probe.as_mut().as_pin_mut() {
-                    if let Poll::Ready((r, res, b)) = f.poll(cx) {
+                    if let Poll::Ready(res) = f.poll(cx) {
                         probe.set(None);
-                        return Poll::Ready(Event::Probe(r, res, b));
+                        return Poll::Ready(Event::Probe(res));
                     }
                 }
                 if let Some(f) = srv.as_mut().as_pin_mut() {
@@ -649,29 +707,30 @@ impl Flow {
                     self.c_rd = Some(rd);
                     self.ubuf = Some(buf);
                     match res {
-                        Ok(0) | Err(_) => self.client_gone = true,
-                        Ok(n) => self.client_sent(n),
+                        Ok(0) => self.client_gone = true,
+                        Ok(n) => {
+                            self.shrink = false;
+                            self.client_sent(n);
+                        }
+                        // Called off to shrink: nothing was read.
+                        Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+                        Err(_) => self.client_gone = true,
                     }
                 }
-                Event::Probe(rd, res, buf) => {
-                    self.c_rd = Some(rd);
-                    probe_stop = None;
-                    match res {
-                        Ok(0) => {
+                Event::Probe(res) => {
+                    let state = match res {
+                        Ok(()) => self.c_rd.as_ref().and_then(peek_client),
+                        Err(_) => Some(false),
+                    };
+                    match state {
+                        Some(false) => {
                             // Gone while waiting: stop waiting (the pool takes the wait back).
                             self.client_gone = true;
                             acq = None;
                             self.wait_started = None;
                         }
-                        Ok(n) => {
-                            if let Some(u) = self.ubuf.as_mut() {
-                                u.extend_from_slice(&buf[..n]);
-                            }
-                            self.client_sent(n);
-                        }
-                        // Cancelled because the server came, or a failed socket the next
-                        // read will report.
-                        Err(_) => {}
+                        Some(true) => probe_done = true,
+                        None => {}
                     }
                 }
                 Event::ServerWrite(wr, res, buf) => {
@@ -723,18 +782,26 @@ impl Flow {
                     self.settle_client_write(buf);
                 }
                 Event::Acquired(res) => {
-                    if let Some(c) = probe_stop.take() {
-                        let _ = c.cancel();
-                    }
+                    probe.set(None);
+                    probe_done = false;
                     if let Some(t) = self.wait_started.take() {
                         self.who.pool.stats().record_wait(t.elapsed());
                     }
                     self.who.entry.entry.set_state(ConnState::Active);
-                    if let Some(conn) = self.try_plug(*res?) {
+                    if let Some(conn) = self.try_plug(res?) {
                         Box::pin(self.sync_then_plug(conn)).await?;
                     }
                 }
                 Event::Signal => {
+                    if self.signal.take_shrink() && !self.client_gone {
+                        self.shrink = true;
+                        // Quiet for a second: if nothing else is going on, stop the read
+                        // (it completes, cancelled or with data) and go idle.
+                        if self.server.is_none() && swr.is_none() && cli.is_none() && acq.is_none() && crd.is_some() {
+                            // Cancelling returns a fresh canceller for later reads.
+                            self.read_stop = std::mem::take(&mut self.read_stop).cancel();
+                        }
+                    }
                     if let Some(why) = self.signal.killed() {
                         swr.set(None);
                         srv.set(None);
@@ -810,7 +877,7 @@ impl Flow {
         let what = match event {
             Event::ClientRead(_, r, _) => format!("client read {:?}", r.as_ref().ok()),
             Event::ServerWrite(_, r, _) => format!("server write {:?}", r.as_ref().ok()),
-            Event::Probe(_, r, _) => format!("probe {:?}", r.as_ref().ok()),
+            Event::Probe(r) => format!("probe {:?}", r.as_ref().ok()),
             Event::ServerRead(_, r, _) => format!("server read {:?}", r.as_ref().ok()),
             Event::ClientWrite(_, r, _) => format!("client write {:?}", r.as_ref().ok()),
             Event::Acquired(r) => format!("acquired {}", r.is_ok()),
@@ -837,6 +904,7 @@ impl Flow {
 
     /// Bookkeeping for bytes the client sent.
     fn client_sent(&mut self, n: usize) {
+        self.signal.active();
         self.tally.bytes_in += n as u64;
         self.up_want = 0;
         if self.timeouts.client_idle.is_some() {

@@ -31,7 +31,20 @@ pub struct SessionSignal {
     kill: Cell<Option<&'static str>>,
     /// End at the next moment the client has no transaction open.
     drain: Cell<bool>,
+    /// The client has been quiet for a while: drop the forwarding state and wait cheaply.
+    shrink: Cell<bool>,
+    /// Bumped by the session on client activity; the worker's tick compares it.
+    activity: Cell<u64>,
+    seen_activity: Cell<u64>,
     waker: Cell<Option<Waker>>,
+}
+
+/// What a session has already acted on, for [`SessionSignal::poll_changed`].
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    kill: bool,
+    drain: bool,
+    shrink: bool,
 }
 
 impl SessionSignal {
@@ -55,6 +68,40 @@ impl SessionSignal {
         self.wake();
     }
 
+    /// The session saw client activity (costs a non-atomic increment).
+    #[inline]
+    pub fn active(&self) {
+        self.activity.set(self.activity.get().wrapping_add(1));
+    }
+
+    /// The worker's periodic tick: a session with no activity since the last tick is
+    /// asked to shrink.
+    pub fn tick(&self) {
+        let now = self.activity.get();
+        if now == self.seen_activity.get() {
+            if !self.shrink.get() {
+                self.shrink.set(true);
+                self.wake();
+            }
+        } else {
+            self.seen_activity.set(now);
+        }
+    }
+
+    /// The current state, for a waiter that should only hear about later changes.
+    pub fn seen_now(&self) -> Seen {
+        Seen {
+            kill: self.kill.get().is_some(),
+            drain: self.drain.get(),
+            shrink: self.shrink.get(),
+        }
+    }
+
+    /// Whether a shrink is pending; reading it clears it.
+    pub fn take_shrink(&self) -> bool {
+        self.shrink.replace(false)
+    }
+
     pub fn killed(&self) -> Option<&'static str> {
         self.kill.get()
     }
@@ -71,8 +118,12 @@ impl SessionSignal {
 
     /// Ready whenever a signal is set that the session has not yet acted on; `seen`
     /// remembers what it has acted on.
-    pub fn poll_changed(&self, cx: &mut Context<'_>, seen: &mut (bool, bool)) -> Poll<()> {
-        let now = (self.kill.get().is_some(), self.drain.get());
+    pub fn poll_changed(&self, cx: &mut Context<'_>, seen: &mut Seen) -> Poll<()> {
+        let now = Seen {
+            kill: self.kill.get().is_some(),
+            drain: self.drain.get(),
+            shrink: self.shrink.get(),
+        };
         if now != *seen {
             *seen = now;
             return Poll::Ready(());

@@ -223,6 +223,7 @@ async fn run(
         // min_pool_size is kept only while the instance runs normally.
         ctx.sessions.drain_due();
         let open_new = instance.phase() == Phase::Running;
+        ctx.sessions.each(|s| s.tick());
         for pool in ctx.local_pools() {
             pool.maintain(open_new);
         }
