@@ -44,13 +44,17 @@ pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
     loop {
         let read = {
             let mut read = pin!(read_message(&mut stream, buf, ADMIN_MESSAGE_LIMIT));
-            let mut seen = (false, false);
+            let mut seen = signal.seen_now();
             poll_fn(|cx| {
                 if let Poll::Ready(r) = read.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
-                if signal.poll_changed(cx, &mut seen).is_ready() {
-                    return Poll::Ready(None);
+                // Only kill and drain end a console session; a quiet console also gets
+                // asked to shrink, which it has nothing to shrink for.
+                while signal.poll_changed(cx, &mut seen).is_ready() {
+                    if signal.killed().is_some() || signal.draining() {
+                        return Poll::Ready(None);
+                    }
                 }
                 Poll::Pending
             })

@@ -406,7 +406,10 @@ fn workers(instance: &Instance) -> ResultSet {
     let clients = CLIENTS.all();
     let servers = SERVERS.all();
     let pools = instance.pools.all();
-    for w in instance.workers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+    // Workers register as their threads come up, in any order; list them by number.
+    let mut workers: Vec<_> = instance.workers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    workers.sort_by_key(|w| w.id);
+    for w in &workers {
         let mut tot = PoolTotals::default();
         for p in &pools {
             tot.add(&p.stats.worker_totals(w.id));

@@ -54,6 +54,9 @@ impl SessionSignal {
             born: Instant::now(),
             kill: Cell::new(None),
             drain: Cell::new(false),
+            shrink: Cell::new(false),
+            activity: Cell::new(0),
+            seen_activity: Cell::new(0),
             waker: Cell::new(None),
         }
     }
