@@ -89,9 +89,9 @@ pub async fn login(
                 res.map_err(|e| SessionError::ClientGone(e.into()))?;
             }
             StartupPacket::Cancel { pid, secret } => {
-                if let Some(target) = ctx.instance.cancels.lookup(pid, &secret) {
-                    if let Err(e) = send_cancel(target).await {
-                        log::warn!("C-{id}: cancel request to {} failed: {e}", target.addr);
+                if let Some(pending) = ctx.instance.cancels.lookup(pid, &secret) {
+                    if let Err(e) = send_cancel(pending.target).await {
+                        log::warn!("C-{id}: cancel request to {} failed: {e}", pending.target.addr);
                     }
                 }
                 return Ok(Opening::Cancel);

@@ -22,7 +22,7 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use super::cancel::{send_cancel, CancelTarget};
+use super::cancel::{send_cancel, CancelTarget, CANCEL_TIMEOUT};
 use super::downstream::{self, DownState, Resetting};
 use super::expect::{Expect, ExpectQueue, Injected, Kind};
 use super::login::LoggedIn;
@@ -44,6 +44,8 @@ type ClientWr = OwnedWriteHalf<TcpStream>;
 
 /// Stands for the configured server_reset_query in [`Flow::release_now`]'s answer.
 const RESET_QUERY: &str = "server_reset_query";
+/// In [`Flow::release_now`]'s answer: no statement, only wait for cancels in flight.
+const NOTHING: &str = "";
 
 /// How long a departed client's open transaction may take to roll back before the
 /// server is closed instead.
@@ -1401,6 +1403,9 @@ impl Flow {
             (_, true, true) => "UNLISTEN *; RESET ALL",
             (_, true, false) => "UNLISTEN *",
             (_, false, true) => "RESET ALL",
+            // A cancel request for this client may still be reaching the server: it
+            // must not land on the next client's query (see CancelSlot::in_flight).
+            _ if self.who.cancel.in_flight() > 0 => NOTHING,
             _ => {
                 self.who.pool.release(conn, true);
                 return None;
@@ -1410,6 +1415,18 @@ impl Flow {
     }
 
     async fn release_after(&mut self, mut conn: ServerConn, sql: &'static str) {
+        if self.who.cancel.in_flight() > 0 && !self.cancels_done().await {
+            log::warn!(
+                "S-{}: closing because: a cancel request to it did not finish",
+                conn.meta.id
+            );
+            self.who.pool.release(conn, false);
+            return;
+        }
+        if sql == NOTHING {
+            self.who.pool.release(conn, true);
+            return;
+        }
         let sql = if sql == RESET_QUERY {
             self.reset_query.as_str()
         } else {
@@ -1430,6 +1447,20 @@ impl Flow {
                 self.who.pool.release(conn, false);
             }
         }
+    }
+
+    /// Waits until the cancel requests sent on for this client are done; false if they
+    /// outlast their own timeout.
+    async fn cancels_done(&self) -> bool {
+        let deadline = Instant::now() + CANCEL_TIMEOUT + Duration::from_secs(1);
+        while self.who.cancel.in_flight() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // Rare (a cancel racing the end of its query) and short: polling will do.
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
     }
 
     /// After a RESET: sends the statement that gives the server the client's settings
