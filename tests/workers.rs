@@ -257,3 +257,65 @@ fn no_client_waits_while_another_worker_has_an_idle_server() {
         );
     });
 }
+
+/// Under saturation a server goes to the client that has waited longest, whichever
+/// worker it is on: one worker whose own clients always wait must not keep the pool's
+/// servers while the other worker's clients starve. Forty clients loop on a pool of one
+/// server for three seconds; each client must get at least a quarter of the busiest
+/// client's share (before, the clients of the worker not holding the server got next to
+/// nothing until the other worker's queue happened to run dry).
+#[test]
+fn waiting_clients_on_both_workers_get_their_turn() {
+    let cores = available_cores();
+    if cores.len() < 2 {
+        eprintln!("skipped: needs two cores, this process may use {cores:?}");
+        return;
+    }
+    let cluster = PgCluster::start();
+    let p = builder(&cluster)
+        .cpus(&cores.iter().copied().take(2).collect::<Vec<_>>())
+        .pool_mode("transaction")
+        .pool_size(1)
+        .start();
+    runtime().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..40 {
+            clients.push(p.connect(USER, PASSWORD, "app_db").await.unwrap());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for (id, c) in clients.into_iter().enumerate() {
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut done = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    c.simple_query("SELECT pg_sleep(0.001)")
+                        .await
+                        .unwrap_or_else(|e| panic!("client {id}: {e:?}"));
+                    done += 1;
+                }
+                done
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut counts = Vec::new();
+        for t in tasks {
+            counts.push(t.await.unwrap());
+        }
+        let mut sorted = counts.clone();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2];
+        eprintln!(
+            "queries per client: min {} median {median} max {}",
+            sorted[0],
+            sorted[sorted.len() - 1]
+        );
+        let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
+        assert!(max > 0, "{counts:?}");
+        assert!(
+            min * 4 >= max,
+            "a client got {min} queries while another got {max}: {counts:?}"
+        );
+    });
+}

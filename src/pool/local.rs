@@ -642,7 +642,10 @@ impl LocalPool {
                 return;
             }
             if let Some(w) = self.next_waiter() {
-                self.grant_to(&w, Grant::Server(conn));
+                match self.older_waiter_elsewhere(w.since) {
+                    Some(other) => self.hand_over(other, conn),
+                    None => self.grant_to(&w, Grant::Server(conn)),
+                }
                 return;
             }
         }
@@ -662,6 +665,22 @@ impl LocalPool {
                 self.evict(conn);
             }
         }
+    }
+
+    /// Another worker whose longest-waiting client has waited clearly longer than this
+    /// worker's (`since`): the server goes there. Without this, a worker whose own clients
+    /// always wait keeps every server it holds, and the other worker's clients starve for
+    /// seconds under saturation. The margin (a quarter of the wait, at least a
+    /// millisecond) keeps servers from crossing over for differences that do not matter:
+    /// each crossing costs a message and a wake-up.
+    fn older_waiter_elsewhere(&self, since: Instant) -> Option<usize> {
+        let (oldest, worker) = self.shared.oldest_waiter()?;
+        if worker == self.worker {
+            return None;
+        }
+        let waited = since.elapsed().as_millis() as u64;
+        let margin = 1 + waited / 4;
+        (oldest + margin < SharedPool::stamp_of(since)).then_some(worker)
     }
 
     /// Closes a server so that its room in the database goes to another pool's client.
