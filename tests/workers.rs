@@ -68,6 +68,24 @@ fn builder(cluster: &PgCluster) -> support::PgsiloBuilder {
         .database("app_db", cluster)
 }
 
+/// A cluster for a two-worker test; None (and the reason printed) with fewer than two
+/// cores to pin to.
+fn two_cores_and_a_cluster() -> Option<PgCluster> {
+    let cores = available_cores();
+    if cores.len() < 2 {
+        eprintln!("skipped: needs two cores, this process may use {cores:?}");
+        return None;
+    }
+    Some(PgCluster::start())
+}
+
+/// Two workers pinned to the first two available cores, transaction pooling with a
+/// single server: every client but one waits, on either worker.
+fn two_workers_one_server(cluster: &PgCluster) -> support::PgsiloBuilder {
+    let cores: Vec<usize> = available_cores().into_iter().take(2).collect();
+    builder(cluster).cpus(&cores).pool_mode("transaction").pool_size(1)
+}
+
 /// Worker threads by worker number -> their cores; and all threads' cores together.
 fn worker_affinity(p: &Pgsilo) -> (BTreeMap<usize, BTreeSet<usize>>, BTreeSet<usize>) {
     let all = threads(p.pid());
@@ -219,18 +237,10 @@ fn the_pool_cap_holds_across_workers() {
 
 #[test]
 fn no_client_waits_while_another_worker_has_an_idle_server() {
-    let cores = available_cores();
-    if cores.len() < 2 {
-        eprintln!("skipped: needs two cores, this process may use {cores:?}");
+    let Some(cluster) = two_cores_and_a_cluster() else {
         return;
-    }
-    let cluster = PgCluster::start();
-    let p = builder(&cluster)
-        .cpus(&cores.iter().copied().take(2).collect::<Vec<_>>())
-        .pool_mode("transaction")
-        .pool_size(1)
-        .set("query_wait_timeout", "3")
-        .start();
+    };
+    let p = two_workers_one_server(&cluster).set("query_wait_timeout", "3").start();
     runtime().block_on(async {
         // Ten clients, spread over both workers by the kernel.
         let mut clients = Vec::new();
@@ -266,17 +276,10 @@ fn no_client_waits_while_another_worker_has_an_idle_server() {
 /// nothing until the other worker's queue happened to run dry).
 #[test]
 fn waiting_clients_on_both_workers_get_their_turn() {
-    let cores = available_cores();
-    if cores.len() < 2 {
-        eprintln!("skipped: needs two cores, this process may use {cores:?}");
+    let Some(cluster) = two_cores_and_a_cluster() else {
         return;
-    }
-    let cluster = PgCluster::start();
-    let p = builder(&cluster)
-        .cpus(&cores.iter().copied().take(2).collect::<Vec<_>>())
-        .pool_mode("transaction")
-        .pool_size(1)
-        .start();
+    };
+    let p = two_workers_one_server(&cluster).start();
     runtime().block_on(async {
         let mut clients = Vec::new();
         for _ in 0..40 {
