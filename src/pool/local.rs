@@ -298,7 +298,9 @@ impl LocalPool {
     /// unused longer than server_check_delay, server_check_query. A server failing either
     /// is closed (its slot freed) and None returned.
     async fn checked(&self, conn: ServerConn, peeked: bool) -> Option<ServerConn> {
-        if !peeked && !conn.is_alive() {
+        // A server handed over straight from its last client is alive: the peek (a
+        // system call) is for servers that sat idle.
+        if !peeked && conn.meta.last_used.elapsed() >= RECENTLY_USED && !conn.is_alive() {
             self.close(conn, "server conn crashed or was terminated while idle");
             return None;
         }
@@ -670,16 +672,17 @@ impl LocalPool {
     /// Another worker whose longest-waiting client has waited clearly longer than this
     /// worker's (`since`): the server goes there. Without this, a worker whose own clients
     /// always wait keeps every server it holds, and the other worker's clients starve for
-    /// seconds under saturation. The margin (a quarter of the wait, at least a
-    /// millisecond) keeps servers from crossing over for differences that do not matter:
-    /// each crossing costs a message and a wake-up.
+    /// seconds under saturation. The margin (half the local wait, plus two milliseconds)
+    /// keeps servers from crossing over for differences that do not matter: each crossing
+    /// costs a message, a wake-up and re-registering the socket, and under even load the
+    /// two queues' ages differ a little all the time.
     fn older_waiter_elsewhere(&self, since: Instant) -> Option<usize> {
         let (oldest, worker) = self.shared.oldest_waiter()?;
         if worker == self.worker {
             return None;
         }
         let waited = since.elapsed().as_millis() as u64;
-        let margin = 1 + waited / 4;
+        let margin = 2 + waited / 2;
         (oldest + margin < SharedPool::stamp_of(since)).then_some(worker)
     }
 
