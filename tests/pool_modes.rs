@@ -30,6 +30,22 @@ async fn superuser(cluster: &PgCluster) -> tokio_postgres::Client {
     connect_with(&config).await.unwrap()
 }
 
+/// A client whose connection task the test can abort, cutting the socket without a
+/// Terminate.
+async fn connect_cuttable(
+    p: &Pgsilo,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = p
+        .pg_config(USER, Some(PASSWORD), "app_db")
+        .connect(NoTls)
+        .await
+        .unwrap();
+    (client, tokio::spawn(connection))
+}
+
 /// Client backends of `USER` on the server.
 async fn backends(su: &tokio_postgres::Client, filter: &str) -> i64 {
     su.query_one(
@@ -266,12 +282,7 @@ fn a_client_gone_mid_transaction_leaves_nothing_open() {
             let su = superuser(&cluster).await;
 
             // tokio-postgres, its socket simply dropped (no Terminate).
-            let (client, connection) = p
-                .pg_config(USER, Some(PASSWORD), "app_db")
-                .connect(NoTls)
-                .await
-                .unwrap();
-            let conn_task = tokio::spawn(connection);
+            let (client, conn_task) = connect_cuttable(&p).await;
             client
                 .batch_execute("BEGIN; INSERT INTO t VALUES ('dropped')")
                 .await
@@ -308,12 +319,7 @@ fn a_client_gone_mid_transaction_leaves_nothing_open() {
 
             // A client gone while its query runs: the query is cancelled, not left to
             // run on with no one to answer.
-            let (client, connection) = p
-                .pg_config(USER, Some(PASSWORD), "app_db")
-                .connect(NoTls)
-                .await
-                .unwrap();
-            let conn_task = tokio::spawn(connection);
+            let (client, conn_task) = connect_cuttable(&p).await;
             client
                 .batch_execute("BEGIN; INSERT INTO t VALUES ('mid-query')")
                 .await

@@ -601,6 +601,19 @@ fn postgres_restart() {
 /// A client that leaves inside a transaction, in the middle of a query, or in the middle
 /// of a COPY: the server is rolled back or closed, and the next client finds nothing of
 /// it (no open transaction, no locks, no running query).
+/// The value of the row the leaving clients locked, taken with NOWAIT: it fails if a
+/// departed client's transaction still holds the lock.
+async fn locked_row_free(c: &Client, what: &str) -> i32 {
+    within(
+        30,
+        what,
+        c.query_one("SELECT v FROM locked WHERE id = 1 FOR UPDATE NOWAIT", &[]),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+    .get(0)
+}
+
 #[test]
 fn clients_leaving_at_bad_moments() {
     let cluster = PgCluster::start();
@@ -621,30 +634,14 @@ fn clients_leaving_at_bad_moments() {
             .unwrap();
         drop(leaver);
         let next = silo.connect(USER, DB).await;
-        let v: i32 = within(
-            30,
-            "row lock after the client left",
-            next.query_one("SELECT v FROM locked WHERE id = 1 FOR UPDATE NOWAIT", &[]),
-        )
-        .await
-        .unwrap()
-        .get(0);
-        assert_eq!(v, 0);
+        assert_eq!(locked_row_free(&next, "row lock after the client left").await, 0);
 
         // Inside a transaction again, the connection simply cut (no Terminate).
         let mut cut = Wire::connect(silo.port(), USER, DB);
         cut.send(&fe::query("BEGIN; UPDATE locked SET v = 98 WHERE id = 1"));
         assert_eq!(tags(&cut.until_ready()), "CCZ");
         drop(cut);
-        let v: i32 = within(
-            30,
-            "row lock after the connection was cut",
-            next.query_one("SELECT v FROM locked WHERE id = 1 FOR UPDATE NOWAIT", &[]),
-        )
-        .await
-        .unwrap()
-        .get(0);
-        assert_eq!(v, 0);
+        assert_eq!(locked_row_free(&next, "row lock after the connection was cut").await, 0);
 
         // In the middle of a long query. (A tokio-postgres client would keep its
         // connection open until the answer came; the raw client really leaves.)

@@ -485,27 +485,14 @@ impl Pgsilo {
     /// psql through pgsilo: `-X -A -t -q -v ON_ERROR_STOP=1`, SQL on stdin. Returns trimmed
     /// stdout, or `Err` with the exit status and stderr.
     pub fn psql(&self, user: &str, password: &str, db: &str, sql: &str) -> Result<String, String> {
-        let out = super::process::run(
+        super::process::run_psql(
             Command::new(super::postgres::pg_bindir().join("psql"))
-                .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
                 .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args(["-U", user, "-d", db, "-f", "-"])
+                .args(["-U", user, "-d", db])
                 .env("PGPASSWORD", password)
-                .env("PGCONNECT_TIMEOUT", "30")
-                .env("PGSSLMODE", "disable")
-                .env_remove("PGSERVICE")
-                .env_remove("PGOPTIONS"),
-            Some(sql),
-        )?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(format!(
-                "({}) {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+                .env("PGSSLMODE", "disable"),
+            sql,
+        )
     }
 
     /// Rewrites `pgsilo.toml` and `userlist.txt` from `builder`, keeping this process's

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::ports::{free_port, next_random};
 use super::process::{
-    chown_to_server, force_kill_postmaster, is_executable, process_alive, remove_dir_quietly, run, run_ok,
+    chown_to_server, force_kill_postmaster, is_executable, process_alive, remove_dir_quietly, run_ok, run_psql,
     scratch_base, server_command, write_server_file, FileLock,
 };
 
@@ -681,26 +681,13 @@ impl PgCluster {
 
     /// Like [`psql`](Self::psql), but a failure is returned as psql's stderr, trimmed.
     pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
-        let out = run(
+        run_psql(
             Command::new(self.bin("psql"))
-                .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
                 .args(["-h", self.host(), "-p", &self.port.to_string()])
-                .args(["-U", "postgres", "-d", db, "-f", "-"])
-                .env("PGCONNECT_TIMEOUT", "30")
-                .env_remove("PGPASSWORD")
-                .env_remove("PGSERVICE")
-                .env_remove("PGOPTIONS"),
-            Some(sql),
-        )?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(format!(
-                "({}) {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+                .args(["-U", "postgres", "-d", db])
+                .env_remove("PGPASSWORD"),
+            sql,
+        )
     }
 
     /// Fast shutdown (what `pg_ctl stop -m fast` does). Idempotent.

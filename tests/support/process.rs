@@ -117,6 +117,27 @@ pub fn run(cmd: &mut Command, input: Option<&str>) -> Result<Output, String> {
     }
 }
 
+/// Runs psql as the tests use it: `-X -A -t -q -v ON_ERROR_STOP=1`, the SQL on stdin, no
+/// service file or PGOPTIONS from the environment. `cmd` is psql with its connection
+/// arguments (and password, if any) already set. Returns trimmed stdout, or `Err` with
+/// the exit status and stderr.
+pub fn run_psql(cmd: &mut Command, sql: &str) -> Result<String, String> {
+    cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+        .env("PGCONNECT_TIMEOUT", "30")
+        .env_remove("PGSERVICE")
+        .env_remove("PGOPTIONS");
+    let out = run(cmd, Some(sql))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "({}) {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// Run and require success; returns stdout. Panics with stdout/stderr otherwise.
 pub fn run_ok(cmd: &mut Command, input: Option<&str>) -> String {
     let out = run(cmd, input).unwrap_or_else(|e| panic!("{e}"));
