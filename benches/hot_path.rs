@@ -208,7 +208,7 @@ impl Session {
             down_out: Vec::with_capacity(4096),
         };
         let def = Rc::new(StmtDef::new(&parse_def()));
-        s.server.prepared.insert(def.hash, 200);
+        s.server.prepared.insert(def.hash, pgsilo::pool::prepared::stamp(), 200);
         s.stmts.insert(STMT_NAME, def);
         s
     }

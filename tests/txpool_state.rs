@@ -771,3 +771,49 @@ fn set_of_an_unreported_setting_stays_with_its_client() {
         assert_eq!(own, vec!["s2,5s"]);
     });
 }
+
+/// A client that ends with RESET and leaves at once, while pgsilo puts its startup
+/// settings back on the server: the correction finishes and the server is pooled, never
+/// closed as if the client's own request had been cut off.
+fn leaving_during_a_settings_correction(mode: &str) {
+    let cluster = PgCluster::start();
+    let silo = Pgsilo::start(
+        &cluster,
+        &[("pool_mode", &format!("\"{mode}\"")), ("default_pool_size", "1")],
+    );
+    for _ in 0..30 {
+        let mut w = Wire::connect_with(silo.port(), USER, DB, &[("TimeZone", "America/Los_Angeles")]);
+        w.value("SET timezone TO 'Asia/Tokyo'; SELECT 1");
+        w.send(&fe::query("RESET TIME ZONE"));
+        let reply = w.until_ready();
+        assert_eq!(tags(&reply), "CZ", "RESET TIME ZONE");
+        w.close();
+    }
+    // The last departure's clean-up has run once a new client gets the server.
+    let mut w = Wire::connect(silo.port(), USER, DB);
+    assert_eq!(
+        w.value("SELECT count(*) FROM pg_stat_activity WHERE usename = 'scram_user'"),
+        "1"
+    );
+    w.close();
+    let log = silo.log();
+    assert!(
+        !log.contains("client left with a request in flight"),
+        "{mode} mode: a server was closed for pgsilo's own query:\n{log}"
+    );
+    assert_eq!(
+        log.matches("new connection to server").count(),
+        1,
+        "{mode} mode: servers were replaced:\n{log}"
+    );
+}
+
+#[test]
+fn leaving_during_a_settings_correction_costs_no_server_transaction_mode() {
+    leaving_during_a_settings_correction("transaction");
+}
+
+#[test]
+fn leaving_during_a_settings_correction_costs_no_server_session_mode() {
+    leaving_during_a_settings_correction("session");
+}

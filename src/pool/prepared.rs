@@ -1,64 +1,159 @@
 //! Which statements a server connection has prepared under pgsilo's names, with LRU
-//! eviction so a long-lived server does not accumulate every statement ever seen.
+//! eviction so a long-lived server does not accumulate every statement ever seen, and
+//! with each copy's age, so a copy made before a schema change is never used for a
+//! client that prepared its statement after it.
+//!
+//! Ages are stamps of one process-wide clock: a client's Parse and every server's copies
+//! are ordered by it, whichever worker they were made on.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, PoisonError};
 
 /// Statement identity: a hash of its definition (query text and parameter types).
 pub type StmtHash = u128;
 
+/// A point on pgsilo's statement clock; 0 is "never" (an unusable copy).
+pub type Stamp = u64;
+
+static CLOCK: AtomicU64 = AtomicU64::new(1);
+
+/// Now, on the statement clock: later calls return larger stamps.
+pub fn stamp() -> Stamp {
+    CLOCK.fetch_add(1, Relaxed)
+}
+
+/// Statements PostgreSQL rejected as stale on some server (their text now means
+/// something else): copies made before the stamp are not used anywhere.
+static INVALIDATED: Mutex<Option<HashMap<StmtHash, Stamp>>> = Mutex::new(None);
+/// Whether INVALIDATED holds anything: the per-Bind check costs one load until then.
+static ANY_INVALIDATED: AtomicBool = AtomicBool::new(false);
+
+/// Every copy of `hash` made before now is stale, on every server.
+pub fn invalidate(hash: StmtHash) {
+    let now = stamp();
+    let mut map = INVALIDATED.lock().unwrap_or_else(PoisonError::into_inner);
+    map.get_or_insert_with(HashMap::new).insert(hash, now);
+    ANY_INVALIDATED.store(true, Relaxed);
+}
+
+/// The stamp before which copies of `hash` are stale (0: none are).
+pub fn invalidated_at(hash: StmtHash) -> Stamp {
+    if !ANY_INVALIDATED.load(Relaxed) {
+        return 0;
+    }
+    let map = INVALIDATED.lock().unwrap_or_else(PoisonError::into_inner);
+    map.as_ref().and_then(|m| m.get(&hash).copied()).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Copy {
+    /// Last use, for LRU (a counter, not a clock).
+    used: u64,
+    /// When the Parse that made it was sent; 0 when the server may hold a statement
+    /// under this name that must not be used (a Parse or Close whose outcome is not
+    /// known, a copy spoiled by a rollback): it is closed before being prepared again.
+    made: Stamp,
+}
+
 #[derive(Debug, Default)]
 pub struct PreparedCache {
-    /// hash -> last use (a counter, not a clock).
-    used: HashMap<StmtHash, u64>,
+    copies: HashMap<StmtHash, Copy>,
     tick: u64,
+    /// Copies made since the server was last idle outside a transaction: if that
+    /// transaction fails or rolls back (to a savepoint, too), they may refer to objects
+    /// that no longer exist, and are not shared.
+    provisional: Vec<StmtHash>,
+    /// An error or a rollback happened since then.
+    tainted: bool,
 }
 
 impl PreparedCache {
+    /// The server may hold a statement under this hash's name (usable or not).
     pub fn contains(&self, hash: StmtHash) -> bool {
-        self.used.contains_key(&hash)
+        self.copies.contains_key(&hash)
     }
 
-    /// Records a use; returns whether it was already there.
-    pub fn touch(&mut self, hash: StmtHash) -> bool {
+    /// Whether the server has a usable copy made after `not_before`; a use is recorded.
+    pub fn fresh(&mut self, hash: StmtHash, not_before: Stamp) -> bool {
         self.tick += 1;
-        match self.used.get_mut(&hash) {
-            Some(t) => {
-                *t = self.tick;
+        match self.copies.get_mut(&hash) {
+            Some(c) if c.made != 0 && c.made > not_before => {
+                c.used = self.tick;
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
-    /// Adds a statement, first evicting the least recently used one when `capacity` is
-    /// reached; returns the evicted hash, which the caller must Close on the server.
-    pub fn insert(&mut self, hash: StmtHash, capacity: usize) -> Option<StmtHash> {
+    /// Records a copy made at `made` (replacing what was there), first evicting the least
+    /// recently used one when `capacity` is reached; returns the evicted hash, which the
+    /// caller must Close on the server.
+    pub fn insert(&mut self, hash: StmtHash, made: Stamp, capacity: usize) -> Option<StmtHash> {
         self.tick += 1;
         let mut evicted = None;
-        if !self.used.contains_key(&hash) && capacity > 0 && self.used.len() >= capacity {
-            if let Some((&old, _)) = self.used.iter().min_by_key(|(_, &t)| t) {
-                self.used.remove(&old);
+        if !self.copies.contains_key(&hash) && capacity > 0 && self.copies.len() >= capacity {
+            if let Some((&old, _)) = self.copies.iter().min_by_key(|(_, c)| c.used) {
+                self.copies.remove(&old);
                 evicted = Some(old);
             }
         }
-        self.used.insert(hash, self.tick);
+        self.copies.insert(hash, Copy { used: self.tick, made });
         evicted
     }
 
+    /// The server may still hold this statement, but it must not be used: a Parse or
+    /// Close of it did not run, or the transaction it was made in did not commit.
+    pub fn spoil(&mut self, hash: StmtHash) {
+        let tick = self.tick;
+        self.copies.entry(hash).or_insert(Copy { used: tick, made: 0 }).made = 0;
+    }
+
+    /// The copy is known to be gone from the server.
     pub fn remove(&mut self, hash: StmtHash) {
-        self.used.remove(&hash);
+        self.copies.remove(&hash);
     }
 
     pub fn clear(&mut self) {
-        self.used.clear();
+        self.copies.clear();
+        self.provisional.clear();
+        self.tainted = false;
+    }
+
+    /// A Parse of `hash` was sent while the server's transaction may still roll back.
+    pub fn made_provisionally(&mut self, hash: StmtHash) {
+        self.provisional.push(hash);
+    }
+
+    /// The server reported an error or a rollback.
+    pub fn tx_failed(&mut self) {
+        if !self.provisional.is_empty() {
+            self.tainted = true;
+        }
+    }
+
+    /// The server is idle outside a transaction: copies made in a transaction that failed
+    /// are spoiled, the others are now as good as any.
+    pub fn tx_ended(&mut self) {
+        if self.provisional.is_empty() {
+            return;
+        }
+        if std::mem::take(&mut self.tainted) {
+            for hash in std::mem::take(&mut self.provisional) {
+                if let Some(c) = self.copies.get_mut(&hash) {
+                    c.made = 0;
+                }
+            }
+        }
+        self.provisional.clear();
     }
 
     pub fn len(&self) -> usize {
-        self.used.len()
+        self.copies.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.used.is_empty()
+        self.copies.is_empty()
     }
 }
 
@@ -69,11 +164,57 @@ mod tests {
     #[test]
     fn evicts_the_least_recently_used() {
         let mut c = PreparedCache::default();
-        assert_eq!(c.insert(1, 2), None);
-        assert_eq!(c.insert(2, 2), None);
-        assert!(c.touch(1));
-        assert_eq!(c.insert(3, 2), Some(2));
+        assert_eq!(c.insert(1, 5, 2), None);
+        assert_eq!(c.insert(2, 5, 2), None);
+        assert!(c.fresh(1, 0));
+        assert_eq!(c.insert(3, 5, 2), Some(2));
         assert!(c.contains(1) && c.contains(3) && !c.contains(2));
-        assert_eq!(c.insert(3, 2), None);
+        assert_eq!(c.insert(3, 6, 2), None);
+    }
+
+    #[test]
+    fn a_copy_older_than_the_clients_parse_is_not_fresh() {
+        let mut c = PreparedCache::default();
+        c.insert(1, 10, 0);
+        assert!(c.fresh(1, 9));
+        assert!(!c.fresh(1, 10));
+        assert!(!c.fresh(1, 11));
+        c.spoil(1);
+        assert!(c.contains(1));
+        assert!(!c.fresh(1, 0));
+        // Spoiling an unknown statement records that the server may hold it.
+        c.spoil(7);
+        assert!(c.contains(7) && !c.fresh(7, 0));
+    }
+
+    #[test]
+    fn copies_of_a_failed_transaction_are_spoiled_at_its_end() {
+        let mut c = PreparedCache::default();
+        c.insert(1, 10, 0);
+        c.made_provisionally(1);
+        c.tx_ended();
+        assert!(c.fresh(1, 0), "committed: shared");
+        c.insert(2, 11, 0);
+        c.made_provisionally(2);
+        c.tx_failed();
+        c.tx_ended();
+        assert!(!c.fresh(2, 0), "rolled back: spoiled");
+        assert!(c.fresh(1, 0));
+        // An error with nothing provisional taints nothing later.
+        c.tx_failed();
+        c.insert(3, 12, 0);
+        c.made_provisionally(3);
+        c.tx_ended();
+        assert!(c.fresh(3, 0));
+    }
+
+    #[test]
+    fn invalidation_is_seen_everywhere() {
+        let h: StmtHash = 0xdead_beef_0000_1111;
+        assert_eq!(invalidated_at(h), 0);
+        let before = stamp();
+        invalidate(h);
+        assert!(invalidated_at(h) > before);
+        assert_eq!(invalidated_at(h + 1), 0);
     }
 }

@@ -60,6 +60,9 @@ pub struct ServerMeta {
     pub prepared: PreparedCache,
     /// Identity of the unnamed statement the server holds, when pgsilo knows it.
     pub unnamed_stmt: Option<u64>,
+    /// Numbers the throwaway statements pgsilo prepares on this server (see
+    /// `proxy::upstream`'s DEALLOCATE rewrite), so no two ever share a name.
+    pub scratch_seq: u32,
     /// This connection's row in SHOW SERVERS; removed when the connection is dropped.
     pub entry: Option<Registered>,
 }
@@ -80,6 +83,7 @@ impl ServerMeta {
             tx_status: b'I',
             prepared: PreparedCache::default(),
             unnamed_stmt: None,
+            scratch_seq: 0,
             entry: None,
         }
     }
@@ -103,6 +107,8 @@ impl ServerMeta {
             }
             b"DEALLOCATE ALL" => self.prepared.clear(),
             b"RESET" => self.forget_unreported(),
+            // ROLLBACK, ROLLBACK TO SAVEPOINT, or COMMIT of a failed transaction.
+            b"ROLLBACK" => self.prepared.tx_failed(),
             _ => {}
         }
     }

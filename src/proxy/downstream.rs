@@ -6,6 +6,7 @@ use super::expect::{Disposition, ExpectQueue};
 use super::prepared::ClientStatements;
 use super::tx_tracker::TxTracker;
 use crate::metrics::ERRORS;
+use crate::pool::prepared::invalidate;
 use crate::pool::settings::{is_tracked_reported, parse_parameter_status};
 use crate::pool::{ServerMeta, Settings};
 use crate::protocol::framing::{Header, HEADER_LEN};
@@ -91,6 +92,17 @@ impl DownState<'_> {
     }
 }
 
+/// PostgreSQL's verdict on a prepared statement whose objects changed under it: its
+/// result type changed (0A000), or a type it refers to is gone (XX000).
+fn is_stale_statement(code: &[u8; 5], body: &[u8]) -> bool {
+    let message = || ErrorFields::parse(body).message;
+    match code {
+        b"0A000" => message().starts_with("cached plan must not change result type"),
+        b"XX000" => message().starts_with("cache lookup failed"),
+        _ => false,
+    }
+}
+
 /// A DataRow of two text columns.
 fn text_pair(body: &[u8]) -> Option<(String, String)> {
     let count = u16::from_be_bytes([*body.first()?, *body.get(1)?]);
@@ -165,6 +177,9 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
                     *st.resetting = Resetting::Done;
                 }
                 let status = body.first().copied();
+                if status == Some(b'I') {
+                    st.server.prepared.tx_ended();
+                }
                 st.tracker.server_message(b'Z', status);
                 res.ready_for_query += 1;
                 if status == Some(b'I') {
@@ -176,7 +191,20 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
             b'E' => {
                 if let Some(code) = whole.then(|| ErrorFields::code_of(body)).flatten() {
                     ERRORS.count(code);
+                    if let Some(hash) = st.queue.bind_in_flight() {
+                        if is_stale_statement(&code, body) {
+                            // Its text now means something else (a migration): no copy
+                            // made before now is used again, on any server.
+                            invalidate(hash);
+                            st.server.prepared.spoil(hash);
+                            log::info!(
+                                "S-{}: a shared prepared statement is stale after a schema change; it is prepared again on next use",
+                                st.server.id
+                            );
+                        }
+                    }
                 }
+                st.server.prepared.tx_failed();
             }
             tag => st.tracker.server_message(tag, None),
         }
@@ -347,7 +375,7 @@ mod tests {
     #[test]
     fn deallocate_all_forgets_statements() {
         let mut f = Fixture::new();
-        f.server.prepared.insert(5, 10);
+        f.server.prepared.insert(5, 1, 10);
         f.stmts
             .insert(b"s", std::rc::Rc::new(crate::proxy::prepared::StmtDef::new(b"x\0\0\0")));
         let mut out = Vec::new();

@@ -40,10 +40,14 @@ pub enum Expect {
     InjectedClose {
         hash: StmtHash,
     },
-    /// ParseComplete owed for a statement the server already had.
-    SynthParse {
-        client_name: Box<[u8]>,
+    /// A Bind of a client's named statement, sent as pgsilo's copy of it: if PostgreSQL
+    /// rejects the copy as stale, it is not used again anywhere.
+    NamedBind {
+        hash: StmtHash,
     },
+    /// A simple Query in which pgsilo rewrote the client's DEALLOCATEs of its own
+    /// statements (see `upstream::rewrite_deallocates`).
+    DeallocQuery(Box<DeallocPlan>),
     /// CloseComplete owed for a Close pgsilo answered itself.
     SynthClose {
         client_name: Box<[u8]>,
@@ -66,6 +70,31 @@ pub enum Expect {
     InjectedQuery(Injected),
 }
 
+/// What pgsilo changed in a simple Query: each `DEALLOCATE name` of a client statement
+/// became `PREPARE pgsilo_dN AS SELECT; DEALLOCATE pgsilo_dN`, so PostgreSQL itself
+/// answers it (its tag, or its error in a failed transaction) in its place in the string.
+#[derive(Default)]
+pub struct DeallocPlan {
+    /// Statements (by position in the rewritten text) whose CommandComplete is pgsilo's.
+    pub swallow: Vec<usize>,
+    /// The client names deallocated, each with its DEALLOCATE's position and the
+    /// definition to give back if the server never got that far.
+    pub dropped: Vec<(usize, Box<[u8]>, Rc<StmtDef>)>,
+    /// CommandCompletes seen so far.
+    pub seen: usize,
+}
+
+impl DeallocPlan {
+    /// The query is over: names whose DEALLOCATE did not complete are the client's again.
+    fn restore(self, client: &mut ClientStatements) {
+        for (at, name, def) in self.dropped {
+            if at >= self.seen {
+                client.insert(&name, def);
+            }
+        }
+    }
+}
+
 /// Why pgsilo sent a query of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Injected {
@@ -78,10 +107,7 @@ pub enum Injected {
 
 impl Expect {
     fn is_synth(&self) -> bool {
-        matches!(
-            self,
-            Expect::SynthParse { .. } | Expect::SynthClose { .. } | Expect::SynthError(_)
-        )
+        matches!(self, Expect::SynthClose { .. } | Expect::SynthError(_))
     }
 
     fn kind(&self) -> Kind {
@@ -89,10 +115,10 @@ impl Expect {
             Expect::Forward(k) => *k,
             Expect::NamedParse { .. }
             | Expect::InjectedParse { .. }
-            | Expect::SynthParse { .. }
             | Expect::UnnamedParse { .. }
             | Expect::InjectedUnnamed { .. } => Kind::Parse,
-            Expect::InjectedQuery(_) => Kind::Query,
+            Expect::InjectedQuery(_) | Expect::DeallocQuery(_) => Kind::Query,
+            Expect::NamedBind { .. } => Kind::Bind,
             Expect::InjectedClose { .. } | Expect::SynthClose { .. } => Kind::Close,
             // An error pgsilo raised behaves like a message the server failed.
             Expect::SynthError(_) => Kind::Parse,
@@ -125,15 +151,14 @@ impl Expect {
     /// recorded when it was sent.
     fn undo(self, client: &mut ClientStatements, server: &mut ServerMeta, skipped: bool) {
         match self {
+            // The server may or may not hold a statement of that name now (a replaced
+            // copy's Close may have run): it is closed before it is prepared again.
             Expect::NamedParse { hash, client_name } => {
-                server.prepared.remove(hash);
+                server.prepared.spoil(hash);
                 client.remove(&client_name);
             }
-            Expect::InjectedParse { hash } => server.prepared.remove(hash),
-            Expect::InjectedClose { hash } => {
-                server.prepared.insert(hash, 0);
-            }
-            Expect::SynthParse { client_name } => client.remove(&client_name),
+            Expect::InjectedParse { hash } | Expect::InjectedClose { hash } => server.prepared.spoil(hash),
+            Expect::DeallocQuery(plan) => plan.restore(client),
             Expect::SynthClose {
                 client_name,
                 def: Some(def),
@@ -146,6 +171,7 @@ impl Expect {
             Expect::SynthClose { def: None, .. }
             | Expect::SynthError(_)
             | Expect::Forward(_)
+            | Expect::NamedBind { .. }
             | Expect::InjectedQuery(_) => {}
         }
     }
@@ -220,6 +246,18 @@ impl ExpectQueue {
         if matches!(tag, b'N' | b'S' | b'A') {
             return Disposition::Forward;
         }
+        // The n-th CommandComplete of a rewritten Query answers its n-th statement.
+        if tag == b'C' {
+            if let Some(Expect::DeallocQuery(plan)) = self.q.front_mut() {
+                let at = plan.seen;
+                plan.seen += 1;
+                return if plan.swallow.contains(&at) {
+                    Disposition::Swallow
+                } else {
+                    Disposition::Forward
+                };
+            }
+        }
         let Some(head) = self.q.front() else {
             return Disposition::Forward;
         };
@@ -262,6 +300,10 @@ impl ExpectQueue {
                 if let Expect::InjectedQuery(why) = e {
                     self.finished = Some(why);
                     disposition = Disposition::Swallow;
+                    break;
+                }
+                if let Expect::DeallocQuery(plan) = e {
+                    plan.restore(client);
                     break;
                 }
                 if !matches!(e.kind(), Kind::Sync | Kind::Query | Kind::FunctionCall) {
@@ -310,6 +352,20 @@ impl ExpectQueue {
         self.finished = None;
     }
 
+    /// Everything awaited is pgsilo's own queries (settings being put right): the
+    /// server's state is known once they are answered, whoever is left to hear them.
+    pub fn only_injected(&self) -> bool {
+        !self.q.is_empty() && self.q.iter().all(|e| matches!(e, Expect::InjectedQuery(_)))
+    }
+
+    /// The statement of the Bind now awaiting its answer, when it is a pooled copy.
+    pub fn bind_in_flight(&self) -> Option<StmtHash> {
+        match self.q.front() {
+            Some(Expect::NamedBind { hash }) => Some(*hash),
+            _ => None,
+        }
+    }
+
     /// The rows now arriving answer pgsilo's settings snapshot.
     pub fn capturing(&self) -> bool {
         matches!(self.q.front(), Some(Expect::InjectedQuery(Injected::Snapshot)))
@@ -318,7 +374,6 @@ impl ExpectQueue {
 
 fn write_synth(e: &Expect, out: &mut Vec<u8>) {
     match e {
-        Expect::SynthParse { .. } => out.extend_from_slice(&[b'1', 0, 0, 0, 4]),
         Expect::SynthClose { .. } => out.extend_from_slice(&[b'3', 0, 0, 0, 4]),
         Expect::SynthError(bytes) => out.extend_from_slice(bytes),
         _ => {}
@@ -334,19 +389,20 @@ mod tests {
     }
 
     #[test]
-    fn synthesized_parse_complete_comes_before_the_bind_complete() {
+    fn synthesized_close_complete_comes_before_the_bind_complete() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
         let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
-        q.push(Expect::SynthParse {
+        q.push(Expect::SynthClose {
             client_name: name("s1"),
+            def: None,
         });
         q.push(Expect::Forward(Kind::Bind));
         q.push(Expect::Forward(Kind::Execute));
         q.push(Expect::Forward(Kind::Sync));
         let mut out = Vec::new();
         q.flush_synth(&mut out);
-        assert_eq!(out, vec![b'1', 0, 0, 0, 4]);
+        assert_eq!(out, vec![b'3', 0, 0, 0, 4]);
         assert_eq!(
             q.server_message(b'2', &mut client, &mut server, &mut out),
             Disposition::Forward
@@ -367,8 +423,8 @@ mod tests {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
         let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
-        server.prepared.insert(7, 10);
-        server.prepared.insert(8, 10);
+        server.prepared.insert(7, 5, 10);
+        server.prepared.insert(8, 5, 10);
         client.insert(b"s2", Rc::new(StmtDef::new(b"x\0\0\0")));
         q.push(Expect::InjectedParse { hash: 7 });
         q.push(Expect::Forward(Kind::Bind));
@@ -388,8 +444,9 @@ mod tests {
             q.server_message(b'E', &mut client, &mut server, &mut out),
             Disposition::Forward
         );
-        assert!(server.prepared.contains(7));
-        assert!(!server.prepared.contains(8));
+        assert!(server.prepared.fresh(7, 0));
+        // The skipped Parse may or may not have replaced a copy: never used as it is.
+        assert!(server.prepared.contains(8) && !server.prepared.fresh(8, 0));
         assert!(client.get(b"s2").is_none());
         assert_eq!(
             q.server_message(b'Z', &mut client, &mut server, &mut out),
@@ -437,5 +494,31 @@ mod tests {
             q.server_message(tag, &mut client, &mut server, &mut out);
         }
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_rewritten_query_swallows_its_own_command_complete_and_restores_names_not_reached() {
+        let mut q = ExpectQueue::default();
+        let mut client = ClientStatements::default();
+        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
+        let def = |t: &[u8]| Rc::new(StmtDef::new(t));
+        // "select 1; PREPARE d AS SELECT; DEALLOCATE d; select 1/0; PREPARE …; DEALLOCATE …"
+        q.push(Expect::DeallocQuery(Box::new(DeallocPlan {
+            swallow: vec![1, 4],
+            dropped: vec![(2, name("a"), def(b"a\0\0\0")), (5, name("b"), def(b"b\0\0\0"))],
+            seen: 0,
+        })));
+        let mut out = Vec::new();
+        let got: Vec<Disposition> = [b'T', b'D', b'C', b'C', b'C', b'E']
+            .iter()
+            .map(|&t| q.server_message(t, &mut client, &mut server, &mut out))
+            .collect();
+        use Disposition::*;
+        assert_eq!(got, [Forward, Forward, Forward, Swallow, Forward, Forward]);
+        assert_eq!(q.server_message(b'Z', &mut client, &mut server, &mut out), Forward);
+        assert!(q.is_empty());
+        // "a" was deallocated; the error came before "b"'s DEALLOCATE.
+        assert!(client.get(b"a").is_none());
+        assert!(client.get(b"b").is_some());
     }
 }

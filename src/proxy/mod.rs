@@ -9,6 +9,7 @@ pub mod login;
 pub mod params;
 pub mod prepared;
 pub mod session;
+pub mod sql_scan;
 pub mod tx_tracker;
 pub mod upstream;
 

@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 
-use crate::pool::prepared::StmtHash;
+use crate::pool::prepared::{stamp, Stamp, StmtHash};
 use crate::protocol::backend::message;
 use crate::protocol::framing::read_cstr;
 
@@ -22,6 +22,9 @@ pub struct StmtDef {
     pub server_name: [u8; 40],
     /// The Parse body after the statement name: query text and parameter types.
     pub body: Box<[u8]>,
+    /// When the client prepared it: a server's copy made earlier may predate a schema
+    /// change the client's statement already sees, and is not used for it.
+    pub born: Stamp,
 }
 
 impl StmtDef {
@@ -36,6 +39,7 @@ impl StmtDef {
             hash,
             server_name: server_name(hash),
             body: body.into(),
+            born: stamp(),
         }
     }
 

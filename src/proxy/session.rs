@@ -624,10 +624,14 @@ impl Flow {
                     self.inject_rollback();
                     continue;
                 }
-                // A request was in flight when the client left: its outcome cannot reach
-                // anyone, and the server's state is unknown.
-                srv.set(None);
-                self.abandon_server();
+                // Only pgsilo's own query is running (a settings correction after RESET,
+                // or the read-back after SET): let it finish; the server is then clean.
+                if !self.queue.only_injected() {
+                    // A request was in flight when the client left: its outcome cannot
+                    // reach anyone, and the server's state is unknown.
+                    srv.set(None);
+                    self.abandon_server();
+                }
             }
             if self.client_gone && self.server.is_none() && swr.is_none() && acq.is_none() {
                 return Ok(Stretch::Done);

@@ -5,19 +5,25 @@
 
 use std::rc::Rc;
 
-use super::expect::{Expect, ExpectQueue, Kind};
+use super::expect::{DeallocPlan, Expect, ExpectQueue, Kind};
 use super::prepared::{
     bind_statement, split_parse, target, write_bind_prefix, write_close_statement, write_describe_statement,
     write_parse, write_unnamed_parse, ClientStatements, StmtDef, UnnamedStmt,
 };
+use super::sql_scan::{mentions_deallocate, parse_deallocate, split_statements, Deallocate};
 use super::tx_tracker::TxTracker;
+use crate::pool::prepared::{invalidated_at, stamp};
 use crate::pool::ServerMeta;
-use crate::protocol::backend::{error_response, Severity};
+use crate::protocol::backend::{error_response, message, Severity};
 use crate::protocol::framing::{Header, HEADER_LEN};
 use crate::protocol::{ProtocolError, SqlState};
 
 /// PostgreSQL refuses larger messages from clients (PQ_LARGE_MESSAGE_LIMIT).
 pub const CLIENT_MESSAGE_LIMIT: u32 = 1 << 30;
+
+/// Simple Queries up to this size are read whole under statement tracking, to find the
+/// client's DEALLOCATEs in them; larger ones stream through as they come.
+pub const QUERY_SCAN_LIMIT: usize = 64 * 1024;
 
 /// Streaming state of the client-to-server direction.
 #[derive(Default, Debug)]
@@ -213,13 +219,16 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                         ensure_prepared(&def, st, e.out);
                         write_bind_prefix(e.out, h.len, prefix, name_at, name_end, &def);
                         e.out.extend_from_slice(&prefix[name_end..]);
+                        st.queue.push(Expect::NamedBind { hash: def.hash });
                     }
-                    None if name.is_empty() && ensure_unnamed(st, &mut e, at) => {
+                    None => {
+                        if name.is_empty() {
+                            ensure_unnamed(st, &mut e, at);
+                        }
                         e.forward(at, end);
+                        st.queue.push(Expect::Forward(Kind::Bind));
                     }
-                    None => e.forward(at, end),
                 }
-                st.queue.push(Expect::Forward(Kind::Bind));
                 if !whole {
                     st.cur.skip = h.total() - have;
                     st.cur.dropping = false;
@@ -266,6 +275,31 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                 } else {
                     e.forward(at, end);
                     st.queue.push(Expect::Forward(Kind::Close));
+                }
+            }
+            b'Q' if ps && !whole && h.total() <= QUERY_SCAN_LIMIT => {
+                res.want = h.total();
+                break;
+            }
+            b'Q' if ps && whole && mentions_deallocate(&data[at + HEADER_LEN..end]) => {
+                st.tracker.client_message(h.tag);
+                st.unnamed.invalidate();
+                st.server.unnamed_stmt = None;
+                let body = &data[at + HEADER_LEN..end];
+                let text = body.strip_suffix(&[0]).unwrap_or(body);
+                match rewrite_deallocates(text, st) {
+                    Some((sql, plan)) => {
+                        e.start_copying(at);
+                        message(e.out, b'Q', |b| {
+                            b.extend_from_slice(&sql);
+                            b.push(0);
+                        });
+                        st.queue.push(Expect::DeallocQuery(plan));
+                    }
+                    None => {
+                        e.forward(at, end);
+                        st.queue.push(Expect::Forward(Kind::Query));
+                    }
                 }
             }
             tag => {
@@ -342,17 +376,9 @@ fn parse_named(name: &[u8], def_body: &[u8], st: &mut UpState, out: &mut Vec<u8>
     }
     let def = Rc::new(StmtDef::new(def_body));
     stmts.insert(name, def.clone());
-    if st.server.prepared.touch(def.hash) {
-        st.queue.push(Expect::SynthParse {
-            client_name: name.into(),
-        });
-        return;
-    }
-    if let Some(evicted) = st.server.prepared.insert(def.hash, st.max_prepared) {
-        write_close_statement(out, evicted);
-        st.queue.push(Expect::InjectedClose { hash: evicted });
-    }
-    write_parse(out, &def);
+    // Always a fresh copy: one the server already has was made before this Parse, maybe
+    // before a schema change the client's statement must see.
+    prepare_copy(&def, st, out);
     st.queue.push(Expect::NamedParse {
         hash: def.hash,
         client_name: name.into(),
@@ -386,17 +412,72 @@ fn ensure_unnamed(st: &mut UpState, e: &mut Emit, at: usize) -> bool {
     true
 }
 
-/// Makes sure the server has `def` before a message that uses it.
+/// Makes sure the server has a copy of `def` fit for this client before a message that
+/// uses it: one made after the client prepared it, and after PostgreSQL last rejected
+/// a copy of it as stale anywhere.
 fn ensure_prepared(def: &StmtDef, st: &mut UpState, out: &mut Vec<u8>) {
-    if st.server.prepared.touch(def.hash) {
+    let not_before = def.born.max(invalidated_at(def.hash));
+    if st.server.prepared.fresh(def.hash, not_before) {
         return;
     }
-    if let Some(evicted) = st.server.prepared.insert(def.hash, st.max_prepared) {
+    prepare_copy(def, st, out);
+    st.queue.push(Expect::InjectedParse { hash: def.hash });
+}
+
+/// Writes the Parse of a new copy of `def` under pgsilo's name, closing first whatever
+/// the server may hold under that name, and making room in the server's cache.
+fn prepare_copy(def: &StmtDef, st: &mut UpState, out: &mut Vec<u8>) {
+    if st.server.prepared.contains(def.hash) {
+        write_close_statement(out, def.hash);
+        st.queue.push(Expect::InjectedClose { hash: def.hash });
+    }
+    if let Some(evicted) = st.server.prepared.insert(def.hash, stamp(), st.max_prepared) {
         write_close_statement(out, evicted);
         st.queue.push(Expect::InjectedClose { hash: evicted });
     }
     write_parse(out, def);
-    st.queue.push(Expect::InjectedParse { hash: def.hash });
+    // Shared only once the transaction it is made in is known not to have rolled back.
+    st.server.prepared.made_provisionally(def.hash);
+}
+
+/// A simple Query that DEALLOCATEs statements the client prepared with the protocol:
+/// the server knows them under pgsilo's names, shared with other clients, so each such
+/// `DEALLOCATE name` becomes `PREPARE pgsilo_dN AS SELECT; DEALLOCATE pgsilo_dN`.
+/// PostgreSQL then answers in its own words and place: `DEALLOCATE`, or the error a
+/// failed transaction gives, and nothing after an earlier statement's error. The
+/// PREPARE's CommandComplete is swallowed. None when nothing needs rewriting (no such
+/// name, DEALLOCATE ALL, text the splitter does not follow); the server answers as is.
+fn rewrite_deallocates(text: &[u8], st: &mut UpState) -> Option<(Vec<u8>, Box<DeallocPlan>)> {
+    let backslash_quotes = st.server.settings.get("standard_conforming_strings") == Some("off");
+    let ranges = split_statements(text, backslash_quotes)?;
+    let stmts = st.statements.as_deref_mut()?;
+    let mut sql = Vec::with_capacity(text.len() + 64);
+    let mut plan = DeallocPlan::default();
+    let mut copied = 0;
+    for (i, r) in ranges.into_iter().enumerate() {
+        let Some(Deallocate::Name(name)) = parse_deallocate(&text[r.clone()]) else {
+            continue;
+        };
+        // A name deallocated earlier in the same string is gone: the server says so.
+        let Some(def) = stmts.get(&name).cloned() else {
+            continue;
+        };
+        stmts.remove(&name);
+        st.server.scratch_seq = st.server.scratch_seq.wrapping_add(1);
+        let scratch = format!("pgsilo_d{}", st.server.scratch_seq);
+        sql.extend_from_slice(&text[copied..r.start]);
+        sql.extend_from_slice(format!(" PREPARE {scratch} AS SELECT; DEALLOCATE {scratch}").as_bytes());
+        copied = r.end;
+        // Each rewrite adds one statement before the ones that follow.
+        let at = i + plan.swallow.len();
+        plan.swallow.push(at);
+        plan.dropped.push((at + 1, name.into(), def));
+    }
+    if plan.dropped.is_empty() {
+        return None;
+    }
+    sql.extend_from_slice(&text[copied..]);
+    Some((sql, Box::new(plan)))
 }
 
 #[cfg(test)]
@@ -473,7 +554,7 @@ mod tests {
     }
 
     #[test]
-    fn named_parse_is_renamed_then_answered_locally_on_the_same_server() {
+    fn named_parse_is_renamed_and_always_makes_a_fresh_copy() {
         let mut f = Fixture::new();
         let mut data = msg(b'P', b"s1\0select 1\0\0\0");
         data.extend(msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
@@ -483,13 +564,64 @@ mod tests {
         assert!(!r.zero_copy);
         assert_eq!(tags(&out), b"PBES");
         assert!(out.windows(7).any(|w| w == b"pgsilo_"));
-        // Once answered, a second statement with the same text on the same server: no
-        // Parse sent.
+        // The same text prepared again (by this client or another) replaces the server's
+        // copy, which predates this Parse and so maybe a schema change.
         f.queue.clear();
         let mut data2 = msg(b'P', b"s2\0select 1\0\0\0");
         data2.extend(msg(b'S', b""));
         let (_, out2) = f.run(&data2, true);
-        assert_eq!(tags(&out2), b"S");
+        assert_eq!(tags(&out2), b"CPS");
+    }
+
+    #[test]
+    fn a_bind_uses_a_copy_only_if_it_is_newer_than_the_clients_parse() {
+        let mut f = Fixture::new();
+        let old = StmtDef::new(b"select 1\0\0\0");
+        // A copy made after the client's Parse: used as it is.
+        f.server.prepared.insert(old.hash, stamp(), 200);
+        f.stmts.insert(b"s1", Rc::new(old));
+        let bind = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
+        let (_, out) = f.run(&bind, true);
+        assert_eq!(tags(&out), b"B");
+        // A client that prepared the same text after that copy was made: replaced first.
+        f.queue.clear();
+        f.stmts.clear();
+        f.stmts.insert(b"s1", Rc::new(StmtDef::new(b"select 1\0\0\0")));
+        let (_, out) = f.run(&bind, true);
+        assert_eq!(tags(&out), b"CPB");
+        // Now fresh for it.
+        f.queue.clear();
+        let (_, out) = f.run(&bind, true);
+        assert_eq!(tags(&out), b"B");
+    }
+
+    #[test]
+    fn deallocate_of_a_client_statement_is_rewritten_in_its_place() {
+        let mut f = Fixture::new();
+        f.stmts.insert(b"_pg3_0", Rc::new(StmtDef::new(b"select 1\0\0\0")));
+        f.stmts.insert(b"S2", Rc::new(StmtDef::new(b"select 2\0\0\0")));
+        let q = msg(
+            b'Q',
+            b"select ';'; DEALLOCATE _pg3_0; deallocate prepare \"S2\"; DEALLOCATE _pg3_0; DEALLOCATE nope\0",
+        );
+        let (r, out) = f.run(&q, true);
+        assert_eq!(r.consumed, q.len());
+        assert_eq!(tags(&out), b"Q");
+        let text = String::from_utf8_lossy(&out[5..out.len() - 1]).into_owned();
+        assert_eq!(
+            text,
+            "select ';'; PREPARE pgsilo_d1 AS SELECT; DEALLOCATE pgsilo_d1; PREPARE pgsilo_d2 AS SELECT; \
+             DEALLOCATE pgsilo_d2; DEALLOCATE _pg3_0; DEALLOCATE nope"
+        );
+        assert!(f.stmts.is_empty());
+        // Queries that name none of the client's statements pass as they are.
+        f.queue.clear();
+        let q = msg(b'Q', b"DEALLOCATE ALL; deallocate other\0");
+        let (r, _) = f.run(&q, true);
+        assert!(r.zero_copy);
+        // A partial Query is read whole first.
+        let (r, _) = f.run(&q[..10], true);
+        assert_eq!((r.consumed, r.want), (0, q.len()));
     }
 
     #[test]

@@ -1,0 +1,302 @@
+//! Prepared statements over their whole life, as a direct connection has them: SQL
+//! `DEALLOCATE` of protocol-level statements (what psycopg 3 on libpq before 17 sends to
+//! evict them) and statements shared between clients across schema changes, in both
+//! pool modes, with pools smaller than the clients.
+
+mod support;
+
+use support::txpool::{fe, run_py, Msg, Pgsilo, Wire};
+use support::PgCluster;
+
+const USER: &str = "scram_user";
+const DB: &str = "app_db";
+
+/// What a client sees of a reply: message types, with command tags, SQLSTATEs and
+/// first values, e.g. `C[DEALLOCATE] Z[I]`.
+fn seen(msgs: &[Msg]) -> String {
+    msgs.iter()
+        .map(|m| match m.tag {
+            b'C' => format!("C[{}]", m.tag_text()),
+            b'E' => format!("E[{}]", m.field(b'C').unwrap_or_default()),
+            b'D' => format!("D[{}]", m.first_value().unwrap_or_default()),
+            b'Z' => format!("Z[{}]", m.body.first().map_or('?', |&b| b as char)),
+            t => (t as char).to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs the DEALLOCATE script on `port` and returns one line per step. A second client
+/// runs the same statements between steps, so under transaction pooling the server
+/// copies are shared and the two clients take turns on a pool of one.
+fn deallocate_transcript(port: u16) -> Vec<String> {
+    let mut c = Wire::connect(port, USER, DB);
+    let mut other = Wire::connect(port, USER, DB);
+    let mut lines = Vec::new();
+    let mut step = |c: &mut Wire, other: &mut Wire, what: &str, parts: Vec<Vec<u8>>| {
+        c.send_all(&parts);
+        let reply = c.until_ready();
+        lines.push(format!("{what}: {}", seen(&reply)));
+        // While `c` is in a transaction block it keeps the pool's only server.
+        if reply.last().and_then(|z| z.body.first()) != Some(&b'I') {
+            return;
+        }
+        // The other client prepares the same text under the same name and uses it.
+        other.send_all(&[
+            fe::parse("s1", "select 1"),
+            fe::bind_exec("s1", &[]),
+            fe::close_statement("s1"),
+            fe::sync(),
+        ]);
+        other.until_ready();
+    };
+    let prepare: Vec<Vec<u8>> = [
+        ("s1", "select 1"),
+        ("S1", "select 2"),
+        ("s3", "select 3"),
+        ("s4", "select 4"),
+        ("s5", "select 5"),
+    ]
+    .iter()
+    .map(|(n, q)| fe::parse(n, q))
+    .chain([fe::sync()])
+    .collect();
+    step(&mut c, &mut other, "prepare", prepare);
+    step(&mut c, &mut other, "deallocate", vec![fe::query("DEALLOCATE s1")]);
+    step(
+        &mut c,
+        &mut other,
+        "bind deallocated",
+        vec![fe::bind_exec("s1", &[]), fe::sync()],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "multi-statement, quoted",
+        vec![fe::query("select 1; Deallocate \"S1\"; select 2")],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "bind quoted",
+        vec![fe::bind_exec("S1", &[]), fe::sync()],
+    );
+    step(&mut c, &mut other, "unknown name", vec![fe::query("DEALLOCATE s9")]);
+    step(
+        &mut c,
+        &mut other,
+        "failed transaction",
+        vec![fe::query("BEGIN; select 1/0")],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "deallocate in it",
+        vec![fe::query("deallocate prepare s3")],
+    );
+    step(&mut c, &mut other, "rollback", vec![fe::query("ROLLBACK")]);
+    step(
+        &mut c,
+        &mut other,
+        "s3 still there",
+        vec![fe::bind_exec("s3", &[]), fe::sync()],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "error before it",
+        vec![fe::query("select 1/0; DEALLOCATE s4")],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "s4 still there",
+        vec![fe::bind_exec("s4", &[]), fe::sync()],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "twice",
+        vec![fe::query("DEALLOCATE s4; /* again */ DEALLOCATE s4")],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "in a transaction block",
+        vec![fe::query("BEGIN; DEALLOCATE s5; COMMIT")],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "name reused",
+        vec![fe::parse("s5", "select 55"), fe::bind_exec("s5", &[]), fe::sync()],
+    );
+    step(&mut c, &mut other, "deallocate all", vec![fe::query("DEALLOCATE ALL")]);
+    step(
+        &mut c,
+        &mut other,
+        "after all",
+        vec![fe::bind_exec("s5", &[]), fe::sync()],
+    );
+    step(&mut c, &mut other, "still usable", vec![fe::query("select 42")]);
+    c.close();
+    other.close();
+    lines
+}
+
+/// Runs `transcript` directly and through pgsilo in `mode`; both must be the same.
+fn like_direct(mode: &str, transcript: fn(u16) -> Vec<String>) {
+    let cluster = PgCluster::start();
+    cluster.psql(DB, "GRANT CREATE ON SCHEMA public TO PUBLIC");
+    let direct = transcript(cluster.port());
+    // A session-mode client keeps its server: two clients need two.
+    let pool = if mode == "session" { "2" } else { "1" };
+    let mut silo = Pgsilo::start(
+        &cluster,
+        &[("pool_mode", &format!("\"{mode}\"")), ("default_pool_size", pool)],
+    );
+    let pooled = transcript(silo.port());
+    for (d, p) in direct.iter().zip(&pooled) {
+        println!("direct: {d}\npgsilo: {p}");
+    }
+    assert_eq!(pooled, direct, "{mode} mode: differs from a direct connection");
+    silo.assert_alive();
+}
+
+#[test]
+fn sql_deallocate_acts_on_protocol_statements_as_directly_transaction_mode() {
+    like_direct("transaction", deallocate_transcript);
+}
+
+#[test]
+fn sql_deallocate_acts_on_protocol_statements_as_directly_session_mode() {
+    like_direct("session", deallocate_transcript);
+}
+
+fn psycopg_scenario(mode: &str, scenario: &str, pool: &str) {
+    let cluster = PgCluster::start();
+    let mut silo = Pgsilo::start(
+        &cluster,
+        &[("pool_mode", &format!("\"{mode}\"")), ("default_pool_size", pool)],
+    );
+    let out = run_py(
+        "stmt_lifecycle.py",
+        &[
+            scenario,
+            &silo.conninfo(USER, DB),
+            &cluster.superuser_conn_string(DB),
+            mode,
+        ],
+        300,
+    );
+    assert!(out.contains(&format!("{scenario}: all ")), "{out}");
+    silo.assert_alive();
+}
+
+#[test]
+fn psycopg_system_libpq_thousand_statements_prepared_max_2_transaction_mode() {
+    psycopg_scenario("transaction", "many", "1");
+}
+
+#[test]
+fn psycopg_system_libpq_thousand_statements_prepared_max_2_session_mode() {
+    psycopg_scenario("session", "many", "2");
+}
+
+#[test]
+fn shared_statements_after_alter_table_transaction_mode() {
+    psycopg_scenario("transaction", "alter", "1");
+}
+
+#[test]
+fn shared_statements_after_alter_table_session_mode() {
+    psycopg_scenario("session", "alter", "2");
+}
+
+#[test]
+fn shared_statements_after_drop_and_create_type_transaction_mode() {
+    psycopg_scenario("transaction", "type", "1");
+}
+
+#[test]
+fn shared_statements_after_drop_and_create_type_session_mode() {
+    psycopg_scenario("session", "type", "2");
+}
+
+#[test]
+fn shared_statements_after_own_statement_from_before_a_migration_transaction_mode() {
+    psycopg_scenario("transaction", "own", "1");
+}
+
+#[test]
+fn shared_statements_after_own_statement_from_before_a_migration_session_mode() {
+    psycopg_scenario("session", "own", "2");
+}
+
+/// B prepares a statement whose parameter type is an enum; A, inside a savepoint,
+/// replaces the type and prepares the same text (PostgreSQL fixes the parameter's type
+/// OID in a statement), then rolls back to the savepoint. Directly, B's statement still
+/// works: the original type is back. Through pgsilo, the copy A's Parse made refers to a
+/// type that never committed, and must not be what B's Bind runs on. psycopg hides this
+/// by sending DEALLOCATE ALL after DROP and ROLLBACK; JDBC and tokio-postgres do not.
+fn savepoint_transcript(port: u16) -> Vec<String> {
+    let mut a = Wire::connect(port, USER, DB);
+    let mut b = Wire::connect(port, USER, DB);
+    let mut lines = Vec::new();
+    let mut step = |w: &mut Wire, what: &str, parts: Vec<Vec<u8>>| {
+        w.send_all(&parts);
+        lines.push(format!("{what}: {}", seen(&w.until_ready())));
+    };
+    let q = "SELECT $1::sp_mood::text";
+    step(
+        &mut a,
+        "create type",
+        vec![fe::query(
+            "DROP TYPE IF EXISTS sp_mood; CREATE TYPE sp_mood AS ENUM ('ok', 'sad')",
+        )],
+    );
+    step(
+        &mut b,
+        "b prepares",
+        vec![fe::parse("b1", q), fe::bind_exec("b1", &["sad"]), fe::sync()],
+    );
+    step(
+        &mut a,
+        "a replaces the type in a savepoint",
+        vec![fe::query(
+            "BEGIN; SAVEPOINT sp; DROP TYPE sp_mood; CREATE TYPE sp_mood AS ENUM ('sad')",
+        )],
+    );
+    step(
+        &mut a,
+        "a prepares there",
+        vec![fe::parse("a1", q), fe::bind_exec("a1", &["sad"]), fe::sync()],
+    );
+    step(
+        &mut a,
+        "a rolls back to the savepoint",
+        vec![fe::query("ROLLBACK TO SAVEPOINT sp; COMMIT")],
+    );
+    for round in 0..3 {
+        step(
+            &mut b,
+            &format!("b runs its statement, round {round}"),
+            vec![fe::bind_exec("b1", &["ok"]), fe::sync()],
+        );
+    }
+    // A's own statement is not compared: directly it fails (its type never committed);
+    // pgsilo, having dropped that copy, prepares it again and it works.
+    a.close();
+    b.close();
+    lines
+}
+
+#[test]
+fn statements_prepared_in_a_rolled_back_savepoint_are_not_shared_transaction_mode() {
+    like_direct("transaction", savepoint_transcript);
+}
+
+#[test]
+fn statements_prepared_in_a_rolled_back_savepoint_are_not_shared_session_mode() {
+    like_direct("session", savepoint_transcript);
+}
