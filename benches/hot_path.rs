@@ -22,7 +22,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use pgsilo::auth::{scram_secret_from_password, ScramClient, ScramClientKeys, ScramSecret, ScramServer};
 use pgsilo::pool::{ServerMeta, Settings};
 use pgsilo::protocol::framing::{scan, Scan};
-use pgsilo::proxy::downstream::{self, DownState, Resetting};
+use pgsilo::proxy::downstream::{self, DownState, Hold, Resetting};
 use pgsilo::proxy::expect::{Expect, ExpectQueue, Kind};
 use pgsilo::proxy::prepared::{ClientStatements, StmtDef, UnnamedStmt};
 use pgsilo::proxy::tx_tracker::TxTracker;
@@ -179,6 +179,7 @@ struct Session {
     synth: Vec<u8>,
     pinned: bool,
     resetting: Resetting,
+    hold: Hold,
     settings_changed: bool,
     captured: Vec<(String, String)>,
     up_out: Vec<u8>,
@@ -202,6 +203,7 @@ impl Session {
             synth: Vec::with_capacity(256),
             pinned: false,
             resetting: Resetting::No,
+            hold: Hold::No,
             settings_changed: false,
             captured: Vec::new(),
             up_out: Vec::with_capacity(4096),
@@ -242,6 +244,8 @@ impl Session {
             resetting: &mut self.resetting,
             settings_changed: &mut self.settings_changed,
             captured: &mut self.captured,
+            may_hold: false,
+            hold: &mut self.hold,
         };
         downstream::process(data, &mut st, &mut self.down_out).expect("downstream::process")
     }

@@ -25,6 +25,23 @@ pub enum Resetting {
     Done,
 }
 
+/// A ReadyForQuery pgsilo keeps from the client while it puts the session's settings
+/// right, so that what the client was told (ParameterStatus) and what SHOW says agree
+/// when the client goes on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hold {
+    #[default]
+    No,
+    /// Held; the settings snapshot is still to be sent.
+    Pending,
+    /// The snapshot is running.
+    Snapshot,
+    /// The snapshot is in; the correction (if any) is still to be sent.
+    Correct,
+    /// The correction is running.
+    Correcting,
+}
+
 pub struct DownState<'a> {
     /// Body bytes of a streamed message still to pass.
     pub skip: &'a mut usize,
@@ -49,6 +66,10 @@ pub struct DownState<'a> {
     pub settings_changed: &'a mut bool,
     /// Rows of pgsilo's settings snapshot: (name, value).
     pub captured: &'a mut Vec<(String, String)>,
+    /// The client's ReadyForQuery may be held (see [`Hold`]): the client has startup
+    /// settings PostgreSQL's own RESET would not return to, and is still there.
+    pub may_hold: bool,
+    pub hold: &'a mut Hold,
 }
 
 impl DownState<'_> {
@@ -209,7 +230,23 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
             tag => st.tracker.server_message(tag, None),
         }
         st.synth.clear();
-        let disposition = st.queue.server_message(h.tag, st.statements, st.server, st.synth);
+        let mut disposition = st.queue.server_message(h.tag, st.statements, st.server, st.synth);
+        // The client's request ran SET, RESET or DISCARD ALL and nothing else is in
+        // flight: its ReadyForQuery waits until the settings are known to be right. Not
+        // in a failed transaction, where pgsilo's own query could not run.
+        if h.tag == b'Z'
+            && disposition == Disposition::Forward
+            && st.may_hold
+            && *st.settings_changed
+            && *st.hold == Hold::No
+            && st.queue.is_empty()
+            && matches!(body.first(), Some(b'I' | b'T'))
+        {
+            *st.hold = Hold::Pending;
+            // The snapshot finds what RESET touched; it decides the correction.
+            *st.resetting = Resetting::No;
+            disposition = Disposition::Swallow;
+        }
         if !st.synth.is_empty() || disposition == Disposition::Swallow {
             if !copying {
                 out.extend_from_slice(&data[..at]);
@@ -267,6 +304,8 @@ mod tests {
         resetting: Resetting,
         changed: bool,
         captured: Vec<(String, String)>,
+        may_hold: bool,
+        hold: Hold,
     }
 
     impl Fixture {
@@ -284,6 +323,8 @@ mod tests {
                 resetting: Resetting::No,
                 changed: false,
                 captured: Vec::new(),
+                may_hold: true,
+                hold: Hold::No,
             }
         }
 
@@ -301,6 +342,8 @@ mod tests {
                 resetting: &mut self.resetting,
                 settings_changed: &mut self.changed,
                 captured: &mut self.captured,
+                may_hold: self.may_hold,
+                hold: &mut self.hold,
             };
             process(data, &mut st, out).unwrap()
         }
@@ -329,6 +372,8 @@ mod tests {
     #[test]
     fn reset_returns_reported_settings_to_the_startup_values() {
         let mut f = Fixture::new();
+        // A client whose ReadyForQuery is not held: the correction comes after it.
+        f.may_hold = false;
         f.initial.set("TimeZone", "Asia/Tokyo");
         Arc::make_mut(&mut f.settings).set("TimeZone", "America/New_York");
         let mut data = msg(b'C', b"RESET\0");
@@ -429,5 +474,35 @@ mod tests {
         let r = f.run(&data, &mut out);
         assert!(!r.zero_copy);
         assert_eq!(&out[7..], &data[..]);
+    }
+
+    #[test]
+    fn ready_for_query_after_a_reset_is_held_until_settings_are_right() {
+        let mut f = Fixture::new();
+        f.tracker.client_message(b'Q');
+        f.queue.push(Expect::Forward(Kind::Query));
+        let mut data = msg(b'C', b"RESET\0");
+        data.extend(msg(b'Z', b"I"));
+        let mut out = Vec::new();
+        let r = f.run(&data, &mut out);
+        assert_eq!(
+            out,
+            msg(b'C', b"RESET\0"),
+            "CommandComplete goes on, ReadyForQuery waits"
+        );
+        assert_eq!(r.ready_for_query, 1);
+        assert_eq!(f.hold, Hold::Pending);
+        assert_eq!(f.resetting, Resetting::No);
+        // Not held in a failed transaction, nor with more requests in flight.
+        let mut f = Fixture::new();
+        f.changed = true;
+        f.queue.push(Expect::Forward(Kind::Query));
+        let mut out = Vec::new();
+        f.run(&msg(b'Z', b"E"), &mut out);
+        assert_eq!(f.hold, Hold::No);
+        f.queue.push(Expect::Forward(Kind::Query));
+        f.queue.push(Expect::Forward(Kind::Query));
+        f.run(&msg(b'Z', b"I"), &mut out);
+        assert_eq!(f.hold, Hold::No);
     }
 }

@@ -135,17 +135,39 @@ pub fn apply_snapshot(
         server.unreported.insert(lower);
         desired.set(name, value);
     }
-    let gone: Vec<String> = server
+    // Reported settings no longer set in the session were RESET (RESET x, RESET ALL,
+    // DISCARD ALL, SET x TO DEFAULT): the server is back at its default, which PostgreSQL
+    // reports only when the value changed. Directly, the client would be back at what it
+    // connected with; the correction that follows gives the server that value again.
+    for (lower, name, value) in initial.entries() {
+        if welcome.contains(lower) && !captured.iter().any(|(c, _)| c.eq_ignore_ascii_case(name)) {
+            desired.set(name, value);
+        }
+    }
+    // The server forgets what RESET touched (its CommandComplete came first); the
+    // client's own settings say which unreported ones it had that are no longer set.
+    server
         .unreported
-        .iter()
-        .filter(|n| !captured.iter().any(|(c, _)| c.eq_ignore_ascii_case(n)))
-        .cloned()
+        .retain(|n| captured.iter().any(|(c, _)| c.eq_ignore_ascii_case(n)));
+    let stale: Vec<String> = server
+        .settings
+        .entries()
+        .filter(|(lower, _, _)| !welcome.contains(lower) && !server.unreported.contains(*lower))
+        .map(|(lower, _, _)| lower.to_string())
+        .collect();
+    for lower in stale {
+        server.settings.remove(&lower);
+    }
+    let gone: Vec<String> = desired
+        .entries()
+        .filter(|(lower, name, _)| {
+            !welcome.contains(lower) && !captured.iter().any(|(c, _)| c.eq_ignore_ascii_case(name))
+        })
+        .map(|(lower, _, _)| lower.to_string())
         .collect();
     for lower in gone {
         // RESET: the server is back at its default; the client is back at what it
-        // logged in with, which its next server gets from the usual sync.
-        server.unreported.remove(&lower);
-        server.settings.remove(&lower);
+        // logged in with, which the correction (or its next server's sync) gives it.
         match initial.get(&lower) {
             Some(v) => {
                 let v = v.to_string();

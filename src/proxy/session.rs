@@ -23,7 +23,7 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use super::cancel::{send_cancel, CancelTarget, CANCEL_TIMEOUT};
-use super::downstream::{self, DownState, Resetting};
+use super::downstream::{self, DownState, Hold, Resetting};
 use super::expect::{Expect, ExpectQueue, Injected, Kind};
 use super::login::LoggedIn;
 use super::params::{after_sync, apply_snapshot, sync_statement, SNAPSHOT_QUERY};
@@ -254,6 +254,11 @@ struct Flow {
     resetting: Resetting,
     /// The client ran SET or RESET in this transaction (see apply_snapshot).
     settings_changed: bool,
+    /// The client connected with settings that differ from the server's defaults, so a
+    /// RESET on the server does not return it to them: its ReadyForQuery after a SET,
+    /// RESET or DISCARD ALL waits until pgsilo has put them right.
+    reset_care: bool,
+    hold: Hold,
     captured: Vec<(String, String)>,
     signal: Rc<SessionSignal>,
     /// Shutting down: end the session at the first moment no transaction is open.
@@ -286,6 +291,10 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
     let pkt_buf = g.pkt_buf.max(1024);
     let mode = who.pool.shared.mode;
     let welcome = who.pool.shared.welcome().unwrap_or_default();
+    let reset_care = who
+        .settings
+        .entries()
+        .any(|(lower, _, value)| welcome.get_lower(lower) != Some(value));
     let (c_rd, c_wr) = stream.into_split();
     WorkerPoolStats::add(&who.pool.stats().clients, 1);
     who.entry.entry.set_state(ConnState::Active);
@@ -325,6 +334,8 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         up_blocked: false,
         resetting: Resetting::No,
         settings_changed: false,
+        reset_care,
+        hold: Hold::No,
         captured: Vec::new(),
         signal: ctx.sessions.add(&who.database),
         draining: false,
@@ -399,6 +410,7 @@ impl Flow {
             && self.dfwd == 0
             && self.dpend.is_empty()
             && self.rollback_deadline.is_none()
+            && self.hold == Hold::No
             && self.c_rd.is_some()
             && self.c_wr.is_some()
             && self.ubuf.as_ref().is_some_and(|b| b.is_empty())
@@ -599,8 +611,13 @@ impl Flow {
             // Under transaction pooling, a SET the client ran is read back before the
             // server goes to someone else. The server read may be armed: it will carry
             // the answer.
+            if self.client_gone && self.hold != Hold::No {
+                // No one to hold a ReadyForQuery for; what runs finishes on its own.
+                self.hold = Hold::No;
+            }
             if self.settings_changed
                 && self.mode == PoolMode::Transaction
+                && self.hold == Hold::No
                 && !self.client_gone
                 && self.server_wr_free()
                 && self.up_cur.skip == 0
@@ -961,6 +978,29 @@ impl Flow {
             }
             self.up_blocked = false;
         }
+        match self.hold {
+            Hold::No => {}
+            Hold::Pending if self.queue.is_empty() && self.up_cur.skip == 0 => {
+                // In a transaction block the settings may still change when it ends
+                // (SET LOCAL, ROLLBACK): they are read again then.
+                if self.tracker.status() == b'I' {
+                    self.settings_changed = false;
+                }
+                self.hold = Hold::Snapshot;
+                self.inject_query(SNAPSHOT_QUERY, Injected::Snapshot);
+                return Ok(());
+            }
+            Hold::Correct if self.queue.is_empty() => {
+                if self.inject_resync() {
+                    self.hold = Hold::Correcting;
+                } else {
+                    self.release_hold();
+                }
+                return Ok(());
+            }
+            // pgsilo's own queries run; the client's next bytes wait for its answer.
+            _ => return Ok(()),
+        }
         if self.resetting == Resetting::Done && self.queue.is_empty() {
             self.resetting = Resetting::No;
             if self.inject_resync() {
@@ -1247,7 +1287,7 @@ impl Flow {
         let nothing_partial = self.up_cur.skip == 0 && self.down_skip == 0 && self.dpartial == 0;
         let mode_allows =
             (self.mode == PoolMode::Transaction && !self.pinned && !self.settings_changed) || self.client_gone;
-        whole && nothing_partial && mode_allows && self.tracker.is_idle()
+        whole && nothing_partial && mode_allows && self.tracker.is_idle() && self.hold == Hold::No
     }
 
     fn process_down(&mut self) -> Result<(), SessionError> {
@@ -1267,6 +1307,8 @@ impl Flow {
             resetting: &mut self.resetting,
             settings_changed: &mut self.settings_changed,
             captured: &mut self.captured,
+            may_hold: self.reset_care && !self.client_gone,
+            hold: &mut self.hold,
         };
         let was_pinned = *st.pinned;
         let r = downstream::process(buf.data(), &mut st, self.dpend.vec_mut())?;
@@ -1294,6 +1336,9 @@ impl Flow {
                 if let Some(server) = self.server.as_mut() {
                     after_sync(Arc::make_mut(&mut self.who.settings), &mut server.meta, &self.welcome);
                 }
+                if self.hold == Hold::Correcting {
+                    self.release_hold();
+                }
             }
             Some(Injected::Snapshot) => {
                 let captured = std::mem::take(&mut self.captured);
@@ -1305,6 +1350,9 @@ impl Flow {
                         &self.initial,
                         &captured,
                     );
+                }
+                if self.hold == Hold::Snapshot {
+                    self.hold = Hold::Correct;
                 }
             }
             None => {}
@@ -1478,6 +1526,13 @@ impl Flow {
         };
         self.inject_query(&sql, Injected::Resync);
         true
+    }
+
+    /// The settings are right: the client gets the ReadyForQuery it was waiting for, with
+    /// the transaction status as it is now.
+    fn release_hold(&mut self) {
+        self.hold = Hold::No;
+        backend::ready_for_query(self.dpend.vec_mut(), self.tracker.status());
     }
 
     /// Sends a query of pgsilo's own through the up slot; the queue swallows its answers.

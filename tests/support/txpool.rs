@@ -360,6 +360,27 @@ impl Msg {
         None
     }
 
+    /// Every column of a DataRow, as text ("NULL" for null).
+    pub fn values(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.tag != b'D' || self.body.len() < 2 {
+            return out;
+        }
+        let n = u16::from_be_bytes([self.body[0], self.body[1]]);
+        let mut at = 2;
+        for _ in 0..n {
+            let len = i32::from_be_bytes(self.body[at..at + 4].try_into().unwrap());
+            at += 4;
+            if len < 0 {
+                out.push("NULL".into());
+            } else {
+                out.push(String::from_utf8_lossy(&self.body[at..at + len as usize]).into_owned());
+                at += len as usize;
+            }
+        }
+        out
+    }
+
     /// The first column of a DataRow, as text.
     pub fn first_value(&self) -> Option<String> {
         if self.tag != b'D' {
@@ -472,6 +493,9 @@ pub mod fe {
 pub struct Wire {
     s: TcpStream,
     buf: Vec<u8>,
+    /// Every ParameterStatus received, latest value per name: what libpq's
+    /// PQparameterStatus would answer.
+    pub reported: std::collections::BTreeMap<String, String>,
 }
 
 impl Wire {
@@ -483,7 +507,11 @@ impl Wire {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to pgsilo");
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         s.set_nodelay(true).unwrap();
-        let mut w = Wire { s, buf: Vec::new() };
+        let mut w = Wire {
+            s,
+            buf: Vec::new(),
+            reported: Default::default(),
+        };
         let mut body = 196_608u32.to_be_bytes().to_vec();
         for (k, v) in [("user", user), ("database", db)].iter().chain(params.iter()) {
             body.extend_from_slice(k.as_bytes());
@@ -562,6 +590,12 @@ impl Wire {
                     let body = self.buf[5..1 + len].to_vec();
                     let tag = self.buf[0];
                     self.buf.drain(..1 + len);
+                    if tag == b'S' {
+                        let mut parts = body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
+                        if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+                            self.reported.insert(k, v);
+                        }
+                    }
                     return Msg { tag, body };
                 }
             }
