@@ -227,6 +227,11 @@ async fn server_login_retry_holds_attempts_back_and_clients_resume() {
 
     cluster.stop();
     let down = Instant::now();
+    // The pooled server was released moments ago: pgsilo hands out a server released
+    // less than 100 ms before without a liveness peek (a system call per transaction
+    // saved), and a client would hear that server's own goodbye (57P01) instead. This
+    // test is about a new connection failing, so it waits that window out.
+    tokio::time::sleep(Duration::from_millis(150)).await;
 
     // The client whose connection attempt fails hears why, at once: not a hang.
     let c = silo

@@ -131,6 +131,41 @@ fn deallocate_transcript(port: u16) -> Vec<String> {
         "name reused",
         vec![fe::parse("s5", "select 55"), fe::bind_exec("s5", &[]), fe::sync()],
     );
+    // The extended protocol, as psycopg sends it in pipeline mode.
+    let extended = |sql: &str| vec![fe::parse("", sql), fe::bind("", "", &[]), fe::execute(""), fe::sync()];
+    step(
+        &mut c,
+        &mut other,
+        "prepare s6, s7",
+        vec![fe::parse("s6", "select 6"), fe::parse("s7", "select 7"), fe::sync()],
+    );
+    step(&mut c, &mut other, "extended deallocate", extended("DEALLOCATE s6"));
+    step(
+        &mut c,
+        &mut other,
+        "s6 gone",
+        vec![fe::bind_exec("s6", &[]), fe::sync()],
+    );
+    step(&mut c, &mut other, "extended, unknown name", extended("DEALLOCATE s6"));
+    step(
+        &mut c,
+        &mut other,
+        "failed transaction again",
+        vec![fe::query("BEGIN; select 1/0")],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "extended deallocate in it",
+        extended("deallocate s7"),
+    );
+    step(&mut c, &mut other, "rollback again", vec![fe::query("ROLLBACK")]);
+    step(
+        &mut c,
+        &mut other,
+        "s7 still there",
+        vec![fe::bind_exec("s7", &[]), fe::sync()],
+    );
     step(&mut c, &mut other, "deallocate all", vec![fe::query("DEALLOCATE ALL")]);
     step(
         &mut c,
@@ -201,6 +236,16 @@ fn psycopg_system_libpq_thousand_statements_prepared_max_2_transaction_mode() {
 #[test]
 fn psycopg_system_libpq_thousand_statements_prepared_max_2_session_mode() {
     psycopg_scenario("session", "many", "2");
+}
+
+#[test]
+fn psycopg_pipeline_evicts_with_extended_deallocate_transaction_mode() {
+    psycopg_scenario("transaction", "pipeline", "1");
+}
+
+#[test]
+fn psycopg_pipeline_evicts_with_extended_deallocate_session_mode() {
+    psycopg_scenario("session", "pipeline", "2");
 }
 
 #[test]

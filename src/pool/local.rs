@@ -206,6 +206,24 @@ impl LocalPool {
         }
     }
 
+    /// A server only if one is free now: idle on this worker, or room under the caps to
+    /// open one. None when clients already wait, the pool is full or paused, or a new
+    /// connection fails (the caller goes on without a server; whoever needs one next
+    /// waits as usual).
+    pub async fn acquire_if_free(self: &Rc<Self>) -> Option<ServerConn> {
+        loop {
+            match self.grant_now()? {
+                // Always peeked: unlike a client's query, which would hear a dead server's
+                // last words at once, a login would keep it for later.
+                Grant::Server(conn) if !conn.is_alive() => {
+                    self.close(conn, "server conn crashed or was terminated while idle");
+                }
+                Grant::Server(conn) => return self.checked(conn, true).await,
+                Grant::Slot => return self.open().await.ok(),
+            }
+        }
+    }
+
     /// The common case, without a future: an idle server on this worker that needs no
     /// check query. None sends the caller to [`LocalPool::acquire`].
     pub fn try_acquire_now(&self) -> Option<ServerConn> {

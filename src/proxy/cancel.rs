@@ -95,6 +95,24 @@ impl CancelRegistry {
         }
     }
 
+    /// Registers a client under the process id of the server it is bound to for its whole
+    /// session, so the client's BackendKeyData, pg_backend_pid() and notifications'
+    /// process ids agree. None if another client holds that key (a random one of
+    /// pgsilo's, or a server of another database with the same pid).
+    pub fn register_as(&self, pid: u32) -> Option<Arc<CancelSlot>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if pid == 0 || pid > 0x7fff_ffff || slots.contains_key(&pid) {
+            return None;
+        }
+        let slot = Arc::new(CancelSlot {
+            secret: rand::random(),
+            target: Mutex::new(None),
+            in_flight: AtomicU32::new(0),
+        });
+        slots.insert(pid, slot.clone());
+        Some(slot)
+    }
+
     pub fn unregister(&self, pid: u32) {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
     }

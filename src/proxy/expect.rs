@@ -45,6 +45,17 @@ pub enum Expect {
     NamedBind {
         hash: StmtHash,
     },
+    /// pgsilo's Parse of a throwaway statement for a rewritten DEALLOCATE; its
+    /// ParseComplete is swallowed.
+    ScratchParse,
+    /// The client's unnamed Parse of `DEALLOCATE name`, rewritten to deallocate a
+    /// throwaway statement instead (see `upstream::rewrite_dealloc_parse`); the name comes
+    /// back if the server does not take it.
+    DeallocParse {
+        prev: Option<u64>,
+        client_name: Box<[u8]>,
+        def: Rc<StmtDef>,
+    },
     /// A simple Query in which pgsilo rewrote the client's DEALLOCATEs of its own
     /// statements (see `upstream::rewrite_deallocates`).
     DeallocQuery(Box<DeallocPlan>),
@@ -115,6 +126,8 @@ impl Expect {
             Expect::Forward(k) => *k,
             Expect::NamedParse { .. }
             | Expect::InjectedParse { .. }
+            | Expect::ScratchParse
+            | Expect::DeallocParse { .. }
             | Expect::UnnamedParse { .. }
             | Expect::InjectedUnnamed { .. } => Kind::Parse,
             Expect::InjectedQuery(_) | Expect::DeallocQuery(_) => Kind::Query,
@@ -129,6 +142,7 @@ impl Expect {
         matches!(
             self,
             Expect::InjectedParse { .. }
+                | Expect::ScratchParse
                 | Expect::InjectedClose { .. }
                 | Expect::InjectedUnnamed { .. }
                 | Expect::InjectedQuery(_)
@@ -168,10 +182,15 @@ impl Expect {
             Expect::UnnamedParse { prev } | Expect::InjectedUnnamed { prev } => {
                 server.unnamed_stmt = if skipped { prev } else { None };
             }
+            Expect::DeallocParse { prev, client_name, def } => {
+                server.unnamed_stmt = if skipped { prev } else { None };
+                client.insert(&client_name, def);
+            }
             Expect::SynthClose { def: None, .. }
             | Expect::SynthError(_)
             | Expect::Forward(_)
             | Expect::NamedBind { .. }
+            | Expect::ScratchParse
             | Expect::InjectedQuery(_) => {}
         }
     }

@@ -13,9 +13,9 @@ use super::cancel::{send_cancel, CancelSlot};
 use super::params::{after_sync, initial_settings, sync_statement};
 use super::SessionError;
 use crate::auth::{verify_cleartext, verify_md5_response, ScramSecret, ScramServer, Secret};
-use crate::config::{AuthType, Config, Userlist};
+use crate::config::{AuthType, Config, PoolMode, Userlist};
 use crate::metrics::{ConnEntry, Registered, CLIENTS};
-use crate::pool::{Credential, LocalPool, ServerTarget, Settings};
+use crate::pool::{Credential, LocalPool, ServerConn, ServerTarget, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::framing::read_cstr;
 use crate::protocol::io::{read_at_least, read_message, write_out};
@@ -42,6 +42,9 @@ pub struct LoggedIn {
     pub cancel: Arc<CancelSlot>,
     /// This client's row in SHOW CLIENTS.
     pub entry: Registered,
+    /// Session mode: the server bound to the client at login, whose process id the
+    /// client was given.
+    pub bound: Option<ServerConn>,
 }
 
 pub struct AdminLogin {
@@ -221,7 +224,24 @@ pub async fn login(
     .await?;
     let welcome = pool.shared.welcome().unwrap_or_default();
 
-    let (cancel_pid, cancel) = ctx.instance.cancels.register();
+    // Session mode, as a direct connection: when a server is free, the client has it from
+    // login on and is told its real process id (BackendKeyData, so pg_backend_pid() and
+    // notifications' pids agree); cancels still go through pgsilo, under pgsilo's key.
+    let bound = if pool.shared.mode == PoolMode::Session {
+        pool.acquire_if_free().await
+    } else {
+        None
+    };
+    let registered = bound.as_ref().and_then(|conn| {
+        Some((
+            conn.meta.backend_pid,
+            ctx.instance.cancels.register_as(conn.meta.backend_pid)?,
+        ))
+    });
+    let (cancel_pid, cancel) = match registered {
+        Some(r) => r,
+        None => ctx.instance.cancels.register(),
+    };
     backend::auth_ok(&mut out);
     for (name, value) in welcome.iter() {
         let value = settings.get(name).unwrap_or(value);
@@ -237,6 +257,10 @@ pub async fn login(
     let (res, _) = write_out(stream, out).await;
     if let Err(e) = res {
         ctx.instance.cancels.unregister(cancel_pid);
+        if let Some(conn) = bound {
+            // Nothing ran on it.
+            pool.release(conn, true);
+        }
         return Err(SessionError::ClientGone(e));
     }
     if general.log_connections {
@@ -254,6 +278,7 @@ pub async fn login(
         cancel_pid,
         cancel,
         entry,
+        bound,
     }))
 }
 

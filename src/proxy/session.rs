@@ -285,7 +285,7 @@ struct Flow {
     tally: Tally,
 }
 
-pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Result<(), SessionError> {
+pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, mut who: LoggedIn) -> Result<(), SessionError> {
     let config = ctx.instance.config();
     let g = &config.general;
     let pkt_buf = g.pkt_buf.max(1024);
@@ -295,6 +295,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         .settings
         .entries()
         .any(|(lower, _, value)| welcome.get_lower(lower) != Some(value));
+    let bound = who.bound.take();
     let (c_rd, c_wr) = stream.into_split();
     WorkerPoolStats::add(&who.pool.stats().clients, 1);
     who.entry.entry.set_state(ConnState::Active);
@@ -359,7 +360,15 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, who: LoggedIn) -> Resu
         who,
     };
     drop(config);
-    let result = flow.serve().await;
+    let result = match bound {
+        // Bound at login (session mode): the client's settings go on it first.
+        Some(conn) => Box::pin(flow.sync_then_plug(conn)).await,
+        None => Ok(()),
+    };
+    let result = match result {
+        Ok(()) => flow.serve().await,
+        Err(e) => Err(e),
+    };
     flow.finish_tally();
     if let Err(e) = &result {
         if let (Some((code, message)), Some(mut wr)) = (e.client_error(), flow.c_wr.take()) {

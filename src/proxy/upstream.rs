@@ -15,7 +15,7 @@ use super::tx_tracker::TxTracker;
 use crate::pool::prepared::{invalidated_at, stamp};
 use crate::pool::ServerMeta;
 use crate::protocol::backend::{error_response, message, Severity};
-use crate::protocol::framing::{Header, HEADER_LEN};
+use crate::protocol::framing::{read_cstr, Header, HEADER_LEN};
 use crate::protocol::{ProtocolError, SqlState};
 
 /// PostgreSQL refuses larger messages from clients (PQ_LARGE_MESSAGE_LIMIT).
@@ -179,7 +179,16 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
             b'P' if ps => {
                 let body = &data[at + HEADER_LEN..end];
                 let (name, def_body) = split_parse(body).ok_or(ProtocolError::Malformed("Parse"))?;
-                if name.is_empty() {
+                if name.is_empty() && mentions_deallocate(def_body) {
+                    st.tracker.client_message(h.tag);
+                    e.start_copying(at);
+                    if !rewrite_dealloc_parse(def_body, st, e.out) {
+                        let prev = st.server.unnamed_stmt;
+                        st.server.unnamed_stmt = Some(st.unnamed.set(def_body));
+                        st.queue.push(Expect::UnnamedParse { prev });
+                        e.out.extend_from_slice(&data[at..end]);
+                    }
+                } else if name.is_empty() {
                     st.tracker.client_message(h.tag);
                     let prev = st.server.unnamed_stmt;
                     st.server.unnamed_stmt = Some(st.unnamed.set(def_body));
@@ -438,6 +447,54 @@ fn prepare_copy(def: &StmtDef, st: &mut UpState, out: &mut Vec<u8>) {
     write_parse(out, def);
     // Shared only once the transaction it is made in is known not to have rolled back.
     st.server.prepared.made_provisionally(def.hash);
+}
+
+/// An unnamed Parse of `DEALLOCATE name` for a statement the client prepared with the
+/// protocol (psycopg in pipeline mode on libpq before 17 evicts this way): pgsilo first
+/// prepares a throwaway statement, and the client's Parse deallocates that instead, so
+/// the client's Bind and Execute get PostgreSQL's own answers. Writes both Parses and
+/// returns true, or writes nothing and returns false when the text is anything else.
+fn rewrite_dealloc_parse(def_body: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> bool {
+    let Some((text, at)) = read_cstr(def_body, 0) else {
+        return false;
+    };
+    // No parameters: DEALLOCATE takes none.
+    if def_body[at..] != [0, 0] {
+        return false;
+    }
+    let backslash_quotes = st.server.settings.get("standard_conforming_strings") == Some("off");
+    let stmts = match split_statements(text, backslash_quotes) {
+        Some(r) if r.len() == 1 => r,
+        _ => return false,
+    };
+    let Some(Deallocate::Name(name)) = parse_deallocate(&text[stmts[0].clone()]) else {
+        return false;
+    };
+    let Some(client) = st.statements.as_deref_mut() else {
+        return false;
+    };
+    let Some(def) = client.get(&name).cloned() else {
+        return false;
+    };
+    client.remove(&name);
+    st.server.scratch_seq = st.server.scratch_seq.wrapping_add(1);
+    let scratch = format!("pgsilo_d{}", st.server.scratch_seq);
+    message(out, b'P', |b| {
+        b.extend_from_slice(scratch.as_bytes());
+        b.extend_from_slice(b"\0SELECT\0\0\0");
+    });
+    st.queue.push(Expect::ScratchParse);
+    let mut body = format!("DEALLOCATE {scratch}").into_bytes();
+    body.extend_from_slice(&[0, 0, 0]);
+    write_unnamed_parse(out, &body);
+    let prev = st.server.unnamed_stmt;
+    st.server.unnamed_stmt = Some(st.unnamed.set(&body));
+    st.queue.push(Expect::DeallocParse {
+        prev,
+        client_name: name.into(),
+        def,
+    });
+    true
 }
 
 /// A simple Query that DEALLOCATEs statements the client prepared with the protocol:

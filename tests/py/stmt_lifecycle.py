@@ -11,6 +11,9 @@ is what these scenarios need to exercise; the script refuses to run on a newer l
 Scenarios:
   many   1,000 distinct statements with prepared_max = 2, autocommit and in
          transactions: every eviction is a DEALLOCATE of a protocol-level statement.
+  pipeline
+         the same in pipeline mode, where psycopg sends DEALLOCATE with the extended
+         protocol (Parse, Bind, Execute).
   alter, type, own
          statements shared between clients across schema changes made on a direct
          connection (ALTER TABLE ADD COLUMN, DROP/CREATE TYPE), and a client's own
@@ -72,6 +75,19 @@ def many():
         print(f"1000 distinct statements, prepared_max=2, autocommit={autocommit}: ok", flush=True)
 
 
+def pipeline():
+    # In pipeline mode psycopg sends its DEALLOCATEs with the extended protocol.
+    with connect(autocommit=True, prepare_threshold=0) as conn:
+        conn.prepared_max = 2
+        for rnd in range(3):
+            with conn.pipeline():
+                curs = [conn.execute(f"SELECT {i} * {rnd + 1} + %s::int", (1,)) for i in range(300)]
+            for i, cur in enumerate(curs):
+                r = cur.fetchone()
+                check(r == (i * (rnd + 1) + 1,), f"pipelined statement {i}, round {rnd}: {r}")
+    print("300 distinct statements in a pipeline, prepared_max=2: ok", flush=True)
+
+
 def setup():
     admin("DROP TABLE IF EXISTS st_items; DROP TYPE IF EXISTS st_mood; DROP TYPE IF EXISTS st_mood2")
     admin("CREATE TABLE st_items (a int); INSERT INTO st_items VALUES (1)")
@@ -130,7 +146,7 @@ def own():
         print(f"stale statement of a client: {failures} error(s), then fine", flush=True)
 
 
-if scenario != "many":
+if scenario not in ("many", "pipeline"):
     setup()
-{"many": many, "alter": alter, "type": retype, "own": own}[scenario]()
+{"many": many, "pipeline": pipeline, "alter": alter, "type": retype, "own": own}[scenario]()
 print(f"{scenario}: all {checks} checks passed", flush=True)

@@ -496,6 +496,8 @@ pub struct Wire {
     /// Every ParameterStatus received, latest value per name: what libpq's
     /// PQparameterStatus would answer.
     pub reported: std::collections::BTreeMap<String, String>,
+    /// BackendKeyData: (process id, secret key).
+    pub key: Option<(u32, u32)>,
 }
 
 impl Wire {
@@ -511,6 +513,7 @@ impl Wire {
             s,
             buf: Vec::new(),
             reported: Default::default(),
+            key: None,
         };
         let mut body = 196_608u32.to_be_bytes().to_vec();
         for (k, v) in [("user", user), ("database", db)].iter().chain(params.iter()) {
@@ -590,6 +593,10 @@ impl Wire {
                     let body = self.buf[5..1 + len].to_vec();
                     let tag = self.buf[0];
                     self.buf.drain(..1 + len);
+                    if tag == b'K' && body.len() == 8 {
+                        let word = |i: usize| u32::from_be_bytes(body[i..i + 4].try_into().unwrap());
+                        self.key = Some((word(0), word(4)));
+                    }
                     if tag == b'S' {
                         let mut parts = body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
                         if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
@@ -642,6 +649,20 @@ impl Wire {
 
     pub fn close(mut self) {
         let _ = self.s.write_all(&fe::terminate());
+    }
+
+    /// Sends a CancelRequest with this connection's BackendKeyData to `port`, as libpq's
+    /// PQcancel does: on a connection of its own, which the other side closes.
+    pub fn cancel_via(&self, port: u16) {
+        let (pid, secret) = self.key.expect("no BackendKeyData");
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect for cancel");
+        let mut m = 16u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&80877102u32.to_be_bytes());
+        m.extend_from_slice(&pid.to_be_bytes());
+        m.extend_from_slice(&secret.to_be_bytes());
+        c.write_all(&m).expect("send CancelRequest");
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
     }
 }
 
