@@ -25,6 +25,7 @@ use pgsilo::protocol::framing::{scan, Scan};
 use pgsilo::proxy::downstream::{self, DownState, Hold, Resetting};
 use pgsilo::proxy::expect::{Expect, ExpectQueue, Kind};
 use pgsilo::proxy::prepared::{ClientStatements, StmtDef, UnnamedStmt};
+use pgsilo::proxy::retry::StaleRetry;
 use pgsilo::proxy::tx_tracker::TxTracker;
 use pgsilo::proxy::upstream::{self, UpCursor, UpState};
 
@@ -180,6 +181,7 @@ struct Session {
     pinned: bool,
     resetting: Resetting,
     hold: Hold,
+    retry: StaleRetry,
     settings_changed: bool,
     captured: Vec<(String, String)>,
     up_out: Vec<u8>,
@@ -204,6 +206,7 @@ impl Session {
             pinned: false,
             resetting: Resetting::No,
             hold: Hold::No,
+            retry: StaleRetry::default(),
             settings_changed: false,
             captured: Vec::new(),
             up_out: Vec::with_capacity(4096),
@@ -225,6 +228,7 @@ impl Session {
             unnamed: &mut self.unnamed,
             server: &mut self.server,
             max_prepared: 200,
+            retry: &mut self.retry,
         };
         upstream::process(data, &mut st, &mut self.up_out).expect("upstream::process")
     }
@@ -246,6 +250,7 @@ impl Session {
             captured: &mut self.captured,
             may_hold: false,
             hold: &mut self.hold,
+            retry: &mut self.retry,
         };
         downstream::process(data, &mut st, &mut self.down_out).expect("downstream::process")
     }

@@ -6,7 +6,7 @@
 
 mod support;
 
-use support::txpool::{fe, Msg, Pgsilo, Wire};
+use support::txpool::{fe, run_py, Msg, Pgsilo, Wire};
 use support::PgCluster;
 
 const USER: &str = "scram_user";
@@ -169,4 +169,36 @@ fn reset_and_reported_settings_as_directly_transaction_mode() {
 #[test]
 fn reset_and_reported_settings_as_directly_session_mode() {
     like_direct("session");
+}
+
+/// The same through libpq, as applications see it: psycopg's conn.info.parameter_status
+/// and SHOW, directly and through pgsilo.
+fn libpq_like_direct(mode: &str) {
+    let cluster = PgCluster::start();
+    let direct = run_py(
+        "reported_settings.py",
+        &[&cluster.conn_string(USER, "scram_pass", DB)],
+        120,
+    );
+    let pool = if mode == "session" { "2" } else { "1" };
+    let silo = Pgsilo::start(
+        &cluster,
+        &[("pool_mode", &format!("\"{mode}\"")), ("default_pool_size", pool)],
+    );
+    let pooled = run_py("reported_settings.py", &[&silo.conninfo(USER, DB)], 120);
+    assert!(!direct.contains("DISAGREE"), "directly:\n{direct}");
+    assert_eq!(
+        pooled, direct,
+        "{mode} mode: what libpq reports differs from a direct connection"
+    );
+}
+
+#[test]
+fn libpq_reports_the_clients_settings_after_reset_transaction_mode() {
+    libpq_like_direct("transaction");
+}
+
+#[test]
+fn libpq_reports_the_clients_settings_after_reset_session_mode() {
+    libpq_like_direct("session");
 }

@@ -278,6 +278,16 @@ fn shared_statements_after_own_statement_from_before_a_migration_session_mode() 
     psycopg_scenario("session", "own", "2");
 }
 
+#[test]
+fn stale_statement_in_a_transaction_block_fails_once_transaction_mode() {
+    psycopg_scenario("transaction", "own_block", "1");
+}
+
+#[test]
+fn stale_statement_in_a_transaction_block_fails_as_directly_session_mode() {
+    psycopg_scenario("session", "own_block", "2");
+}
+
 /// B prepares a statement whose parameter type is an enum; A, inside a savepoint,
 /// replaces the type and prepares the same text (PostgreSQL fixes the parameter's type
 /// OID in a statement), then rolls back to the savepoint. Directly, B's statement still

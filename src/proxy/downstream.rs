@@ -4,6 +4,7 @@
 
 use super::expect::{Disposition, ExpectQueue};
 use super::prepared::ClientStatements;
+use super::retry::StaleRetry;
 use super::tx_tracker::TxTracker;
 use crate::metrics::ERRORS;
 use crate::pool::prepared::invalidate;
@@ -70,6 +71,7 @@ pub struct DownState<'a> {
     /// settings PostgreSQL's own RESET would not return to, and is still there.
     pub may_hold: bool,
     pub hold: &'a mut Hold,
+    pub retry: &'a mut StaleRetry,
 }
 
 impl DownState<'_> {
@@ -185,6 +187,7 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
             break;
         }
         let body = &data[at + HEADER_LEN..at + h.total().min(have)];
+        let mut stale: Option<crate::pool::prepared::StmtHash> = None;
         if h.tag == b'D' && whole && st.queue.capturing() {
             if let Some(row) = text_pair(body) {
                 st.captured.push(row);
@@ -218,6 +221,7 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
                             // made before now is used again, on any server.
                             invalidate(hash);
                             st.server.prepared.spoil(hash);
+                            stale = Some(hash);
                             log::info!(
                                 "S-{}: a shared prepared statement is stale after a schema change; it is prepared again on next use",
                                 st.server.id
@@ -231,6 +235,19 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
         }
         st.synth.clear();
         let mut disposition = st.queue.server_message(h.tag, st.statements, st.server, st.synth);
+        // A request that failed only on a stale copy, with nothing else in flight: the
+        // error and its ReadyForQuery are pgsilo's business; the request goes again.
+        if let Some(hash) = stale {
+            if st.retry.armed_for(hash) && st.queue.len() == 1 {
+                st.retry.retrying();
+                disposition = Disposition::Swallow;
+            }
+        } else if h.tag == b'Z' && st.retry.is_retrying() {
+            st.retry.attempt_over();
+            disposition = Disposition::Swallow;
+        } else if h.tag == b'Z' && disposition == Disposition::Forward {
+            st.retry.answered();
+        }
         // The client's request ran SET, RESET or DISCARD ALL and nothing else is in
         // flight: its ReadyForQuery waits until the settings are known to be right. Not
         // in a failed transaction, where pgsilo's own query could not run.
@@ -306,6 +323,7 @@ mod tests {
         captured: Vec<(String, String)>,
         may_hold: bool,
         hold: Hold,
+        retry: StaleRetry,
     }
 
     impl Fixture {
@@ -325,6 +343,7 @@ mod tests {
                 captured: Vec::new(),
                 may_hold: true,
                 hold: Hold::No,
+                retry: StaleRetry::default(),
             }
         }
 
@@ -344,6 +363,7 @@ mod tests {
                 captured: &mut self.captured,
                 may_hold: self.may_hold,
                 hold: &mut self.hold,
+                retry: &mut self.retry,
             };
             process(data, &mut st, out).unwrap()
         }

@@ -8,6 +8,7 @@ pub mod expect;
 pub mod login;
 pub mod params;
 pub mod prepared;
+pub mod retry;
 pub mod session;
 pub mod sql_scan;
 pub mod tx_tracker;

@@ -28,6 +28,7 @@ use super::expect::{Expect, ExpectQueue, Injected, Kind};
 use super::login::LoggedIn;
 use super::params::{after_sync, apply_snapshot, sync_statement, SNAPSHOT_QUERY};
 use super::prepared::{ClientStatements, UnnamedStmt};
+use super::retry::StaleRetry;
 use super::tx_tracker::TxTracker;
 use super::upstream::{self, UpCursor, UpState};
 use super::SessionError;
@@ -259,6 +260,8 @@ struct Flow {
     /// RESET or DISCARD ALL waits until pgsilo has put them right.
     reset_care: bool,
     hold: Hold,
+    /// A request that failed on a stale shared statement, to be sent again.
+    retry: StaleRetry,
     captured: Vec<(String, String)>,
     signal: Rc<SessionSignal>,
     /// Shutting down: end the session at the first moment no transaction is open.
@@ -337,6 +340,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, mut who: LoggedIn) -> 
         settings_changed: false,
         reset_care,
         hold: Hold::No,
+        retry: StaleRetry::default(),
         captured: Vec::new(),
         signal: ctx.sessions.add(&who.database),
         draining: false,
@@ -420,6 +424,7 @@ impl Flow {
             && self.dpend.is_empty()
             && self.rollback_deadline.is_none()
             && self.hold == Hold::No
+            && !self.retry.busy()
             && self.c_rd.is_some()
             && self.c_wr.is_some()
             && self.ubuf.as_ref().is_some_and(|b| b.is_empty())
@@ -431,6 +436,7 @@ impl Flow {
     /// buffer from the worker's pool.
     async fn idle_wait(&mut self) -> Result<(), SessionError> {
         self.park_buffers();
+        self.retry.park();
         let mut timer = self
             .timeouts
             .client_idle
@@ -987,6 +993,13 @@ impl Flow {
             }
             self.up_blocked = false;
         }
+        if self.retry.busy() {
+            if self.queue.is_empty() {
+                self.replay()?;
+            }
+            // The failed attempt is still being answered; the client's bytes wait.
+            return Ok(());
+        }
         match self.hold {
             Hold::No => {}
             Hold::Pending if self.queue.is_empty() && self.up_cur.skip == 0 => {
@@ -1105,6 +1118,7 @@ impl Flow {
             unnamed: &mut self.unnamed,
             server: &mut server.meta,
             max_prepared: self.max_prepared,
+            retry: &mut self.retry,
         };
         let r = upstream::process(buf.data(), &mut st, out.vec_mut())?;
         if r.terminate {
@@ -1296,7 +1310,7 @@ impl Flow {
         let nothing_partial = self.up_cur.skip == 0 && self.down_skip == 0 && self.dpartial == 0;
         let mode_allows =
             (self.mode == PoolMode::Transaction && !self.pinned && !self.settings_changed) || self.client_gone;
-        whole && nothing_partial && mode_allows && self.tracker.is_idle() && self.hold == Hold::No
+        whole && nothing_partial && mode_allows && self.tracker.is_idle() && self.hold == Hold::No && !self.retry.busy()
     }
 
     fn process_down(&mut self) -> Result<(), SessionError> {
@@ -1318,6 +1332,7 @@ impl Flow {
             captured: &mut self.captured,
             may_hold: self.reset_care && !self.client_gone,
             hold: &mut self.hold,
+            retry: &mut self.retry,
         };
         let was_pinned = *st.pinned;
         let r = downstream::process(buf.data(), &mut st, self.dpend.vec_mut())?;
@@ -1535,6 +1550,44 @@ impl Flow {
         };
         self.inject_query(&sql, Injected::Resync);
         true
+    }
+
+    /// Sends again the request that failed on a stale shared statement: processed afresh
+    /// (the statement is now prepared anew first), written from pgsilo's output buffer.
+    fn replay(&mut self) -> Result<(), SessionError> {
+        let Some(bytes) = self.retry.take_replay() else {
+            return Ok(());
+        };
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let out = self.uout.get_or_insert_with(|| MsgBuf::with_capacity(0));
+        out.clear();
+        let mut st = UpState {
+            cur: &mut self.up_cur,
+            tracker: &mut self.tracker,
+            queue: &mut self.queue,
+            statements: if self.track_statements {
+                Some(&mut self.statements)
+            } else {
+                None
+            },
+            unnamed: &mut self.unnamed,
+            server: &mut server.meta,
+            max_prepared: self.max_prepared,
+            retry: &mut self.retry,
+        };
+        let r = upstream::process(&bytes, &mut st, out.vec_mut())?;
+        if r.zero_copy {
+            out.extend_from_slice(&bytes[..r.consumed]);
+        }
+        log::info!(
+            "C-{}: request ran on a stale shared statement; sent again after preparing it afresh",
+            self.who.id
+        );
+        self.retry.recycle(bytes);
+        self.up_write = Some(UpWrite::Copy(0));
+        Ok(())
     }
 
     /// The settings are right: the client gets the ReadyForQuery it was waiting for, with

@@ -10,9 +10,10 @@ use super::prepared::{
     bind_statement, split_parse, target, write_bind_prefix, write_close_statement, write_describe_statement,
     write_parse, write_unnamed_parse, ClientStatements, StmtDef, UnnamedStmt,
 };
+use super::retry::StaleRetry;
 use super::sql_scan::{mentions_deallocate, parse_deallocate, split_statements, Deallocate};
 use super::tx_tracker::TxTracker;
-use crate::pool::prepared::{invalidated_at, stamp};
+use crate::pool::prepared::{invalidated_at, stamp, StmtHash};
 use crate::pool::ServerMeta;
 use crate::protocol::backend::{error_response, message, Severity};
 use crate::protocol::framing::{read_cstr, Header, HEADER_LEN};
@@ -78,6 +79,7 @@ pub struct UpState<'a> {
     pub unnamed: &'a mut UnnamedStmt,
     pub server: &'a mut ServerMeta,
     pub max_prepared: usize,
+    pub retry: &'a mut StaleRetry,
 }
 
 /// The outcome of processing a chunk.
@@ -154,8 +156,11 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
         let have = data.len() - at;
         let whole = have >= h.total();
         let end = at + h.total().min(have);
+        let idle_before = st.tracker.is_idle();
+        let mut bound: Option<StmtHash> = None;
 
         if st.queue.skipping {
+            st.retry.stop();
             if h.tag == b'S' {
                 st.queue.skipping = false;
             } else {
@@ -229,6 +234,7 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                         write_bind_prefix(e.out, h.len, prefix, name_at, name_end, &def);
                         e.out.extend_from_slice(&prefix[name_end..]);
                         st.queue.push(Expect::NamedBind { hash: def.hash });
+                        bound = Some(def.hash);
                     }
                     None => {
                         if name.is_empty() {
@@ -339,6 +345,8 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                 }
             }
         }
+        st.retry
+            .observe(h.tag, whole.then(|| &data[at..end]), bound, idle_before);
         at = end;
         if !whole {
             break;
@@ -556,6 +564,7 @@ mod tests {
         stmts: ClientStatements,
         unnamed: UnnamedStmt,
         server: ServerMeta,
+        retry: StaleRetry,
     }
 
     impl Fixture {
@@ -567,6 +576,7 @@ mod tests {
                 stmts: ClientStatements::default(),
                 unnamed: UnnamedStmt::default(),
                 server: ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1),
+                retry: StaleRetry::default(),
             }
         }
 
@@ -580,6 +590,7 @@ mod tests {
                 unnamed: &mut self.unnamed,
                 server: &mut self.server,
                 max_prepared: 200,
+                retry: &mut self.retry,
             };
             let r = process(data, &mut st, &mut out).unwrap();
             (r, out)

@@ -14,7 +14,7 @@ Scenarios:
   pipeline
          the same in pipeline mode, where psycopg sends DEALLOCATE with the extended
          protocol (Parse, Bind, Execute).
-  alter, type, own
+  alter, type, own, own_block
          statements shared between clients across schema changes made on a direct
          connection (ALTER TABLE ADD COLUMN, DROP/CREATE TYPE), and a client's own
          statement from before a migration; with a pool smaller than the clients.
@@ -122,31 +122,41 @@ def retype():
     print("DROP TYPE / CREATE TYPE between clients: ok", flush=True)
 
 
-def own():
-    """A client whose own statement predates a migration gets PostgreSQL's error.
-    Directly (and in session mode, where the statement is the client's own on its own
-    server) it gets it every time; under transaction pooling, where the server's copy is
-    pgsilo's, at most once, and never again for that text."""
-    with connect(autocommit=True, prepare_threshold=0) as a:
+def own(in_block=False):
+    """A client whose own statement predates a migration. Directly (and in session mode,
+    where the statement is the client's own on its own server) PostgreSQL rejects it
+    every time, until psycopg deallocates it after a ROLLBACK. Under transaction pooling the server's copy is pgsilo's: outside a
+    transaction block the request is sent again on a fresh copy and the client sees no
+    error; inside one the client gets the error once (its transaction has failed), and
+    never again for that text."""
+    with connect(autocommit=not in_block, prepare_threshold=0) as a:
         r = a.execute("SELECT * FROM st_items").fetchone()
         check(r == (1,), f"before the migration: {r}")
+        if in_block:
+            a.commit()
         admin("ALTER TABLE st_items ADD COLUMN c int DEFAULT 3")
         failures = 0
         for i in range(4):
             try:
                 r = a.execute("SELECT * FROM st_items").fetchone()
                 check(r == (1, 3), f"after the migration, round {i}: {r}")
+                if in_block:
+                    a.commit()
             except errors.FeatureNotSupported as e:
                 failures += 1
-                check(i == 0 or pool_mode == "session", f"stale statement failed again in round {i}: {e}")
-        check(failures == 4 or pool_mode != "session", f"session mode: {failures} errors, directly 4")
+                if in_block:
+                    a.rollback()
+                check(i == 0 or (pool_mode == "session" and not in_block), f"stale statement failed in round {i}: {e}")
+        # psycopg deallocates everything after a ROLLBACK: directly, a block fails once.
+        want = 1 if in_block else (4 if pool_mode == "session" else 0)
+        check(failures == want, f"{failures} errors, want {want}")
         with connect(autocommit=True, prepare_threshold=0) as b:
             r = b.execute("SELECT * FROM st_items").fetchone()
             check(r == (1, 3), f"another client after the migration: {r}")
-        print(f"stale statement of a client: {failures} error(s), then fine", flush=True)
+        print(f"stale statement of a client (in a block: {in_block}): {failures} error(s)", flush=True)
 
 
 if scenario not in ("many", "pipeline"):
     setup()
-{"many": many, "pipeline": pipeline, "alter": alter, "type": retype, "own": own}[scenario]()
+{"many": many, "pipeline": pipeline, "alter": alter, "type": retype, "own": own, "own_block": lambda: own(True)}[scenario]()
 print(f"{scenario}: all {checks} checks passed", flush=True)
