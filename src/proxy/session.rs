@@ -1101,26 +1101,18 @@ impl Flow {
     /// Runs the up-direction processing over buffered client bytes for the attached
     /// server and decides what to write.
     fn process_up(&mut self) -> Result<(), SessionError> {
-        let (Some(buf), Some(server)) = (self.ubuf.as_ref(), self.server.as_mut()) else {
+        if self.server.is_none() {
+            return Ok(());
+        }
+        let Some(buf) = self.ubuf.take() else {
             return Ok(());
         };
-        let out = self.uout.get_or_insert_with(|| MsgBuf::with_capacity(0));
+        let mut out = self.uout.take().unwrap_or_else(|| MsgBuf::with_capacity(0));
         debug_assert!(out.is_empty());
-        let mut st = UpState {
-            cur: &mut self.up_cur,
-            tracker: &mut self.tracker,
-            queue: &mut self.queue,
-            statements: if self.track_statements {
-                Some(&mut self.statements)
-            } else {
-                None
-            },
-            unnamed: &mut self.unnamed,
-            server: &mut server.meta,
-            max_prepared: self.max_prepared,
-            retry: &mut self.retry,
-        };
-        let r = upstream::process(buf.data(), &mut st, out.vec_mut())?;
+        let r = self.up_process(buf.data(), out.vec_mut());
+        self.ubuf = Some(buf);
+        self.uout = Some(out);
+        let r = r?;
         if r.terminate {
             if let Some(b) = self.ubuf.as_mut() {
                 b.truncate(r.consumed);
@@ -1158,6 +1150,28 @@ impl Flow {
             self.dpend.extend_from_slice(&self.synth);
         }
         Ok(())
+    }
+
+    /// The client-to-server processing of `data` for the attached server, output in `out`.
+    fn up_process(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<upstream::UpResult, SessionError> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(upstream::UpResult::default());
+        };
+        let mut st = UpState {
+            cur: &mut self.up_cur,
+            tracker: &mut self.tracker,
+            queue: &mut self.queue,
+            statements: if self.track_statements {
+                Some(&mut self.statements)
+            } else {
+                None
+            },
+            unnamed: &mut self.unnamed,
+            server: &mut server.meta,
+            max_prepared: self.max_prepared,
+            retry: &mut self.retry,
+        };
+        Ok(upstream::process(data, &mut st, out)?)
     }
 
     fn next_server_read(&mut self) -> Option<(ServerRd, MsgBuf)> {
@@ -1558,29 +1572,16 @@ impl Flow {
         let Some(bytes) = self.retry.take_replay() else {
             return Ok(());
         };
-        let Some(server) = self.server.as_mut() else {
-            return Ok(());
-        };
-        let out = self.uout.get_or_insert_with(|| MsgBuf::with_capacity(0));
+        let mut out = self.uout.take().unwrap_or_else(|| MsgBuf::with_capacity(0));
         out.clear();
-        let mut st = UpState {
-            cur: &mut self.up_cur,
-            tracker: &mut self.tracker,
-            queue: &mut self.queue,
-            statements: if self.track_statements {
-                Some(&mut self.statements)
-            } else {
-                None
-            },
-            unnamed: &mut self.unnamed,
-            server: &mut server.meta,
-            max_prepared: self.max_prepared,
-            retry: &mut self.retry,
-        };
-        let r = upstream::process(&bytes, &mut st, out.vec_mut())?;
-        if r.zero_copy {
-            out.extend_from_slice(&bytes[..r.consumed]);
+        let r = self.up_process(&bytes, out.vec_mut());
+        if let Ok(r) = &r {
+            if r.zero_copy {
+                out.extend_from_slice(&bytes[..r.consumed]);
+            }
         }
+        self.uout = Some(out);
+        r?;
         log::info!(
             "C-{}: request ran on a stale shared statement; sent again after preparing it afresh",
             self.who.id
