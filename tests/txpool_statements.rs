@@ -173,6 +173,30 @@ fn deallocate_transcript(port: u16) -> Vec<String> {
         "after all",
         vec![fe::bind_exec("s5", &[]), fe::sync()],
     );
+    step(
+        &mut c,
+        &mut other,
+        "prepare s8, s9; close s9",
+        vec![
+            fe::parse("s8", "select 8"),
+            fe::parse("s9", "select 9"),
+            fe::close_statement("s9"),
+            fe::sync(),
+        ],
+    );
+    step(
+        &mut c,
+        &mut other,
+        "s9 closed",
+        vec![fe::bind_exec("s9", &[]), fe::sync()],
+    );
+    step(&mut c, &mut other, "discard all", vec![fe::query("DISCARD ALL")]);
+    step(
+        &mut c,
+        &mut other,
+        "s8 discarded",
+        vec![fe::bind_exec("s8", &[]), fe::sync()],
+    );
     step(&mut c, &mut other, "still usable", vec![fe::query("select 42")]);
     c.close();
     other.close();
