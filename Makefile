@@ -3,7 +3,7 @@ CARGO ?= cargo
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: build test demo up status down bench clean
+.PHONY: build test regress demo up status down bench clean
 
 build:
 	$(CARGO) build --release --workspace
@@ -18,6 +18,15 @@ target/venv/.ok:
 	python3 -m venv --clear target/venv
 	target/venv/bin/pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.1'
 	touch $@
+
+# PostgreSQL's own regression suite (scripts/regress.sh, about a minute once set up): the
+# installed postgresql-15's src/test/regress, parallel_schedule, against a throwaway
+# cluster, first directly, then through pgsilo in session mode. Fails on a failure
+# directly, or through pgsilo unless regress/expected_differences.txt lists the test with
+# its reason. Installs postgresql-server-dev-15 and dpkg-dev and adds a deb-src entry for
+# `apt-get source` when missing (so the first run needs root). Results in target/regress/.
+regress:
+	CARGO='$(CARGO)' scripts/regress.sh
 
 up: build
 	scripts/dev.sh up

@@ -98,3 +98,31 @@ fn transaction_mode_keys_are_pgsilos_own() {
     assert_eq!(code, "57014");
     c.close();
 }
+
+/// A session-mode client that leaves outside a transaction: pgsilo resets its server for
+/// the next client without a ROLLBACK PostgreSQL would warn about ("there is no
+/// transaction in progress", once per client in the server's log).
+#[test]
+fn leaving_outside_a_transaction_leaves_no_warning_in_the_server_log() {
+    let cluster = PgCluster::start();
+    let silo = Pgsilo::start(&cluster, &[("pool_mode", "\"session\""), ("default_pool_size", "1")]);
+    for _ in 0..5 {
+        let mut c = Wire::connect(silo.port(), USER, DB);
+        assert_eq!(c.value("SELECT 1"), "1");
+        c.close();
+    }
+    // The last departure has been dealt with once the next client has the server.
+    let mut c = Wire::connect(silo.port(), USER, DB);
+    assert_eq!(c.value("SELECT 2"), "2");
+    c.close();
+    let log = cluster.log();
+    assert!(
+        !log.contains("there is no transaction in progress"),
+        "PostgreSQL warned about pgsilo's clean-up:\n{log}"
+    );
+    assert_eq!(
+        silo.log().matches("new connection to server").count(),
+        1,
+        "the server was reused"
+    );
+}

@@ -1,8 +1,10 @@
 //! RESET, RESET ALL, DISCARD ALL and `SET … TO DEFAULT` return a client to the settings it
 //! connected with, as on a direct connection, and what the client is told
 //! (ParameterStatus, which libpq's PQparameterStatus and drivers read) agrees with what
-//! SHOW says, by the time each request's ReadyForQuery arrives. In both pool modes, with
-//! another client using the same server between steps.
+//! SHOW says, by the time each request's ReadyForQuery arrives outside a transaction
+//! block. Inside a block pgsilo runs no query of its own (it would take the transaction's
+//! snapshot), so a RESET there shows the server's default until the block ends. In both
+//! pool modes, with another client using the same server between steps.
 
 mod support;
 
@@ -64,10 +66,27 @@ const STEPS: &[&str] = &[
     OTHER,
     "RESET statement_timeout",
     CHECK,
+    // Inside a transaction block pgsilo runs no query of its own (it would take the
+    // transaction's snapshot): a RESET there shows the server's default until the block
+    // ends, and the client's value from then on. Not compared inside the block.
     "BEGIN",
     "SET timezone TO 'Asia/Tokyo'",
     "RESET timezone",
+    "COMMIT",
     CHECK,
+    // PostgreSQL's `transactions` regression test: SET TRANSACTION must come before any
+    // query of the transaction, so pgsilo must not have sent one.
+    "BEGIN",
+    "SET TRANSACTION READ ONLY",
+    "SET TRANSACTION READ WRITE",
+    "SET TRANSACTION READ ONLY",
+    "SELECT 1",
+    "SET TRANSACTION READ WRITE",
+    "ROLLBACK",
+    "BEGIN",
+    "RESET ALL",
+    "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    "SHOW transaction_isolation",
     "COMMIT",
     CHECK,
     "SET timezone TO 'Asia/Tokyo'",
@@ -123,12 +142,17 @@ fn transcript(port: u16) -> Vec<String> {
                     .filter_map(|m| m.field(b'C'))
                     .collect();
                 let status = msgs.last().map_or('?', |z| z.body[0] as char);
-                // What the client has been told by this ReadyForQuery, not later.
+                // What the client has been told by this ReadyForQuery, not later; outside
+                // a transaction block, where the settings are final.
                 let told: Vec<String> = REPORTED
                     .iter()
                     .map(|k| c.reported.get(*k).cloned().unwrap_or_default())
                     .collect();
-                lines.push(format!("{sql} -> {status} {errors:?} told [{}]", told.join(" | ")));
+                if status == 'I' {
+                    lines.push(format!("{sql} -> {status} {errors:?} told [{}]", told.join(" | ")));
+                } else {
+                    lines.push(format!("{sql} -> {status} {errors:?}"));
+                }
             }
         }
     }

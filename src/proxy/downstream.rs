@@ -249,15 +249,17 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
             st.retry.answered();
         }
         // The client's request ran SET, RESET or DISCARD ALL and nothing else is in
-        // flight: its ReadyForQuery waits until the settings are known to be right. Not
-        // in a failed transaction, where pgsilo's own query could not run.
+        // flight: its ReadyForQuery waits until the settings are known to be right. Only
+        // outside a transaction block: a query of pgsilo's inside the client's
+        // transaction would take its snapshot (SET TRANSACTION ISOLATION LEVEL / READ
+        // WRITE would then fail, and REPEATABLE READ would see an earlier state).
         if h.tag == b'Z'
             && disposition == Disposition::Forward
             && st.may_hold
             && *st.settings_changed
             && *st.hold == Hold::No
             && st.queue.is_empty()
-            && matches!(body.first(), Some(b'I' | b'T'))
+            && body.first() == Some(&b'I')
         {
             *st.hold = Hold::Pending;
             // The snapshot finds what RESET touched; it decides the correction.
@@ -513,13 +515,15 @@ mod tests {
         assert_eq!(r.ready_for_query, 1);
         assert_eq!(f.hold, Hold::Pending);
         assert_eq!(f.resetting, Resetting::No);
-        // Not held in a failed transaction, nor with more requests in flight.
+        // Not held inside a transaction block, nor with more requests in flight.
         let mut f = Fixture::new();
         f.changed = true;
-        f.queue.push(Expect::Forward(Kind::Query));
         let mut out = Vec::new();
-        f.run(&msg(b'Z', b"E"), &mut out);
-        assert_eq!(f.hold, Hold::No);
+        for status in [b"T", b"E"] {
+            f.queue.push(Expect::Forward(Kind::Query));
+            f.run(&msg(b'Z', status), &mut out);
+            assert_eq!(f.hold, Hold::No);
+        }
         f.queue.push(Expect::Forward(Kind::Query));
         f.queue.push(Expect::Forward(Kind::Query));
         f.run(&msg(b'Z', b"I"), &mut out);

@@ -1003,11 +1003,7 @@ impl Flow {
         match self.hold {
             Hold::No => {}
             Hold::Pending if self.queue.is_empty() && self.up_cur.skip == 0 => {
-                // In a transaction block the settings may still change when it ends
-                // (SET LOCAL, ROLLBACK): they are read again then.
-                if self.tracker.status() == b'I' {
-                    self.settings_changed = false;
-                }
+                self.settings_changed = false;
                 self.hold = Hold::Snapshot;
                 self.inject_query(SNAPSHOT_QUERY, Injected::Snapshot);
                 return Ok(());
@@ -1023,7 +1019,9 @@ impl Flow {
             // pgsilo's own queries run; the client's next bytes wait for its answer.
             _ => return Ok(()),
         }
-        if self.resetting == Resetting::Done && self.queue.is_empty() {
+        // Not inside the client's transaction block: a query there would take its
+        // snapshot. The settings are put right when the block ends.
+        if self.resetting == Resetting::Done && self.queue.is_empty() && self.tracker.status() == b'I' {
             self.resetting = Resetting::No;
             if self.inject_resync() {
                 return Ok(());
@@ -1608,14 +1606,19 @@ impl Flow {
         self.up_write = Some(UpWrite::Copy(0));
     }
 
-    /// The client left with its server inside a transaction and nothing in flight:
-    /// roll back, so the server can be reused.
+    /// The client left and nothing is in flight, but the server's read half is still in
+    /// a pending read: roll back an open transaction (or, outside one, send an empty
+    /// query), so the answer completes the read and the server can be reused.
     fn inject_rollback(&mut self) {
         self.rollback_sent = true;
         self.rollback_deadline = Some(Instant::now() + ROLLBACK_TIMEOUT);
         let out = self.uout.get_or_insert_with(|| MsgBuf::with_capacity(64));
         out.clear();
-        frontend::query(out.vec_mut(), "ROLLBACK");
+        // Outside a transaction there is nothing to roll back; an empty query gets the
+        // server's answer (which the pending read is waiting for) without a WARNING in
+        // PostgreSQL's log for every client that leaves.
+        let sql = if self.tracker.status() == b'I' { "" } else { "ROLLBACK" };
+        frontend::query(out.vec_mut(), sql);
         self.tracker.client_message(b'Q');
         self.queue.push(Expect::Forward(Kind::Query));
         // Anything the client still had buffered is moot.
