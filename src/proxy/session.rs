@@ -58,6 +58,8 @@ const CLIENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_BUF: usize = 256;
 /// Output pgsilo built for a slow client, beyond which the server is not read further.
 const PENDING_OUTPUT_LIMIT: usize = 256 * 1024;
+/// Output kept back while a ReadyForQuery is held; beyond it, it goes on ahead.
+const HELD_OUTPUT_LIMIT: usize = 64 * 1024;
 
 async fn read_op<R: AsyncReadRent>(mut r: R, buf: MsgBuf) -> (R, std::io::Result<usize>, MsgBuf) {
     let (res, back) = r.read(buf.into_read()).await;
@@ -1214,6 +1216,11 @@ impl Flow {
             let buf = self.dbuf.take()?;
             let wr = self.c_wr.take()?;
             return Some((wr, buf, self.dfwd));
+        }
+        // While a ReadyForQuery is held, what comes before it waits too (within bounds, so
+        // the server is always read): the client gets its answer in one write, not two.
+        if self.hold != Hold::No && self.dpend.len() < HELD_OUTPUT_LIMIT {
+            return None;
         }
         if !self.dpend.is_empty() {
             let wr = self.c_wr.take()?;
