@@ -379,3 +379,104 @@ fn statements_prepared_in_a_rolled_back_savepoint_are_not_shared_transaction_mod
 fn statements_prepared_in_a_rolled_back_savepoint_are_not_shared_session_mode() {
     like_direct("session", savepoint_transcript);
 }
+
+/// How asyncpg, pgjdbc, tokio-postgres and Npgsql use a statement: Parse and Describe
+/// once, then Bind/Execute with the RowDescription they keep. After a migration changes
+/// the statement's result, PostgreSQL refuses it on a direct connection every time until
+/// the client prepares it again; through pgsilo the client must get the same refusal,
+/// never rows of a shape it was not told (a copy prepared afresh behind its back).
+fn cached_description_transcript(port: u16) -> Vec<String> {
+    let mut c = Wire::connect(port, USER, DB);
+    let mut ddl = Wire::connect(port, USER, DB);
+    let mut lines = Vec::new();
+    let mut step = |w: &mut Wire, what: &str, parts: Vec<Vec<u8>>| {
+        w.send_all(&parts);
+        lines.push(format!("{what}: {}", seen(&w.until_ready())));
+    };
+    step(
+        &mut ddl,
+        "table",
+        vec![fe::query("DROP TABLE IF EXISTS shp; CREATE TABLE shp AS SELECT 1 AS a")],
+    );
+    step(
+        &mut c,
+        "prepare and describe once",
+        vec![
+            fe::parse("s1", "SELECT * FROM shp"),
+            fe::describe_statement("s1"),
+            fe::sync(),
+        ],
+    );
+    step(&mut c, "run", vec![fe::bind_exec("s1", &[]), fe::sync()]);
+    step(
+        &mut ddl,
+        "migration",
+        vec![fe::query("ALTER TABLE shp ADD COLUMN b int DEFAULT 2")],
+    );
+    for round in 0..3 {
+        step(
+            &mut c,
+            &format!("run after the migration, {round}"),
+            vec![fe::bind_exec("s1", &[]), fe::sync()],
+        );
+    }
+    step(
+        &mut c,
+        "prepared again",
+        vec![
+            fe::parse("s2", "SELECT * FROM shp"),
+            fe::describe_statement("s2"),
+            fe::sync(),
+        ],
+    );
+    step(&mut c, "run the new one", vec![fe::bind_exec("s2", &[]), fe::sync()]);
+    c.close();
+    ddl.close();
+    lines
+}
+
+#[test]
+fn a_stale_statement_with_a_cached_description_fails_as_directly_transaction_mode() {
+    like_direct("transaction", cached_description_transcript);
+}
+
+#[test]
+fn a_stale_statement_with_a_cached_description_fails_as_directly_session_mode() {
+    like_direct("session", cached_description_transcript);
+}
+
+/// A client that asks for the description with every execution (libpq's
+/// PQexecPrepared, psycopg) learns the new shape with the rows: under transaction
+/// pooling pgsilo runs its stale statement on a fresh copy instead of failing it.
+#[test]
+fn a_stale_statement_described_again_gets_the_new_shape_transaction_mode() {
+    let cluster = PgCluster::start();
+    let silo = Pgsilo::start(
+        &cluster,
+        &[("pool_mode", "\"transaction\""), ("default_pool_size", "1")],
+    );
+    cluster.psql(DB, "CREATE TABLE shp2 AS SELECT 1 AS a; GRANT SELECT ON shp2 TO PUBLIC");
+    let mut c = Wire::connect(silo.port(), USER, DB);
+    let run = |c: &mut Wire| {
+        c.send_all(&[fe::bind("", "s1", &[]), describe_portal(), fe::execute(""), fe::sync()]);
+        seen(&c.until_ready())
+    };
+    c.send_all(&[fe::parse("s1", "SELECT * FROM shp2"), fe::sync()]);
+    c.until_ready();
+    assert_eq!(run(&mut c), "2 T D[1] C[SELECT 1] Z[I]");
+    cluster.psql(DB, "ALTER TABLE shp2 ADD COLUMN b int DEFAULT 2");
+    for _ in 0..2 {
+        c.send_all(&[fe::bind("", "s1", &[]), describe_portal(), fe::execute(""), fe::sync()]);
+        let msgs = c.until_ready();
+        assert_eq!(seen(&msgs), "2 T D[1] C[SELECT 1] Z[I]");
+        let row = msgs.iter().find(|m| m.tag == b'D').unwrap();
+        assert_eq!(row.values(), ["1", "2"], "the new shape, with its description");
+    }
+    c.close();
+}
+
+fn describe_portal() -> Vec<u8> {
+    let mut m = vec![b'D', 0, 0, 0, 6, b'P', 0];
+    m[1..5].copy_from_slice(&6u32.to_be_bytes());
+    m
+}

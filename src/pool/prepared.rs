@@ -23,27 +23,45 @@ pub fn stamp() -> Stamp {
     CLOCK.fetch_add(1, Relaxed)
 }
 
+/// Why PostgreSQL rejected a copy of a statement as stale, and when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    pub at: Stamp,
+    /// PostgreSQL's SQLSTATE and message, for a client whose own statement is as stale
+    /// (it gets them as it would on a direct connection).
+    pub code: &'static str,
+    pub message: String,
+}
+
 /// Statements PostgreSQL rejected as stale on some server (their text now means
 /// something else): copies made before the stamp are not used anywhere.
-static INVALIDATED: Mutex<Option<HashMap<StmtHash, Stamp>>> = Mutex::new(None);
+static INVALIDATED: Mutex<Option<HashMap<StmtHash, Invalidation>>> = Mutex::new(None);
 /// Whether INVALIDATED holds anything: the per-Bind check costs one load until then.
 static ANY_INVALIDATED: AtomicBool = AtomicBool::new(false);
 
-/// Every copy of `hash` made before now is stale, on every server.
-pub fn invalidate(hash: StmtHash) {
-    let now = stamp();
+/// Every copy of `hash` made before now is stale, on every server; PostgreSQL said so
+/// with `code` and `message`.
+pub fn invalidate(hash: StmtHash, code: &'static str, message: String) {
+    let at = stamp();
     let mut map = INVALIDATED.lock().unwrap_or_else(PoisonError::into_inner);
-    map.get_or_insert_with(HashMap::new).insert(hash, now);
+    map.get_or_insert_with(HashMap::new)
+        .insert(hash, Invalidation { at, code, message });
     ANY_INVALIDATED.store(true, Relaxed);
 }
 
 /// The stamp before which copies of `hash` are stale (0: none are).
 pub fn invalidated_at(hash: StmtHash) -> Stamp {
+    invalidation(hash).map_or(0, |i| i.at)
+}
+
+/// The last time PostgreSQL rejected a copy of `hash` as stale, if ever. One atomic
+/// load while nothing ever was.
+pub fn invalidation(hash: StmtHash) -> Option<Invalidation> {
     if !ANY_INVALIDATED.load(Relaxed) {
-        return 0;
+        return None;
     }
     let map = INVALIDATED.lock().unwrap_or_else(PoisonError::into_inner);
-    map.as_ref().and_then(|m| m.get(&hash).copied()).unwrap_or(0)
+    map.as_ref().and_then(|m| m.get(&hash).cloned())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -213,8 +231,9 @@ mod tests {
         let h: StmtHash = 0xdead_beef_0000_1111;
         assert_eq!(invalidated_at(h), 0);
         let before = stamp();
-        invalidate(h);
+        invalidate(h, "0A000", "cached plan must not change result type".into());
         assert!(invalidated_at(h) > before);
+        assert_eq!(invalidation(h).map(|i| i.code), Some("0A000"));
         assert_eq!(invalidated_at(h + 1), 0);
     }
 }

@@ -117,12 +117,14 @@ impl DownState<'_> {
 
 /// PostgreSQL's verdict on a prepared statement whose objects changed under it: its
 /// result type changed (0A000), or a type it refers to is gone (XX000).
-fn is_stale_statement(code: &[u8; 5], body: &[u8]) -> bool {
+fn stale_statement(code: &[u8; 5], body: &[u8]) -> Option<(&'static str, String)> {
     let message = || ErrorFields::parse(body).message;
     match code {
-        b"0A000" => message().starts_with("cached plan must not change result type"),
-        b"XX000" => message().starts_with("cache lookup failed"),
-        _ => false,
+        b"0A000" => {
+            Some(("0A000", message())).filter(|(_, m)| m.starts_with("cached plan must not change result type"))
+        }
+        b"XX000" => Some(("XX000", message())).filter(|(_, m)| m.starts_with("cache lookup failed")),
+        _ => None,
     }
 }
 
@@ -216,10 +218,10 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
                 if let Some(code) = whole.then(|| ErrorFields::code_of(body)).flatten() {
                     ERRORS.count(code);
                     if let Some(hash) = st.queue.bind_in_flight() {
-                        if is_stale_statement(&code, body) {
+                        if let Some((code, message)) = stale_statement(&code, body) {
                             // Its text now means something else (a migration): no copy
                             // made before now is used again, on any server.
-                            invalidate(hash);
+                            invalidate(hash, code, message);
                             st.server.prepared.spoil(hash);
                             stale = Some(hash);
                             log::info!(

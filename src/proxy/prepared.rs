@@ -6,6 +6,7 @@
 //! share one server-side statement), prepares them again on a server that lacks them,
 //! and rewrites the names in Bind, Describe and Close.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -22,9 +23,10 @@ pub struct StmtDef {
     pub server_name: [u8; 40],
     /// The Parse body after the statement name: query text and parameter types.
     pub body: Box<[u8]>,
-    /// When the client prepared it: a server's copy made earlier may predate a schema
-    /// change the client's statement already sees, and is not used for it.
-    pub born: Stamp,
+    /// When the client prepared it (or last learned its result shape again): a server's
+    /// copy made earlier may predate a schema change the client's statement already
+    /// sees, and is not used for it.
+    pub born: Cell<Stamp>,
 }
 
 impl StmtDef {
@@ -39,7 +41,7 @@ impl StmtDef {
             hash,
             server_name: server_name(hash),
             body: body.into(),
-            born: stamp(),
+            born: Cell::new(stamp()),
         }
     }
 

@@ -2,11 +2,14 @@
 //!
 //! A client's named statement runs on pgsilo's copy of it on whichever server the client
 //! lands on. PostgreSQL may reject that copy as stale (a migration changed what its text
-//! means): then the failure is pgsilo's doing, not the client's. When the request was a
-//! Bind of such a statement opening an implicit transaction on an idle server, followed
-//! only by Describe, Execute, Flush and its Sync, nothing of it has run when the Bind
-//! fails: pgsilo swallows the error and its ReadyForQuery and sends the same messages
-//! again, and the copy, now marked stale everywhere, is prepared afresh first.
+//! means). When the request was a Bind of such a statement opening an implicit
+//! transaction on an idle server, followed only by Describe, Execute, Flush and its Sync,
+//! and one of them is a Describe, nothing of it has run when the Bind fails and the client
+//! will learn the result's new shape with the rows: pgsilo swallows the error and its
+//! ReadyForQuery and sends the same messages again, and the copy, now marked stale
+//! everywhere, is prepared afresh first. A request without a Describe gets the error, as
+//! on a direct connection: its client may hold the old RowDescription (asyncpg, pgjdbc,
+//! tokio-postgres and Npgsql keep it), and rows of another shape would be misread.
 //!
 //! To be able to, the bytes of such a request are kept as they pass (a few dozen bytes,
 //! copied once) until its ReadyForQuery.
@@ -31,6 +34,10 @@ enum State {
 pub struct StaleRetry {
     state: State,
     bytes: Vec<u8>,
+    /// The request asks for the result's description: sent again, the client learns the
+    /// new shape with the new rows. Without it the client may hold the old description
+    /// (asyncpg, pgjdbc...) and must get the error instead.
+    describes: bool,
     /// The request being recorded or replayed is already a retry: no second one.
     replayed: bool,
 }
@@ -50,6 +57,7 @@ impl StaleRetry {
                     if tag == b'B' && msg.len() <= RECORD_LIMIT {
                         self.bytes.clear();
                         self.bytes.extend_from_slice(msg);
+                        self.describes = false;
                         self.state = State::Recording(hash);
                     }
                 }
@@ -57,8 +65,9 @@ impl StaleRetry {
             State::Recording(hash) => match (tag, msg) {
                 (b'D' | b'E' | b'H' | b'S', Some(msg)) if self.bytes.len() + msg.len() <= RECORD_LIMIT => {
                     self.bytes.extend_from_slice(msg);
+                    self.describes |= tag == b'D';
                     if tag == b'S' {
-                        self.state = State::Ready(hash);
+                        self.state = if self.describes { State::Ready(hash) } else { State::Off };
                     }
                 }
                 _ => self.stop(),
@@ -145,6 +154,7 @@ mod tests {
     fn records_a_bind_to_its_sync_and_replays_it_once() {
         let mut r = StaleRetry::default();
         r.observe(b'B', Some(b"B1"), Some(7), true);
+        r.observe(b'D', Some(b"D1"), None, false);
         r.observe(b'E', Some(b"E1"), None, false);
         r.observe(b'S', Some(b"S1"), None, false);
         assert!(r.armed_for(7));
@@ -152,15 +162,22 @@ mod tests {
         r.retrying();
         assert!(r.busy());
         r.attempt_over();
-        assert_eq!(r.take_replay().as_deref(), Some(&b"B1E1S1"[..]));
+        assert_eq!(r.take_replay().as_deref(), Some(&b"B1D1E1S1"[..]));
         assert!(!r.busy());
         // The replay itself is not recorded again.
         r.observe(b'B', Some(b"B1"), Some(7), true);
         assert!(!r.armed_for(7));
         r.answered();
         r.observe(b'B', Some(b"B1"), Some(7), true);
+        r.observe(b'D', Some(b"D1"), None, false);
         r.observe(b'S', Some(b"S1"), None, false);
         assert!(r.armed_for(7));
+        // Without a Describe the client may hold the old description: no retry.
+        r.answered();
+        r.observe(b'B', Some(b"B1"), Some(7), true);
+        r.observe(b'E', Some(b"E1"), None, false);
+        r.observe(b'S', Some(b"S1"), None, false);
+        assert!(!r.armed_for(7));
     }
 
     #[test]
@@ -178,6 +195,7 @@ mod tests {
         // More pipelined after the Sync.
         r.answered();
         r.observe(b'B', Some(b"B"), Some(7), true);
+        r.observe(b'D', Some(b"D"), None, false);
         r.observe(b'S', Some(b"S"), None, false);
         r.observe(b'Q', Some(b"Q"), None, false);
         assert!(!r.armed_for(7));

@@ -13,7 +13,7 @@ use super::prepared::{
 use super::retry::StaleRetry;
 use super::sql_scan::{mentions_deallocate, parse_deallocate, split_statements, Deallocate};
 use super::tx_tracker::TxTracker;
-use crate::pool::prepared::{invalidated_at, stamp, StmtHash};
+use crate::pool::prepared::{invalidation, stamp, StmtHash};
 use crate::pool::ServerMeta;
 use crate::protocol::backend::{error_response, message, Severity};
 use crate::protocol::framing::{read_cstr, Header, HEADER_LEN};
@@ -227,14 +227,21 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                 let def = (!name.is_empty())
                     .then(|| st.statements.as_ref().and_then(|s| s.get(name).cloned()))
                     .flatten();
+                let mut refused = false;
                 match def {
                     Some(def) => {
                         e.start_copying(at);
-                        ensure_prepared(&def, st, e.out);
-                        write_bind_prefix(e.out, h.len, prefix, name_at, name_end, &def);
-                        e.out.extend_from_slice(&prefix[name_end..]);
-                        st.queue.push(Expect::NamedBind { hash: def.hash });
-                        bound = Some(def.hash);
+                        // Does the client ask for the result's description in this same
+                        // request (Bind, Describe, Execute, as libpq and psycopg do)?
+                        let redescribes = whole && Header::peek(&data[end..]).is_some_and(|n| n.tag == b'D');
+                        if ensure_prepared(&def, st, e.out, redescribes) {
+                            write_bind_prefix(e.out, h.len, prefix, name_at, name_end, &def);
+                            e.out.extend_from_slice(&prefix[name_end..]);
+                            st.queue.push(Expect::NamedBind { hash: def.hash });
+                            bound = Some(def.hash);
+                        } else {
+                            refused = true;
+                        }
                     }
                     None => {
                         if name.is_empty() {
@@ -246,7 +253,7 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                 }
                 if !whole {
                     st.cur.skip = h.total() - have;
-                    st.cur.dropping = false;
+                    st.cur.dropping = refused;
                 }
             }
             b'D' if ps => {
@@ -258,7 +265,7 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                 match def {
                     Some(def) => {
                         e.start_copying(at);
-                        ensure_prepared(&def, st, e.out);
+                        ensure_prepared(&def, st, e.out, true);
                         write_describe_statement(e.out, &def);
                     }
                     None if kind == b'S' && name.is_empty() && ensure_unnamed(st, &mut e, at) => {
@@ -431,14 +438,33 @@ fn ensure_unnamed(st: &mut UpState, e: &mut Emit, at: usize) -> bool {
 
 /// Makes sure the server has a copy of `def` fit for this client before a message that
 /// uses it: one made after the client prepared it, and after PostgreSQL last rejected
-/// a copy of it as stale anywhere.
-fn ensure_prepared(def: &StmtDef, st: &mut UpState, out: &mut Vec<u8>) {
-    let not_before = def.born.max(invalidated_at(def.hash));
+/// a copy of it as stale anywhere. `redescribes`: the client asks for the statement's
+/// description again in this request.
+///
+/// A client whose statement is older than such a rejection is as stale as PostgreSQL
+/// said: a direct connection would keep failing until the client prepares it again.
+/// Unless it asks for the description again, it gets PostgreSQL's error here (false is
+/// returned; the message is refused): a copy of the new shape would reach a client that
+/// has the old RowDescription cached (asyncpg, pgjdbc, tokio-postgres and Npgsql keep
+/// it), and rows it cannot read, or misreads, are worse than the error.
+fn ensure_prepared(def: &StmtDef, st: &mut UpState, out: &mut Vec<u8>, redescribes: bool) -> bool {
+    let born = def.born.get();
+    let invalidated = invalidation(def.hash);
+    let not_before = born.max(invalidated.as_ref().map_or(0, |i| i.at));
     if st.server.prepared.fresh(def.hash, not_before) {
-        return;
+        return true;
+    }
+    if let Some(inv) = invalidated.filter(|i| i.at > born) {
+        if !redescribes {
+            raise(st, SqlState(inv.code), &inv.message);
+            return false;
+        }
+        // The client learns the new shape with this request.
+        def.born.set(stamp());
     }
     prepare_copy(def, st, out);
     st.queue.push(Expect::InjectedParse { hash: def.hash });
+    true
 }
 
 /// Writes the Parse of a new copy of `def` under pgsilo's name, closing first whatever
