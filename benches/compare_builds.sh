@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Two pgsilo builds side by side, as deployed: each in a session of its own (setsid), in
+# front of one throwaway PostgreSQL 15 (scale 10, fsync off), transaction mode, pool 20.
+# Alternating rounds of pgbench (20 clients, 2 threads) per workload; per round: TPS and
+# the pooler's CPU per transaction (utime+stime from /proc). Prints the load average
+# before and after: run it on a quiet machine (no build, test or benchmark meanwhile).
+#
+#   benches/compare_builds.sh OLD_BINARY NEW_BINARY
+#   ROUNDS=5 DUR=8 WORKLOADS="prepared simple set set-startup" benches/compare_builds.sh ...
+#
+# Workloads: prepared (pgbench -S -M prepared), simple (-S -M simple), set (a transaction
+# of one `SET datestyle TO iso`), set-startup (the same from a client that connected with
+# DateStyle=Postgres,MDY, whose ReadyForQuery pgsilo holds while it reads settings back).
+# Run as root (the cluster runs as postgres).
+set -euo pipefail
+OLD=$(realpath "$1") NEW=$(realpath "$2")
+ROUNDS=${ROUNDS:-5} DUR=${DUR:-8} WORKLOADS=${WORKLOADS:-"prepared simple set set-startup"}
+BIN=/usr/lib/postgresql/15/bin
+W=$(mktemp -d /tmp/pgsilo-compare.XXXX)
+chown postgres "$W"
+PGP=$((20000 + RANDOM % 5000))
+cleanup() {
+  [ -f "$W/old.pid" ] && kill "$(cat "$W/old.pid")" 2>/dev/null || true
+  [ -f "$W/new.pid" ] && kill "$(cat "$W/new.pid")" 2>/dev/null || true
+  su postgres -c "$BIN/pg_ctl -D $W/data -m immediate stop" >/dev/null 2>&1 || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+su postgres -c "$BIN/initdb -D $W/data -U postgres --auth=trust" >/dev/null
+cat >>"$W/data/postgresql.conf" <<C
+port = $PGP
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$W'
+fsync = off
+max_connections = 200
+shared_buffers = 256MB
+C
+su postgres -c "setsid -w $BIN/pg_ctl -D $W/data -l $W/pg.log -w start" >/dev/null || {
+  cat "$W/pg.log" >&2
+  exit 1
+}
+$BIN/pgbench -h 127.0.0.1 -p $PGP -U postgres -i -s 10 -q postgres >/dev/null 2>&1
+echo '"postgres" ""' >"$W/users.txt"
+echo "SET datestyle TO iso;" >"$W/set.sql"
+
+# start NAME BINARY PORT: a pooler in a session of its own, waiting until it listens.
+start() {
+  cat >"$W/$1.toml" <<T
+[pgsilo]
+listen_addr = "127.0.0.1"
+listen_port = $3
+auth_type = "trust"
+auth_file = "$W/users.txt"
+pool_mode = "transaction"
+default_pool_size = 20
+max_client_conn = 400
+takeover_socket = ""
+log_connections = false
+log_disconnections = false
+[databases.postgres]
+host = "127.0.0.1"
+port = $PGP
+T
+  setsid "$2" "$W/$1.toml" >"$W/$1.log" 2>&1 </dev/null &
+  echo $! >"$W/$1.pid"
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$3") 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "$1 did not start:" >&2
+  cat "$W/$1.log" >&2
+  exit 1
+}
+start old "$OLD" $((PGP + 1))
+start new "$NEW" $((PGP + 2))
+port_of() { if [ "$1" = old ]; then echo $((PGP + 1)); else echo $((PGP + 2)); fi; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$(cat "$W/$1.pid")/stat"; }
+
+# round TARGET WORKLOAD: one pgbench run; prints TPS and pooler CPU per transaction.
+round() {
+  local args opts=""
+  case $2 in
+    prepared) args=(-S -M prepared) ;;
+    simple) args=(-S -M simple) ;;
+    set) args=(-f "$W/set.sql") ;;
+    set-startup) args=(-f "$W/set.sql"); opts="-c DateStyle=Postgres,MDY" ;;
+    *) echo "unknown workload $2" >&2; exit 1 ;;
+  esac
+  local c0 c1 out
+  c0=$(cpu_ticks "$1")
+  out=$(PGOPTIONS="$opts" $BIN/pgbench -h 127.0.0.1 -p "$(port_of "$1")" -U postgres -n -c 20 -j 2 -T "$DUR" "${args[@]}" postgres 2>&1)
+  c1=$(cpu_ticks "$1")
+  awk -v t="$1" -v w="$2" -v c=$((c1 - c0)) -v k="$(getconf CLK_TCK)" '
+    /^tps = / { tps = $3 }
+    /^number of transactions actually processed/ { n = $NF }
+    END { printf "%-12s %-4s tps=%9.0f cpu_us_per_tx=%6.1f\n", w, t, tps, c / k * 1e6 / n }' <<<"$out"
+}
+
+echo "load before: $(cat /proc/loadavg)"
+for wl in $WORKLOADS; do
+  for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then round old "$wl"; round new "$wl"; else round new "$wl"; round old "$wl"; fi
+  done
+done
+echo "load after: $(cat /proc/loadavg)"
