@@ -238,3 +238,36 @@ fn a_second_pgsilo_on_the_same_port_refuses_to_start() {
         rt.block_on(still_serves(&first));
     }
 }
+
+/// A server's SQLSTATE reaches the client as it is, whatever it is: here PostgreSQL
+/// refuses a new server connection with 42501 (CONNECT revoked) while the client's login
+/// is already done. pgsilo used to turn codes it did not list into 08006.
+#[test]
+fn a_servers_refusal_reaches_the_client_with_its_own_sqlstate() {
+    use support::txpool::{fe, Pgsilo as TxSilo, Wire};
+    let cluster = PgCluster::start();
+    let silo = TxSilo::start(
+        &cluster,
+        &[("pool_mode", "\"transaction\""), ("default_pool_size", "2")],
+    );
+    // The first client keeps the only server in a transaction, so the next needs a new one.
+    let mut a = Wire::connect(silo.port(), "scram_user", "app_db");
+    a.send(&fe::query("BEGIN; SELECT 1"));
+    a.until_ready();
+    let mut b = Wire::connect(silo.port(), "scram_user", "app_db");
+    cluster.psql("postgres", "REVOKE CONNECT ON DATABASE app_db FROM PUBLIC");
+    b.send(&fe::query("SELECT 1"));
+    let err = loop {
+        let m = b.recv();
+        if m.tag == b'E' {
+            break m;
+        }
+    };
+    assert_eq!(err.field(b'C').as_deref(), Some("42501"), "{:?}", err.field(b'M'));
+    assert!(
+        err.field(b'M').unwrap_or_default().contains("permission denied"),
+        "{:?}",
+        err.field(b'M')
+    );
+    a.close();
+}

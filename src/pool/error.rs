@@ -40,11 +40,14 @@ impl PoolError {
 
     /// The (SQLSTATE, message) a client should see. Server-originated errors keep their
     /// own code and text, as PgBouncer passes them through.
-    pub fn client_error(&self) -> (String, String) {
+    pub fn client_error(&self) -> (SqlState, String) {
         match self {
-            PoolError::ServerRefused(f) | PoolError::Query(f) => (f.code.clone(), f.message.clone()),
-            PoolError::WaitTimeout => (self.sqlstate().0.to_string(), "query_wait_timeout".to_string()),
-            other => (other.sqlstate().0.to_string(), other.to_string()),
+            PoolError::ServerRefused(f) | PoolError::Query(f) => (
+                SqlState::parse(&f.code).unwrap_or(SqlState::CONNECTION_FAILURE),
+                f.message.clone(),
+            ),
+            PoolError::WaitTimeout => (self.sqlstate(), "query_wait_timeout".to_string()),
+            other => (other.sqlstate(), other.to_string()),
         }
     }
 }

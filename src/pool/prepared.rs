@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
 
+use crate::protocol::SqlState;
+
 /// Statement identity: a hash of its definition (query text and parameter types).
 pub type StmtHash = u128;
 
@@ -29,7 +31,7 @@ pub struct Invalidation {
     pub at: Stamp,
     /// PostgreSQL's SQLSTATE and message, for a client whose own statement is as stale
     /// (it gets them as it would on a direct connection).
-    pub code: &'static str,
+    pub code: SqlState,
     pub message: String,
 }
 
@@ -41,7 +43,7 @@ static ANY_INVALIDATED: AtomicBool = AtomicBool::new(false);
 
 /// Every copy of `hash` made before now is stale, on every server; PostgreSQL said so
 /// with `code` and `message`.
-pub fn invalidate(hash: StmtHash, code: &'static str, message: String) {
+pub fn invalidate(hash: StmtHash, code: SqlState, message: String) {
     let at = stamp();
     let mut map = INVALIDATED.lock().unwrap_or_else(PoisonError::into_inner);
     map.get_or_insert_with(HashMap::new)
@@ -231,9 +233,13 @@ mod tests {
         let h: StmtHash = 0xdead_beef_0000_1111;
         assert_eq!(invalidated_at(h), 0);
         let before = stamp();
-        invalidate(h, "0A000", "cached plan must not change result type".into());
+        invalidate(
+            h,
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "cached plan must not change result type".into(),
+        );
         assert!(invalidated_at(h) > before);
-        assert_eq!(invalidation(h).map(|i| i.code), Some("0A000"));
+        assert_eq!(invalidation(h).map(|i| i.code), Some(SqlState::FEATURE_NOT_SUPPORTED));
         assert_eq!(invalidated_at(h + 1), 0);
     }
 }

@@ -36,16 +36,14 @@ impl Severity {
 
 /// An ErrorResponse pgsilo raises itself; counted with the servers' errors by SQLSTATE.
 pub fn error_response(out: &mut Vec<u8>, severity: Severity, code: SqlState, text: &str) {
-    if let Ok(c) = code.0.as_bytes().try_into() {
-        crate::metrics::ERRORS.count(c);
-    }
+    crate::metrics::ERRORS.count(code.0);
     message(out, b'E', |b| {
         b.push(b'S');
         cstr(b, severity.as_str());
         b.push(b'V');
         cstr(b, severity.as_str());
         b.push(b'C');
-        cstr(b, code.0);
+        cstr(b, code.as_str());
         b.push(b'M');
         cstr(b, text);
         b.push(0);

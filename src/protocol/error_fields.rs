@@ -2,29 +2,57 @@
 
 use super::framing::read_cstr;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SqlState(pub &'static str);
+/// A SQLSTATE: five characters of 0-9 and A-Z, carried as they are. pgsilo's own codes
+/// are constants; a server's code reaches the client unchanged.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlState(pub [u8; 5]);
 
 impl SqlState {
-    pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
-    pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
-    pub const CONNECTION_EXCEPTION: SqlState = SqlState("08000");
-    pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
-    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
-    pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");
-    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
-    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
-    pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
-    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
-    pub const QUERY_CANCELED: SqlState = SqlState("57014");
-    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
-    pub const SYNTAX_ERROR: SqlState = SqlState("42601");
-    pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
-    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
-    pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
-    pub const UNDEFINED_PREPARED_STATEMENT: SqlState = SqlState("26000");
-    pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
-    pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState(*b"08P01");
+    pub const CONNECTION_FAILURE: SqlState = SqlState(*b"08006");
+    pub const CONNECTION_EXCEPTION: SqlState = SqlState(*b"08000");
+    pub const INVALID_CATALOG_NAME: SqlState = SqlState(*b"3D000");
+    pub const INVALID_PASSWORD: SqlState = SqlState(*b"28P01");
+    pub const INVALID_AUTHORIZATION: SqlState = SqlState(*b"28000");
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState(*b"53300");
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState(*b"0A000");
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState(*b"57P01");
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState(*b"57P03");
+    pub const QUERY_CANCELED: SqlState = SqlState(*b"57014");
+    pub const INTERNAL_ERROR: SqlState = SqlState(*b"XX000");
+    pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
+    pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState(*b"42501");
+    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState(*b"22023");
+    pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState(*b"42P05");
+    pub const UNDEFINED_PREPARED_STATEMENT: SqlState = SqlState(*b"26000");
+    pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState(*b"57P05");
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState(*b"25P03");
+
+    /// A code as text (from a server's ErrorResponse): None unless it is a SQLSTATE.
+    pub fn parse(code: &str) -> Option<SqlState> {
+        let bytes: [u8; 5] = code.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+            .then_some(SqlState(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only digits and capitals: parse() and the constants see to it.
+        std::str::from_utf8(&self.0).unwrap_or("XX000")
+    }
+}
+
+impl std::fmt::Debug for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SqlState({})", self.as_str())
+    }
+}
+
+impl std::fmt::Display for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The fields of an ErrorResponse or NoticeResponse a pooler cares about.
@@ -89,6 +117,19 @@ impl std::fmt::Display for ErrorFields {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqlstates_are_five_digits_or_capitals_and_pass_as_they_are() {
+        assert_eq!(SqlState::parse("42501"), Some(SqlState(*b"42501")));
+        assert_eq!(
+            SqlState::parse("P0001").map(|c| c.to_string()),
+            Some("P0001".to_string())
+        );
+        for bad in ["4250", "425011", "42a01", "42 01", "", "4250\u{e9}"] {
+            assert_eq!(SqlState::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(SqlState::PROTOCOL_VIOLATION.as_str(), "08P01");
+    }
     use crate::protocol::backend::{error_response, Severity};
 
     #[test]

@@ -11,7 +11,7 @@ use crate::pool::prepared::invalidate;
 use crate::pool::settings::{is_tracked_reported, parse_parameter_status};
 use crate::pool::{ServerMeta, Settings};
 use crate::protocol::framing::{Header, HEADER_LEN};
-use crate::protocol::{ErrorFields, ProtocolError};
+use crate::protocol::{ErrorFields, ProtocolError, SqlState};
 use std::sync::Arc;
 
 pub const SERVER_MESSAGE_LIMIT: u32 = i32::MAX as u32;
@@ -117,15 +117,14 @@ impl DownState<'_> {
 
 /// PostgreSQL's verdict on a prepared statement whose objects changed under it: its
 /// result type changed (0A000), or a type it refers to is gone (XX000).
-fn stale_statement(code: &[u8; 5], body: &[u8]) -> Option<(&'static str, String)> {
-    let message = || ErrorFields::parse(body).message;
-    match code {
-        b"0A000" => {
-            Some(("0A000", message())).filter(|(_, m)| m.starts_with("cached plan must not change result type"))
-        }
-        b"XX000" => Some(("XX000", message())).filter(|(_, m)| m.starts_with("cache lookup failed")),
-        _ => None,
-    }
+fn stale_statement(code: &[u8; 5], body: &[u8]) -> Option<(SqlState, String)> {
+    let prefix = match code {
+        b"0A000" => "cached plan must not change result type",
+        b"XX000" => "cache lookup failed",
+        _ => return None,
+    };
+    let message = ErrorFields::parse(body).message;
+    message.starts_with(prefix).then_some((SqlState(*code), message))
 }
 
 /// A DataRow of two text columns.

@@ -42,17 +42,17 @@ impl SessionError {
 
     /// The SQLSTATE and text for the FATAL ErrorResponse, or None when the client
     /// cannot hear it any more.
-    pub fn client_error(&self) -> Option<(String, String)> {
+    pub fn client_error(&self) -> Option<(SqlState, String)> {
         match self {
             SessionError::ClientGone(_) => None,
-            SessionError::Protocol(e) => Some((SqlState::PROTOCOL_VIOLATION.0.into(), e.to_string())),
-            SessionError::Refused { code, message } => Some((code.0.into(), message.clone())),
+            SessionError::Protocol(e) => Some((SqlState::PROTOCOL_VIOLATION, e.to_string())),
+            SessionError::Refused { code, message } => Some((*code, message.clone())),
             SessionError::Pool(e) => Some(e.client_error()),
-            SessionError::ServerGone => Some((SqlState::CONNECTION_FAILURE.0.into(), self.to_string())),
-            SessionError::LoginTimeout => Some((SqlState::PROTOCOL_VIOLATION.0.into(), self.to_string())),
-            SessionError::Shutdown => Some((SqlState::ADMIN_SHUTDOWN.0.into(), "pgsilo is shutting down".into())),
-            SessionError::Killed(why) => Some((SqlState::ADMIN_SHUTDOWN.0.into(), (*why).into())),
-            SessionError::TimedOut(code, what) => Some((code.0.into(), (*what).into())),
+            SessionError::ServerGone => Some((SqlState::CONNECTION_FAILURE, self.to_string())),
+            SessionError::LoginTimeout => Some((SqlState::PROTOCOL_VIOLATION, self.to_string())),
+            SessionError::Shutdown => Some((SqlState::ADMIN_SHUTDOWN, "pgsilo is shutting down".into())),
+            SessionError::Killed(why) => Some((SqlState::ADMIN_SHUTDOWN, (*why).into())),
+            SessionError::TimedOut(code, what) => Some((*code, (*what).into())),
         }
     }
 }

@@ -411,7 +411,7 @@ async fn client_settings(
                     // may have moved, so it is not trusted further.
                     pool.release(conn, false);
                     return Err(SessionError::Refused {
-                        code: SqlState(leak_code(&err.code)),
+                        code: SqlState::parse(&err.code).unwrap_or(SqlState::INVALID_PARAMETER_VALUE),
                         message: err.message,
                     });
                 }
@@ -431,13 +431,6 @@ async fn client_settings(
     let reusable = conn.meta.tx_status == b'I';
     pool.release(conn, reusable);
     Ok(Arc::new(settings))
-}
-
-/// SQLSTATEs are five characters from a small alphabet; map the server's to the matching
-/// constant where one exists so nothing is allocated per error for good.
-fn leak_code(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &["22023", "42704", "0A000", "22P02", "42501", "55P02", "XX000"];
-    KNOWN.iter().find(|k| **k == code).copied().unwrap_or("22023")
 }
 
 async fn welcome_admin(stream: &mut TcpStream, mut out: Vec<u8>) -> Result<(), SessionError> {
@@ -555,16 +548,8 @@ async fn exchange(stream: &mut TcpStream, buf: &mut MsgBuf, out: &mut Vec<u8>) -
 }
 
 /// Sends a FATAL error to a client that is about to be closed. Best effort.
-pub async fn send_fatal(stream: &mut TcpStream, code: &str, message: &str) {
+pub async fn send_fatal(stream: &mut TcpStream, code: SqlState, message: &str) {
     let mut out = Vec::with_capacity(64 + message.len());
-    backend::error_response(&mut out, Severity::Fatal, SqlState(leak_static(code)), message);
+    backend::error_response(&mut out, Severity::Fatal, code, message);
     let _ = write_out(stream, out).await;
-}
-
-fn leak_static(code: &str) -> &'static str {
-    const ALL: &[&str] = &[
-        "08P01", "08006", "08000", "3D000", "28P01", "28000", "53300", "0A000", "57P01", "57P03", "57014", "XX000",
-        "42501", "22023", "57P05", "25P03", "53400", "08004",
-    ];
-    ALL.iter().find(|c| **c == code).copied().unwrap_or("08P01")
 }

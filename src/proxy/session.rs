@@ -379,18 +379,11 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, mut who: LoggedIn) -> 
     if let Err(e) = &result {
         if let (Some((code, message)), Some(mut wr)) = (e.client_error(), flow.c_wr.take()) {
             let mut out = Vec::with_capacity(64 + message.len());
-            backend::error_response(&mut out, Severity::Fatal, SqlState(code_static(&code)), &message);
+            backend::error_response(&mut out, Severity::Fatal, code, &message);
             let _ = Box::pin(wr.write_all(out)).await;
         }
     }
     result
-}
-
-fn code_static(code: &str) -> &'static str {
-    const ALL: &[&str] = &[
-        "08P01", "08006", "57P01", "57P03", "57P05", "53300", "0A000", "XX000", "25P03",
-    ];
-    ALL.iter().find(|c| **c == code).copied().unwrap_or("08006")
 }
 
 /// How a stretch of activity ended.

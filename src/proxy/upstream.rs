@@ -382,7 +382,7 @@ fn parse_named(name: &[u8], def_body: &[u8], st: &mut UpState, out: &mut Vec<u8>
     if st.tracker.status() == b'E' && st.tracker.outstanding() == 0 {
         raise(
             st,
-            SqlState("25P02"),
+            SqlState(*b"25P02"),
             "current transaction is aborted, commands ignored until end of transaction block",
         );
         return;
@@ -456,7 +456,7 @@ fn ensure_prepared(def: &StmtDef, st: &mut UpState, out: &mut Vec<u8>, redescrib
     }
     if let Some(inv) = invalidated.filter(|i| i.at > born) {
         if !redescribes {
-            raise(st, SqlState(inv.code), &inv.message);
+            raise(st, inv.code, &inv.message);
             return false;
         }
         // The client learns the new shape with this request.

@@ -327,7 +327,7 @@ async fn client(ctx: Rc<WorkerCtx>, mut stream: TcpStream, peer: SocketAddr) {
                 if log_pooler_errors {
                     log::info!("C-{id}: {peer} login failed: {message}");
                 }
-                Box::pin(send_fatal(&mut stream, &code, &message)).await;
+                Box::pin(send_fatal(&mut stream, code, &message)).await;
             }
         }
     }
