@@ -394,4 +394,60 @@ mod tests {
         assert!(mentions_deallocate(b"select 1; DeAlLoCaTe x"));
         assert!(!mentions_deallocate(b"select 1"));
     }
+
+    /// Client bytes of any kind: never a panic, ranges always inside the text and in order.
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        const PIECES: &[&[u8]] = &[
+            b"'",
+            b"\"",
+            b"$",
+            b"$a$",
+            b"$$",
+            b"--",
+            b"\n",
+            b"/*",
+            b"*/",
+            b";",
+            b"(",
+            b")",
+            b"E",
+            b"e'",
+            b"\\",
+            b"deallocate",
+            b"DEALLOCATE ",
+            b"prepare",
+            b"all",
+            b"begin atomic",
+            b" ",
+            b"x",
+            b"\xff",
+            b"U&",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..50_000 {
+            let mut sql = Vec::new();
+            for _ in 0..(next() % 12) {
+                sql.extend_from_slice(PIECES[(next() % PIECES.len() as u64) as usize]);
+            }
+            for backslash in [false, true] {
+                if let Some(ranges) = split_statements(&sql, backslash) {
+                    let mut end = 0;
+                    for r in ranges {
+                        assert!(r.start >= end && r.end <= sql.len() && r.start <= r.end, "{sql:?}");
+                        end = r.end;
+                        let _ = parse_deallocate(&sql[r]);
+                    }
+                }
+            }
+            let _ = parse_deallocate(&sql);
+            let _ = mentions_deallocate(&sql);
+        }
+    }
 }

@@ -867,4 +867,62 @@ mod tests {
         assert!(peek(&msg(b'X', b"")).unwrap().terminate);
         assert!(peek(&[b'Q', 0, 0, 0, 1]).is_err());
     }
+
+    /// Queries and unnamed Parses of any text from a client that has statements: the
+    /// DEALLOCATE rewrites never panic and always produce whole messages.
+    #[test]
+    fn deallocate_rewrites_of_arbitrary_text_never_panic() {
+        const PIECES: &[&str] = &[
+            "DEALLOCATE ",
+            "deallocate prepare ",
+            "s1",
+            "\"s1\"",
+            "ALL",
+            ";",
+            "'",
+            "$$",
+            "/*",
+            "*/",
+            "--",
+            "\n",
+            " ",
+            "select 1",
+            "E'\\'",
+            "(",
+            ")",
+            "\"",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..(next() % 10) {
+                text.push_str(PIECES[(next() % PIECES.len() as u64) as usize]);
+            }
+            for parse in [false, true] {
+                let mut f = Fixture::new();
+                f.stmts.insert(b"s1", Rc::new(StmtDef::new(b"select 1\0\0\0")));
+                let mut body = Vec::new();
+                if parse {
+                    body.push(0);
+                }
+                body.extend_from_slice(text.as_bytes());
+                body.push(0);
+                if parse {
+                    body.extend_from_slice(&[0, 0]);
+                }
+                let data = msg(if parse { b'P' } else { b'Q' }, &body);
+                let (r, out) = f.run(&data, true);
+                assert_eq!(r.consumed, data.len(), "{text:?}");
+                if !r.zero_copy {
+                    tags(&out);
+                }
+            }
+        }
+    }
 }
