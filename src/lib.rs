@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod context;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

@@ -3,11 +3,11 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::runtime::control::ControlMsg;
-use crate::runtime::Instance;
+use crate::context::control::ControlMsg;
+use crate::context::Instance;
 
 pub fn reload(instance: &std::sync::Arc<Instance>) {
-    crate::runtime::reload(instance);
+    instance.reload();
 }
 
 fn set_paused(instance: &Instance, database: Option<&str>, paused: bool) -> Result<(), String> {
@@ -70,7 +70,7 @@ pub fn shutdown() {
     }
 }
 
-impl crate::runtime::Instance {
+impl crate::context::Instance {
     /// Whether a pool of this database is paused (for tests and SHOW DATABASES).
     pub fn is_paused(&self, database: &str) -> bool {
         self.pools

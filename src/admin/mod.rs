@@ -13,12 +13,12 @@ use std::task::Poll;
 
 use monoio::net::TcpStream;
 
+use crate::context::WorkerCtx;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::framing::read_cstr;
 use crate::protocol::io::{read_message, write_out, WireError};
 use crate::protocol::{MsgBuf, SqlState};
 use crate::proxy::login::AdminLogin;
-use crate::runtime::worker::WorkerCtx;
 use command::Command;
 use result::{Outcome, ResultSet};
 
@@ -66,7 +66,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
                 &mut out,
                 Severity::Fatal,
                 SqlState::ADMIN_SHUTDOWN,
-                signal.killed().unwrap_or(crate::runtime::control::SHUTTING_DOWN),
+                signal.killed().unwrap_or(crate::context::control::SHUTTING_DOWN),
             );
             let _ = write_out(&mut stream, out).await;
             return;
@@ -170,7 +170,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
                 return;
             }
         }
-        if ctx.instance.phase() >= crate::runtime::Phase::Exiting {
+        if ctx.instance.phase() >= crate::context::Phase::Exiting {
             return;
         }
     }

@@ -6,9 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::result::{n, t, Outcome, ResultSet};
 use crate::config::General;
+use crate::context::Instance;
 use crate::metrics::{ConnEntry, ConnState, PoolTotals, CLIENTS, SERVERS};
 use crate::protocol::backend::ColumnType::{Int8, Text};
-use crate::runtime::Instance;
 
 pub fn show(instance: &Instance, what: &str) -> Result<Outcome, String> {
     Ok(Outcome::Rows(match what {

@@ -5,5 +5,5 @@ pub mod pool_stats;
 pub mod prometheus;
 pub mod registry;
 
-pub use pool_stats::{PoolStats, PoolTotals, WorkerPoolStats};
+pub use pool_stats::{Averages, PoolStats, PoolTotals, WorkerPoolStats};
 pub use registry::{ConnEntry, ConnState, Registered, CLIENTS, ERRORS, SERVERS};

@@ -131,3 +131,16 @@ impl PoolTotals {
         self.wait_time.merge(&o.wait_time);
     }
 }
+
+/// Per-second rates and per-event times over the last period, as SHOW STATS gives them.
+#[derive(Clone, Debug, Default)]
+pub struct Averages {
+    pub xact_count: u64,
+    pub query_count: u64,
+    pub recv: u64,
+    pub sent: u64,
+    /// Microseconds per transaction / query / wait.
+    pub xact_time: u64,
+    pub query_time: u64,
+    pub wait_time: u64,
+}

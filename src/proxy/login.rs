@@ -9,11 +9,12 @@ use std::sync::Arc;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use super::cancel::{send_cancel, CancelSlot};
 use super::params::{after_sync, initial_settings, sync_statement};
 use super::SessionError;
 use crate::auth::{verify_cleartext, verify_md5_response, ScramSecret, ScramServer, Secret};
 use crate::config::{AuthType, Config, PoolMode, Userlist};
+use crate::context::cancel::{send_cancel, CancelSlot};
+use crate::context::WorkerCtx;
 use crate::metrics::{ConnEntry, Registered, CLIENTS};
 use crate::pool::{Credential, LocalPool, ServerConn, ServerTarget, Settings};
 use crate::protocol::backend::{self, Severity};
@@ -21,7 +22,6 @@ use crate::protocol::framing::read_cstr;
 use crate::protocol::io::{read_at_least, read_message, write_out};
 use crate::protocol::startup::{self, Startup, StartupPacket};
 use crate::protocol::{MsgBuf, SqlState};
-use crate::runtime::worker::WorkerCtx;
 
 /// Names of the admin console's virtual database.
 pub const ADMIN_DATABASES: &[&str] = &["pgsilo", "pgbouncer"];

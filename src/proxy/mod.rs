@@ -1,7 +1,6 @@
 //! A client's session: login, then forwarding between client and server with transaction
 //! tracking, settings carried across servers, and cancel requests.
 
-pub mod cancel;
 pub mod downstream;
 pub mod error;
 pub mod expect;

@@ -22,7 +22,6 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use super::cancel::{send_cancel, CancelTarget, CANCEL_TIMEOUT};
 use super::downstream::{self, DownState, Hold, Resetting};
 use super::expect::{Expect, ExpectQueue, Injected, Kind};
 use super::login::LoggedIn;
@@ -33,12 +32,13 @@ use super::tx_tracker::TxTracker;
 use super::upstream::{self, UpCursor, UpState};
 use super::SessionError;
 use crate::config::PoolMode;
+use crate::context::cancel::{send_cancel, CancelTarget, CANCEL_TIMEOUT};
+use crate::context::control::{Seen, SessionSignal};
+use crate::context::WorkerCtx;
 use crate::metrics::{ConnState, WorkerPoolStats};
 use crate::pool::{LocalPool, PoolError, ServerConn, ServerMeta, ServerRd, ServerWr, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frontend, BufPool, MsgBuf, SqlState};
-use crate::runtime::control::{Seen, SessionSignal};
-use crate::runtime::worker::WorkerCtx;
 
 type ClientRd = OwnedReadHalf<TcpStream>;
 type ClientWr = OwnedWriteHalf<TcpStream>;

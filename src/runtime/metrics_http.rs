@@ -6,8 +6,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::instance::Instance;
 use super::RuntimeError;
+use crate::context::instance::Instance;
 use crate::metrics::prometheus::{render, PoolView, WorkerView};
 use crate::metrics::PoolTotals;
 

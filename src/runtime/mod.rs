@@ -1,9 +1,7 @@
 //! The process: worker threads (one per core, pinned), their listeners, signals, and
 //! the order things start and stop in.
 
-pub mod control;
 pub mod error;
-pub mod instance;
 pub mod listener;
 pub mod log;
 pub mod metrics_http;
@@ -16,8 +14,8 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use crate::context::{control, Instance, Phase, WorkerInfo};
 pub use error::RuntimeError;
-pub use instance::{Instance, Phase, WorkerInfo};
 
 use crate::config::{Config, Userlist};
 use crate::pool::PoolMsg;
@@ -84,7 +82,7 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
     let mut dups = Vec::new();
 
     restrict_process_to(&cores)?;
-    let instance = Arc::new(Instance::new(config, userlist, cores.len()));
+    let instance = Arc::new(Instance::new(config, userlist, cores.len(), reload));
     let mut senders = Vec::new();
     let mut inboxes = Vec::new();
     let mut control_senders = Vec::new();

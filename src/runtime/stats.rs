@@ -5,21 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::instance::{Instance, Phase};
-use crate::metrics::PoolTotals;
-
-/// Per-second rates and per-event times over the last period, as SHOW STATS gives them.
-#[derive(Clone, Debug, Default)]
-pub struct Averages {
-    pub xact_count: u64,
-    pub query_count: u64,
-    pub recv: u64,
-    pub sent: u64,
-    /// Microseconds per transaction / query / wait.
-    pub xact_time: u64,
-    pub query_time: u64,
-    pub wait_time: u64,
-}
+use crate::context::{Instance, Phase};
+use crate::metrics::{Averages, PoolTotals};
 
 fn by_database(instance: &Instance) -> BTreeMap<String, PoolTotals> {
     let mut m: BTreeMap<String, PoolTotals> = BTreeMap::new();

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::instance::{Instance, Phase};
 use super::RuntimeError;
+use crate::context::instance::{Instance, Phase};
 
 /// The most listening sockets one process hands over (workers × addresses).
 const MAX_FDS: usize = 252;

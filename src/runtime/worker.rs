@@ -1,8 +1,6 @@
 //! One worker: a pinned thread running its own monoio runtime, accepting on its own
 //! listeners and serving its clients with its own share of the server pool.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -10,99 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_channel::mpsc::UnboundedReceiver;
-use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
 
-use super::control::{ControlMsg, Sessions};
-use super::instance::{Instance, Phase, WorkerInfo};
-use crate::pool::{LocalPool, PoolMsg, Postman, SharedPool};
+use crate::context::control::ControlMsg;
+use crate::context::{Instance, Phase, WorkerCtx, WorkerInfo};
+use crate::pool::{PoolMsg, Postman};
 use crate::proxy::login::{login, send_fatal, Opening};
 use crate::proxy::session::serve;
-
-/// Per-worker state, shared by the worker's tasks (never across threads).
-pub struct WorkerCtx {
-    pub instance: Arc<Instance>,
-    pub id: usize,
-    postman: Postman,
-    pools: RefCell<HashMap<usize, Rc<LocalPool>>>,
-    /// The worker's client sessions, for KILL and shutdown.
-    pub sessions: Sessions,
-    /// Stops the accept loops (cancelling their in-flight accepts) when draining.
-    accept_stop: RefCell<Option<Canceller>>,
-    /// Forwarding buffers of pkt_buf bytes, shared by the worker's sessions.
-    pub bufs: Rc<crate::protocol::BufPool>,
-}
-
-impl WorkerCtx {
-    /// This worker's side of a pool, created on first use.
-    pub fn local_pool(&self, shared: &Arc<SharedPool>) -> Rc<LocalPool> {
-        if let Some(p) = self.pools.borrow().get(&shared.id) {
-            return p.clone();
-        }
-        let pool = Rc::new(LocalPool::new(shared.clone(), self.id, self.postman.clone()));
-        self.apply_timeouts(&pool);
-        self.pools.borrow_mut().insert(shared.id, pool.clone());
-        pool
-    }
-
-    pub fn local_pools(&self) -> Vec<Rc<LocalPool>> {
-        self.pools.borrow().values().cloned().collect()
-    }
-
-    fn local_pools_of(&self, database: Option<&str>) -> Vec<Rc<LocalPool>> {
-        self.local_pools()
-            .into_iter()
-            .filter(|p| database.is_none_or(|d| p.shared.database == d))
-            .collect()
-    }
-
-    fn stop_accepting(&self) {
-        if let Some(c) = self.accept_stop.borrow_mut().take() {
-            let _ = c.cancel();
-        }
-    }
-
-    /// Acts on a control message from the main thread or an admin session.
-    fn on_control(&self, msg: ControlMsg) {
-        match msg {
-            ControlMsg::Phase(phase) => {
-                if phase >= Phase::Draining {
-                    self.stop_accepting();
-                }
-                self.sessions.enter_phase(phase);
-            }
-            ControlMsg::Kill { database } => {
-                self.sessions.each(|s| {
-                    if database.as_deref().is_none_or(|d| d == s.database) {
-                        s.kill("database connections killed by the admin console (KILL)");
-                    }
-                });
-                for pool in self.local_pools_of(database.as_deref()) {
-                    pool.close_all_idle("KILL");
-                }
-            }
-            ControlMsg::CloseIdle { database } => {
-                for pool in self.local_pools_of(database.as_deref()) {
-                    pool.close_all_idle("PAUSE");
-                }
-            }
-            ControlMsg::Kick => {
-                for pool in self.local_pools() {
-                    pool.kick();
-                }
-            }
-            ControlMsg::Reload => {
-                for pool in self.local_pools() {
-                    self.apply_timeouts(&pool);
-                }
-            }
-        }
-    }
-
-    fn apply_timeouts(&self, pool: &LocalPool) {
-        pool.configure(&self.instance.config());
-    }
-}
 
 /// Everything a worker thread needs, built on the main thread.
 pub struct WorkerSpec {
@@ -189,17 +101,7 @@ async fn run(
     info: WorkerInfo,
     ready: std::sync::mpsc::Sender<Result<WorkerInfo, String>>,
 ) {
-    let ctx = Rc::new(WorkerCtx {
-        instance: instance.clone(),
-        id: spec.id,
-        postman: spec.postman,
-        pools: RefCell::new(HashMap::new()),
-        sessions: Sessions::default(),
-        accept_stop: RefCell::new(Some(Canceller::new())),
-        bufs: Rc::new(crate::protocol::BufPool::new(
-            instance.config().general.pkt_buf.max(1024),
-        )),
-    });
+    let ctx = Rc::new(WorkerCtx::new(instance.clone(), spec.id, spec.postman));
     let mut listeners = Vec::new();
     for l in spec.listeners {
         match TcpListener::from_std(l) {
@@ -256,7 +158,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener) {
         if ctx.instance.phase() >= Phase::Draining {
             return;
         }
-        let Some(handle) = ctx.accept_stop.borrow().as_ref().map(|c| c.handle()) else {
+        let Some(handle) = ctx.accept_handle() else {
             return;
         };
         // A cancelled accept still completes with the connection if one raced in, so
@@ -267,7 +169,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener) {
                 ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
                 monoio::spawn(client(ctx.clone(), stream, peer));
             }
-            Err(_) if ctx.accept_stop.borrow().is_none() => return,
+            Err(_) if ctx.stopped_accepting() => return,
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning.
                 log::warn!("accept failed: {e}");

@@ -9,24 +9,12 @@ use std::time::Instant;
 use futures_channel::mpsc::UnboundedSender;
 
 use super::control::ControlMsg;
-use super::stats::Averages;
+pub use super::control::Phase;
 use crate::auth::ScramSecret;
 use crate::config::{Config, Userlist};
+use crate::context::cancel::CancelRegistry;
+use crate::metrics::Averages;
 use crate::pool::{PoolRegistry, Postman};
-use crate::proxy::cancel::CancelRegistry;
-
-/// Shutdown phases, in order. Workers poll this; signals and the admin console set it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum Phase {
-    Running = 0,
-    /// SIGINT: stop accepting, let clients finish their work, then exit.
-    Draining = 1,
-    /// SIGTERM: stop accepting, close each client when its transaction ends.
-    Closing = 2,
-    /// Exit now.
-    Exiting = 3,
-}
 
 /// What a worker reports about itself, for logs and SHOW WORKERS.
 #[derive(Clone, Debug)]
@@ -55,13 +43,21 @@ pub struct Instance {
     scram_cache: Mutex<HashMap<(String, String), ScramSecret>>,
     pub started: Instant,
     pub workers: Mutex<Vec<WorkerInfo>>,
+    /// How this process re-reads its config and auth_file (the runtime's, which also
+    /// knows the logger and the pools' definitions): for the console's RELOAD.
+    reloader: fn(&Arc<Instance>),
     pub worker_count: usize,
     phase: AtomicU8,
     averages: Mutex<BTreeMap<String, Averages>>,
 }
 
 impl Instance {
-    pub fn new(config: Config, userlist: Userlist, worker_count: usize) -> Instance {
+    /// Re-reads the config file and the auth_file, as SIGHUP does.
+    pub fn reload(self: &Arc<Self>) {
+        (self.reloader)(self)
+    }
+
+    pub fn new(config: Config, userlist: Userlist, worker_count: usize, reloader: fn(&Arc<Instance>)) -> Instance {
         Instance {
             name: config.general.name.clone(),
             config: RwLock::new(Arc::new(config)),
@@ -75,6 +71,7 @@ impl Instance {
             mock_key: rand::random(),
             scram_cache: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            reloader,
             workers: Mutex::new(Vec::new()),
             worker_count,
             phase: AtomicU8::new(Phase::Running as u8),

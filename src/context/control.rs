@@ -7,8 +7,6 @@ use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use super::instance::Phase;
-
 pub enum ControlMsg {
     /// The instance moved to a new shutdown phase.
     Phase(Phase),
@@ -20,6 +18,19 @@ pub enum ControlMsg {
     Kick,
     /// The configuration was reloaded: re-read per-worker settings.
     Reload,
+}
+
+/// Shutdown phases, in order. Workers poll this; signals and the admin console set it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Phase {
+    Running = 0,
+    /// SIGINT: stop accepting, let clients finish their work, then exit.
+    Draining = 1,
+    /// SIGTERM: stop accepting, close each client when its transaction ends.
+    Closing = 2,
+    /// Exit now.
+    Exiting = 3,
 }
 
 /// What a session is told, read and cleared by the session itself.
