@@ -8,7 +8,7 @@
 
 mod support;
 
-use support::txpool::{fe, run_py, Msg, Pgsilo, Wire};
+use support::txpool::{compare_with_direct, fe, run_py, Msg, Pgsilo, Wire};
 use support::PgCluster;
 
 const USER: &str = "scram_user";
@@ -162,27 +162,7 @@ fn transcript(port: u16) -> Vec<String> {
 }
 
 fn like_direct(mode: &str) {
-    let cluster = PgCluster::start();
-    let direct = transcript(cluster.port());
-    let pool = if mode == "session" { "2" } else { "1" };
-    let mut silo = Pgsilo::start(
-        &cluster,
-        &[("pool_mode", &format!("\"{mode}\"")), ("default_pool_size", pool)],
-    );
-    let pooled = transcript(silo.port());
-    let mut differ = false;
-    for (d, p) in direct.iter().zip(&pooled) {
-        println!("direct: {d}");
-        if d != p {
-            println!("pgsilo: {p}   <-- differs");
-            differ = true;
-        }
-    }
-    assert!(
-        !differ && direct.len() == pooled.len(),
-        "{mode} mode: session settings differ from a direct connection"
-    );
-    silo.assert_alive();
+    compare_with_direct(mode, |_| {}, transcript);
 }
 
 #[test]

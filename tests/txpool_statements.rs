@@ -5,7 +5,7 @@
 
 mod support;
 
-use support::txpool::{fe, run_py, Msg, Pgsilo, Wire};
+use support::txpool::{compare_with_direct, fe, run_py, Msg, Pgsilo, Wire};
 use support::PgCluster;
 
 const USER: &str = "scram_user";
@@ -203,23 +203,13 @@ fn deallocate_transcript(port: u16) -> Vec<String> {
     lines
 }
 
-/// Runs `transcript` directly and through pgsilo in `mode`; both must be the same.
-fn like_direct(mode: &str, transcript: fn(u16) -> Vec<String>) {
-    let cluster = PgCluster::start();
+/// The cluster for the transcripts here: clients create the types they use.
+fn allow_create(cluster: &PgCluster) {
     cluster.psql(DB, "GRANT CREATE ON SCHEMA public TO PUBLIC");
-    let direct = transcript(cluster.port());
-    // A session-mode client keeps its server: two clients need two.
-    let pool = if mode == "session" { "2" } else { "1" };
-    let mut silo = Pgsilo::start(
-        &cluster,
-        &[("pool_mode", &format!("\"{mode}\"")), ("default_pool_size", pool)],
-    );
-    let pooled = transcript(silo.port());
-    for (d, p) in direct.iter().zip(&pooled) {
-        println!("direct: {d}\npgsilo: {p}");
-    }
-    assert_eq!(pooled, direct, "{mode} mode: differs from a direct connection");
-    silo.assert_alive();
+}
+
+fn like_direct(mode: &str, transcript: fn(u16) -> Vec<String>) {
+    compare_with_direct(mode, allow_create, transcript);
 }
 
 #[test]

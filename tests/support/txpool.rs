@@ -677,3 +677,29 @@ fn raw(tag: u8, body: &[u8]) -> Vec<u8> {
 pub fn tags(msgs: &[Msg]) -> String {
     msgs.iter().map(|m| m.tag as char).collect()
 }
+
+/// Runs `transcript` (given a port, what a client sees, a line per step) on a direct
+/// connection and through pgsilo in `mode` (a pool of one in transaction mode, two in
+/// session mode, where each client keeps its server), after `prepare` on the cluster;
+/// panics where the two differ.
+pub fn compare_with_direct(mode: &str, prepare: fn(&PgCluster), transcript: fn(u16) -> Vec<String>) {
+    let cluster = PgCluster::start();
+    prepare(&cluster);
+    let direct = transcript(cluster.port());
+    let pool = if mode == "session" { "2" } else { "1" };
+    let mut silo = Pgsilo::start(
+        &cluster,
+        &[("pool_mode", &format!("\"{mode}\"")), ("default_pool_size", pool)],
+    );
+    let pooled = transcript(silo.port());
+    let mut differ = direct.len() != pooled.len();
+    for (d, p) in direct.iter().zip(&pooled) {
+        println!("direct: {d}");
+        if d != p {
+            println!("pgsilo: {p}   <-- differs");
+            differ = true;
+        }
+    }
+    assert!(!differ, "{mode} mode: differs from a direct connection:\n{pooled:#?}");
+    silo.assert_alive();
+}
