@@ -305,8 +305,7 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
             }
             b'Q' if ps && whole && mentions_deallocate(&data[at + HEADER_LEN..end]) => {
                 st.tracker.client_message(h.tag);
-                st.unnamed.invalidate();
-                st.server.unnamed_stmt = None;
+                simple_query_sent(st);
                 let body = &data[at + HEADER_LEN..end];
                 let text = body.strip_suffix(&[0]).unwrap_or(body);
                 match rewrite_deallocates(text, st) {
@@ -336,9 +335,7 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                     b'E' => st.queue.push(Expect::Forward(Kind::Execute)),
                     b'S' if !st.queue.in_copy() => st.queue.push(Expect::Forward(Kind::Sync)),
                     b'Q' => {
-                        // A simple query destroys the unnamed statement.
-                        st.unnamed.invalidate();
-                        st.server.unnamed_stmt = None;
+                        simple_query_sent(st);
                         st.queue.push(Expect::Forward(Kind::Query));
                     }
                     b'F' => st.queue.push(Expect::Forward(Kind::FunctionCall)),
@@ -362,6 +359,12 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
     res.consumed = at;
     res.zero_copy = !e.copying;
     Ok(res)
+}
+
+/// A simple query destroys the unnamed statement, the client's and the server's.
+fn simple_query_sent(st: &mut UpState) {
+    st.unnamed.invalidate();
+    st.server.unnamed_stmt = None;
 }
 
 fn describe_kind(body: &[u8]) -> Kind {
