@@ -12,3 +12,4 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod runtime;
+pub mod tls;

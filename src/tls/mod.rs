@@ -1,0 +1,3 @@
+//! TLS with rustls, both towards clients and towards PostgreSQL.
+
+pub mod der;
