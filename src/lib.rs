@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod context;
 pub mod metrics;
+pub mod net;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;

@@ -1,5 +1,5 @@
 //! Smoke test of the integration-test harness (`tests/support`): real clusters, roles,
-//! authentication methods, restart and cleanup.
+//! authentication methods, restart and cleanup; TLS certificates and PostgreSQL with TLS.
 
 mod support;
 
@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::{free_port, pg_bindir, wait_for_port, PgCluster};
+use support::{fingerprint, fingerprint_file, free_port, pg_bindir, wait_for_port, PgCluster, TestCerts};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
@@ -329,4 +329,202 @@ fn tools_and_helpers() {
     let port = free_port();
     assert_ne!(port, cluster.port());
     assert_ne!(port, free_port());
+}
+
+/// `psql` over TCP to the cluster as `postgres`, with the server name `localhost` (for
+/// verify-full) at 127.0.0.1, and TLS options.
+fn psql_tls(cluster: &PgCluster, sslmode: &str, root: &std::path::Path, sql: &str) -> Result<String, String> {
+    support::tls::psql_conninfo(
+        &format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user=postgres dbname=postgres sslmode={sslmode} \
+             sslrootcert='{}' sslcert=/nonexistent sslkey=/nonexistent connect_timeout=30",
+            cluster.port(),
+            root.display()
+        ),
+        sql,
+    )
+}
+
+const SSL_CHECK: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+
+#[test]
+fn tls_certificates_and_postgres_with_ssl() {
+    use std::os::unix::fs::PermissionsExt;
+    use support::tls;
+
+    let certs = TestCerts::temp();
+    // The files, their modes, and what openssl makes of them.
+    for (path, mode) in [
+        (certs.ca_cert(), 0o644),
+        (certs.ca_key(), 0o600),
+        (certs.other_ca_cert(), 0o644),
+        (certs.server_cert(), 0o644),
+        (certs.server_key(), 0o600),
+        (certs.expired_cert(), 0o644),
+        (certs.expired_key(), 0o600),
+        (certs.wronghost_cert(), 0o644),
+        (certs.wronghost_key(), 0o600),
+    ] {
+        let meta = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "mode of {}", path.display());
+    }
+    let verify = |ca: &std::path::Path, cert: &std::path::Path, extra: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(ca)
+            .args(extra)
+            .arg(cert)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = verify(
+        &certs.ca_cert(),
+        &certs.server_cert(),
+        &["-purpose", "sslserver", "-verify_hostname", "localhost"],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = verify(&certs.ca_cert(), &certs.server_cert(), &["-verify_ip", "127.0.0.1"]);
+    assert!(ok, "{out}");
+    let (ok, out) = verify(&certs.other_ca_cert(), &certs.server_cert(), &[]);
+    assert!(!ok, "server.crt verified with the other CA: {out}");
+    let (ok, out) = verify(&certs.ca_cert(), &certs.expired_cert(), &[]);
+    assert!(!ok && out.contains("expired"), "{out}");
+    let (ok, out) = verify(
+        &certs.ca_cert(),
+        &certs.wronghost_cert(),
+        &["-verify_hostname", "localhost"],
+    );
+    assert!(!ok, "wronghost.crt verified for localhost: {out}");
+    let (ok, out) = verify(
+        &certs.ca_cert(),
+        &certs.wronghost_cert(),
+        &["-verify_hostname", "example.invalid"],
+    );
+    assert!(ok, "{out}");
+    let (client_crt, client_key) = certs.client_cert("cert_user");
+    assert_eq!(
+        std::fs::metadata(&client_key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (ok, out) = verify(&certs.ca_cert(), &client_crt, &["-purpose", "sslclient"]);
+    assert!(ok, "{out}");
+    let subject = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-nameopt", "sep_multiline", "-in"])
+        .arg(&client_crt)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&subject.stdout).contains("CN=cert_user"));
+    let (other_crt, _) = certs.client_cert_other_ca("cert_user");
+    let (ok, _) = verify(&certs.ca_cert(), &other_crt, &[]);
+    assert!(!ok, "client cert of the other CA verified with ca.crt");
+
+    // Our fingerprint is openssl's.
+    let original = certs.server_fingerprint();
+    assert_eq!(original.len(), 64);
+    assert_eq!(original, tls::openssl_fingerprint(&certs.server_cert()));
+    assert_eq!(
+        fingerprint(&std::fs::read(certs.ca_cert()).unwrap()),
+        tls::openssl_fingerprint(&certs.ca_cert())
+    );
+
+    // PostgreSQL with TLS; a hostssl-only role (by client certificate).
+    let cluster = PgCluster::builder()
+        .ssl(&certs)
+        .hba_prepend("hostssl all cert_user 127.0.0.1/32 cert")
+        .hba_prepend("hostnossl all cert_user 127.0.0.1/32 reject")
+        .start();
+    assert!(cluster.ssl_enabled());
+    cluster.psql("postgres", "CREATE ROLE cert_user LOGIN");
+    assert_eq!(cluster.psql("postgres", "SHOW ssl"), "on");
+    let key_meta = std::fs::metadata(cluster.data_dir().join("pgsilo_server.key")).unwrap();
+    assert_eq!(key_meta.permissions().mode() & 0o777, 0o600);
+
+    assert_eq!(
+        psql_tls(&cluster, "verify-full", &certs.ca_cert(), SSL_CHECK).unwrap(),
+        "t"
+    );
+    // Plain connections still work (host lines match both).
+    assert_eq!(psql_tls(&cluster, "disable", &certs.ca_cert(), SSL_CHECK).unwrap(), "f");
+    let err = psql_tls(&cluster, "verify-full", &certs.other_ca_cert(), SSL_CHECK).unwrap_err();
+    assert!(err.contains("certificate verify failed"), "{err}");
+    // verify-ca doesn't check the name, but still the CA.
+    assert_eq!(
+        psql_tls(&cluster, "verify-ca", &certs.ca_cert(), SSL_CHECK).unwrap(),
+        "t"
+    );
+
+    // Which certificate the server presents.
+    assert_eq!(
+        support::served_cert_fingerprint("127.0.0.1", cluster.port(), true).as_deref(),
+        Some(original.as_str())
+    );
+    assert_eq!(
+        support::served_cert_fingerprint("localhost", cluster.port(), true).as_deref(),
+        Some(original.as_str())
+    );
+    // No direct TLS on PostgreSQL 15's port.
+    assert_eq!(
+        support::served_cert_fingerprint("127.0.0.1", cluster.port(), false),
+        None
+    );
+
+    // Client certificates: cert_user only over TLS, with a certificate from our CA.
+    let cert_login = |crt: &std::path::Path, key: &std::path::Path, sslmode: &str| {
+        support::tls::psql_conninfo(
+            &format!(
+                "host=localhost hostaddr=127.0.0.1 port={} user=cert_user dbname=app_db sslmode={sslmode} \
+                 sslrootcert='{}' sslcert='{}' sslkey='{}' connect_timeout=30",
+                cluster.port(),
+                certs.ca_cert().display(),
+                crt.display(),
+                key.display()
+            ),
+            "SELECT current_user || ' ' || ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+    };
+    assert_eq!(
+        cert_login(&client_crt, &client_key, "verify-full").unwrap(),
+        "cert_user true"
+    );
+    let (other_crt, other_key) = certs.client_cert_other_ca("cert_user");
+    assert!(cert_login(&other_crt, &other_key, "verify-full").is_err());
+    let err = cert_login(&client_crt, &client_key, "disable").unwrap_err();
+    assert!(err.contains("rejects connection"), "{err}");
+    let (alice_crt, alice_key) = certs.client_cert("alice");
+    let err = cert_login(&alice_crt, &alice_key, "verify-full").unwrap_err();
+    assert!(err.contains("certificate authentication failed"), "{err}");
+
+    // A renewed certificate: served after reload_ssl, and still verifies.
+    let renewed = certs.renew_server();
+    assert_ne!(renewed, original);
+    assert_eq!(renewed, certs.server_fingerprint());
+    assert_eq!(cluster.reload_ssl(), renewed);
+    assert_eq!(
+        support::served_cert_fingerprint("localhost", cluster.port(), true).as_deref(),
+        Some(renewed.as_str())
+    );
+    assert_eq!(
+        psql_tls(&cluster, "verify-full", &certs.ca_cert(), SSL_CHECK).unwrap(),
+        "t"
+    );
+    drop(cluster);
+
+    // A server with the wrong host name: verify-ca passes, verify-full doesn't.
+    let cluster = PgCluster::builder()
+        .ssl_files(&certs.wronghost_cert(), &certs.wronghost_key(), None)
+        .start();
+    assert_eq!(
+        psql_tls(&cluster, "verify-ca", &certs.ca_cert(), SSL_CHECK).unwrap(),
+        "t"
+    );
+    let err = psql_tls(&cluster, "verify-full", &certs.ca_cert(), SSL_CHECK).unwrap_err();
+    assert!(err.contains("does not match host name"), "{err}");
+    assert_eq!(
+        support::served_cert_fingerprint("127.0.0.1", cluster.port(), true),
+        Some(fingerprint_file(&certs.wronghost_cert()))
+    );
 }

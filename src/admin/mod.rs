@@ -11,7 +11,7 @@ use std::pin::pin;
 use std::rc::Rc;
 use std::task::Poll;
 
-use monoio::net::TcpStream;
+use crate::net::Stream;
 
 use crate::context::WorkerCtx;
 use crate::protocol::backend::{self, Severity};
@@ -27,7 +27,7 @@ const ADMIN_MESSAGE_LIMIT: u32 = 1 << 20;
 /// only names configured databases, so it never matches).
 const ADMIN_DATABASE: &str = "pgsilo";
 
-pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: TcpStream, who: AdminLogin) {
+pub async fn serve(ctx: Rc<WorkerCtx>, mut stream: Stream, who: AdminLogin) {
     who.entry.entry.set_state(crate::metrics::ConnState::Active);
     let mut buf = MsgBuf::with_capacity(1024);
     let mut out = Vec::with_capacity(4096);

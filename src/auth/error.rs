@@ -14,9 +14,29 @@ pub enum AuthError {
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
 
-    /// The client asked for channel binding (`p=`), which the pooler does not offer.
+    /// The client asked for channel binding (`p=`) with a mechanism or binding type that
+    /// does not allow it (SCRAM-SHA-256 without -PLUS, or a type other than
+    /// tls-server-end-point).
     #[error("unsupported SCRAM channel binding: {0}")]
     UnsupportedChannelBinding(&'static str),
+
+    /// The client's SASLInitialResponse names a mechanism the server did not offer (an
+    /// unknown one, or SCRAM-SHA-256-PLUS on a connection without TLS).
+    #[error("client selected an invalid SASL authentication mechanism")]
+    InvalidMechanism,
+
+    /// The client says it supports channel binding but thinks the server does not (`y`),
+    /// while the server offered SCRAM-SHA-256-PLUS: someone may have removed it from the
+    /// mechanism list on the way (RFC 5802 section 6).
+    #[error(
+        "SCRAM channel binding negotiation error: the client supports channel binding but \
+         thinks the server does not, and the server does"
+    )]
+    ChannelBindingDowngrade,
+
+    /// None of the server's SASL mechanisms is one the pooler can use.
+    #[error("server offers no SASL mechanism pgsilo supports")]
+    NoSupportedMechanism,
 
     /// A well-formed SCRAM feature the pooler (like PostgreSQL) does not implement.
     #[error("unsupported SCRAM feature: {0}")]
@@ -26,8 +46,9 @@ pub enum AuthError {
     #[error("SCRAM nonce mismatch: {0}")]
     NonceMismatch(&'static str),
 
-    /// The client-final `c=` does not repeat the gs2 header of the client-first message.
-    #[error("SCRAM channel binding data does not match the client-first message")]
+    /// The client-final `c=` is not the gs2 header of the client-first message followed,
+    /// with SCRAM-SHA-256-PLUS, by the connection's channel binding data.
+    #[error("SCRAM channel binding data does not match the client-first message and the connection")]
     ChannelBindingMismatch,
 
     /// Wrong password, unknown user, or a user whose secret cannot do this method.

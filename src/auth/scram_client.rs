@@ -1,7 +1,10 @@
-//! The client side of SCRAM-SHA-256: the pooler logging in to PostgreSQL, either with a
-//! password or by SCRAM passthrough. Server messages are untrusted too: a malicious server
-//! must not be able to make the pooler panic or spin (iteration cap), and must prove it
-//! knows the verifier before the login counts.
+//! The client side of SCRAM-SHA-256 and SCRAM-SHA-256-PLUS: the pooler logging in to
+//! PostgreSQL, either with a password or by SCRAM passthrough. Server messages are
+//! untrusted too: a malicious server must not be able to make the pooler panic or spin
+//! (iteration cap), and must prove it knows the verifier before the login counts.
+//!
+//! Channel binding is chosen as libpq's `channel_binding=prefer` does: over TLS (channel
+//! binding data given) PLUS is used whenever the server offers it.
 
 use std::fmt;
 
@@ -10,7 +13,7 @@ use subtle::ConstantTimeEq;
 use super::error::AuthError;
 use super::scram_common::{
     attr_value, b64_decode, b64_decode_key, b64_encode, derive_keys, hmac, is_printable, parse_iterations,
-    random_nonce, sha256, xor_into, Attrs, Key,
+    random_nonce, sha256, xor_into, Attrs, Key, CHANNEL_BINDING_TYPE, MECHANISM, MECHANISM_PLUS,
 };
 
 /// What the pooler proves its knowledge of the user's password with.
@@ -45,6 +48,10 @@ pub struct ScramClient {
     /// Sent in `n=`; empty outside tests, as libpq sends (PostgreSQL ignores it).
     username: String,
     nonce: String,
+    /// The tls-server-end-point data of the server's certificate, when on TLS.
+    channel_binding: Option<Vec<u8>>,
+    /// SCRAM-SHA-256-PLUS was chosen (see `choose_mechanism`).
+    plus: bool,
     state: State,
 }
 
@@ -73,13 +80,67 @@ impl ScramClient {
             keys,
             username: String::new(),
             nonce,
+            channel_binding: None,
+            plus: false,
             state: State::Initial,
         }
     }
 
-    /// The client-first-message for SASLInitialResponse: `n,,n=,r=<nonce>`.
+    /// Sets the channel binding data: on a TLS connection, the tls-server-end-point hash
+    /// of the certificate PostgreSQL presented (`crate::tls::der::server_end_point_hash`);
+    /// None without TLS or when the certificate has no usable hash. Empty data counts as
+    /// None. Call `choose_mechanism` afterwards so PLUS can be used.
+    pub fn with_channel_binding(mut self, data: Option<Vec<u8>>) -> ScramClient {
+        self.channel_binding = data.filter(|d| !d.is_empty());
+        self
+    }
+
+    /// Picks the mechanism from the server's AuthenticationSASL data (mechanism names,
+    /// each NUL-terminated, ending with an empty name) and returns it, for the
+    /// SASLInitialResponse: SCRAM-SHA-256-PLUS when offered and channel binding data is
+    /// set, else SCRAM-SHA-256. Without this call the client uses SCRAM-SHA-256.
+    pub fn choose_mechanism(&mut self, sasl_mechanisms: &[u8]) -> Result<&'static str, AuthError> {
+        if !matches!(self.state, State::Initial) {
+            return Err(AuthError::OutOfOrder("mechanism chosen after the exchange started"));
+        }
+        let offers = |name: &str| {
+            sasl_mechanisms
+                .split(|&b| b == 0)
+                .take_while(|m| !m.is_empty())
+                .any(|m| m == name.as_bytes())
+        };
+        self.plus = self.channel_binding.is_some() && offers(MECHANISM_PLUS);
+        if !self.plus && !offers(MECHANISM) {
+            return Err(AuthError::NoSupportedMechanism);
+        }
+        Ok(self.mechanism())
+    }
+
+    /// The mechanism to name in the SASLInitialResponse.
+    pub fn mechanism(&self) -> &'static str {
+        if self.plus {
+            MECHANISM_PLUS
+        } else {
+            MECHANISM
+        }
+    }
+
+    /// The gs2 header: `p=tls-server-end-point,,` with PLUS; `y,,` when on TLS without
+    /// PLUS (we support channel binding but the server did not offer it, which lets a
+    /// server that does support it detect a downgrade); `n,,` otherwise.
+    fn gs2_header(&self) -> Vec<u8> {
+        if self.plus {
+            format!("p={CHANNEL_BINDING_TYPE},,").into_bytes()
+        } else if self.channel_binding.is_some() {
+            b"y,,".to_vec()
+        } else {
+            b"n,,".to_vec()
+        }
+    }
+
+    /// The client-first-message for SASLInitialResponse: `<gs2 header>n=,r=<nonce>`.
     pub fn client_first(&self) -> Vec<u8> {
-        let mut msg = b"n,,".to_vec();
+        let mut msg = self.gs2_header();
         msg.extend_from_slice(&self.client_first_bare());
         msg
     }
@@ -140,7 +201,14 @@ impl ScramClient {
             }
         };
 
-        let mut without_proof = b"c=biws,r=".to_vec();
+        // c= is base64(gs2 header), followed with PLUS by the channel binding data.
+        let mut cbind_input = self.gs2_header();
+        if self.plus {
+            cbind_input.extend_from_slice(self.channel_binding.as_deref().unwrap_or_default());
+        }
+        let mut without_proof = b"c=".to_vec();
+        without_proof.extend_from_slice(b64_encode(&cbind_input).as_bytes());
+        without_proof.extend_from_slice(b",r=");
         without_proof.extend_from_slice(nonce);
         let auth_message: [&[u8]; 5] = [&self.client_first_bare(), b",", msg, b",", &without_proof];
         let stored_key = sha256(&client_key);
@@ -254,7 +322,7 @@ mod tests {
 
     /// Runs a full exchange, returning the server's outcome.
     fn converse(client: &mut ScramClient, server: &mut ScramServer) -> Result<crate::auth::ScramSuccess, AuthError> {
-        let server_first = server.handle_client_first(&client.client_first())?;
+        let server_first = server.handle_initial(client.mechanism().as_bytes(), &client.client_first())?;
         let client_final = client.handle_server_first(&server_first)?;
         let success = server.handle_client_final(&client_final)?;
         client.verify_server_final(&success.server_final)?;
@@ -402,6 +470,137 @@ mod tests {
                 Err(AuthError::OutOfOrder(_))
             ));
         }
+    }
+
+    const BINDING: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    /// The AuthenticationSASL data a server sends.
+    fn sasl_list(names: &[&str]) -> Vec<u8> {
+        let mut data: Vec<u8> = names.iter().flat_map(|n| [n.as_bytes(), b"\0"].concat()).collect();
+        data.push(0);
+        data
+    }
+
+    /// A login as pool/connect.rs makes one: pick from the server's list, then converse.
+    fn login(
+        client_binding: Option<&[u8]>,
+        server_binding: Option<&[u8]>,
+    ) -> (ScramClient, Result<crate::auth::ScramSuccess, AuthError>) {
+        let verifier = new_scram_secret("s3cret");
+        let mut server = ScramServer::new(Some(verifier), "alice", &MOCK_KEY)
+            .with_channel_binding(server_binding.map(<[u8]>::to_vec));
+        let mut client = ScramClient::new(ScramClientKeys::Password("s3cret".into()))
+            .with_channel_binding(client_binding.map(<[u8]>::to_vec));
+        client.choose_mechanism(&sasl_list(server.mechanisms())).unwrap();
+        let result = converse(&mut client, &mut server);
+        (client, result)
+    }
+
+    #[test]
+    fn channel_binding_round_trips() {
+        let b = Some(BINDING);
+        let cases: &[(Option<&[u8]>, Option<&[u8]>, &str, &[u8])] = &[
+            (None, None, "SCRAM-SHA-256", b"n,,"),
+            (b, b, "SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,"),
+            // TLS to a server that offers no PLUS.
+            (b, None, "SCRAM-SHA-256", b"y,,"),
+            // A client without TLS data against a TLS server.
+            (None, b, "SCRAM-SHA-256", b"n,,"),
+        ];
+        for &(client_binding, server_binding, mechanism, header) in cases {
+            let (client, result) = login(client_binding, server_binding);
+            let what = format!("client {client_binding:?}, server {server_binding:?}");
+            assert!(result.is_ok(), "{what}: {result:?}");
+            assert_eq!(client.mechanism(), mechanism, "{what}");
+            assert!(client.client_first().starts_with(header), "{what}");
+        }
+    }
+
+    #[test]
+    fn plus_client_final_binds_the_certificate_hash() {
+        let mut client = rfc_client().with_channel_binding(Some(BINDING.to_vec()));
+        let list = sasl_list(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        assert_eq!(client.choose_mechanism(&list), Ok("SCRAM-SHA-256-PLUS"));
+        let client_final = client.handle_server_first(SERVER_FIRST).unwrap();
+        let cbind = Attrs::new(&client_final).require(b'c', "c").unwrap();
+        let cbind = b64_decode(cbind, "c").unwrap();
+        assert_eq!(cbind, [&b"p=tls-server-end-point,,"[..], BINDING].concat());
+    }
+
+    #[test]
+    fn mismatched_binding_data_fails() {
+        // The server's certificate is not the one the client saw: a man in the middle.
+        let (_, result) = login(Some(BINDING), Some(&[0x55; 32]));
+        assert_eq!(result.unwrap_err(), AuthError::ChannelBindingMismatch);
+    }
+
+    #[test]
+    fn stripping_plus_from_the_list_is_detected() {
+        let verifier = new_scram_secret("s3cret");
+        let mut server =
+            ScramServer::new(Some(verifier), "alice", &MOCK_KEY).with_channel_binding(Some(BINDING.to_vec()));
+        let mut client =
+            ScramClient::new(ScramClientKeys::Password("s3cret".into())).with_channel_binding(Some(BINDING.to_vec()));
+        // The client sees a list with PLUS removed and answers y,,.
+        assert_eq!(
+            client.choose_mechanism(&sasl_list(&["SCRAM-SHA-256"])),
+            Ok("SCRAM-SHA-256")
+        );
+        assert_eq!(
+            converse(&mut client, &mut server).unwrap_err(),
+            AuthError::ChannelBindingDowngrade
+        );
+    }
+
+    #[test]
+    fn unknown_user_with_plus_looks_like_a_wrong_password() {
+        let mut server = ScramServer::new(None, "nobody", &MOCK_KEY).with_channel_binding(Some(BINDING.to_vec()));
+        let mut client =
+            ScramClient::new(ScramClientKeys::Password("s3cret".into())).with_channel_binding(Some(BINDING.to_vec()));
+        client.choose_mechanism(&sasl_list(server.mechanisms())).unwrap();
+        assert_eq!(client.mechanism(), "SCRAM-SHA-256-PLUS");
+        assert_eq!(
+            converse(&mut client, &mut server).unwrap_err(),
+            AuthError::PasswordMismatch
+        );
+    }
+
+    #[test]
+    fn choosing_a_mechanism() {
+        let with = |binding: Option<&[u8]>| {
+            ScramClient::new(ScramClientKeys::Password("x".into())).with_channel_binding(binding.map(<[u8]>::to_vec))
+        };
+        let b = Some(BINDING);
+        let cases: &[(Option<&[u8]>, &[u8], Result<&str, AuthError>)] = &[
+            (None, b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0", Ok("SCRAM-SHA-256")),
+            (b, b"SCRAM-SHA-256-PLUS\0\0", Ok("SCRAM-SHA-256-PLUS")),
+            (b, b"SCRAM-SHA-256\0SCRAM-SHA-256-PLUS\0\0", Ok("SCRAM-SHA-256-PLUS")),
+            (Some(b""), b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0", Ok("SCRAM-SHA-256")),
+            (None, b"SCRAM-SHA-256-PLUS\0\0", Err(AuthError::NoSupportedMechanism)),
+            (b, b"SCRAM-SHA-1\0\0", Err(AuthError::NoSupportedMechanism)),
+            (b, b"", Err(AuthError::NoSupportedMechanism)),
+            (b, b"\0SCRAM-SHA-256\0\0", Err(AuthError::NoSupportedMechanism)),
+            (None, b"SCRAM-SHA-256", Ok("SCRAM-SHA-256")),
+        ];
+        for &(binding, list, ref expected) in cases {
+            let mut client = with(binding);
+            assert_eq!(
+                client.choose_mechanism(list).as_ref(),
+                expected.as_ref(),
+                "{:?} with binding {binding:?}",
+                String::from_utf8_lossy(list)
+            );
+        }
+        // Without a choice, SCRAM-SHA-256.
+        assert_eq!(with(b).mechanism(), "SCRAM-SHA-256");
+        assert!(with(b).client_first().starts_with(b"y,,"));
+
+        let mut client = rfc_client();
+        client.handle_server_first(SERVER_FIRST).unwrap();
+        assert!(matches!(
+            client.choose_mechanism(b"SCRAM-SHA-256\0\0"),
+            Err(AuthError::OutOfOrder(_))
+        ));
     }
 
     #[test]

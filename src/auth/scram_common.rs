@@ -1,5 +1,6 @@
 //! SCRAM-SHA-256 building blocks shared by both sides: H, HMAC, Hi, password
-//! normalisation, nonces and the attribute parser for RFC 5802 messages.
+//! normalisation, nonces, the attribute parser for RFC 5802 messages and the channel
+//! binding names.
 
 use std::borrow::Cow;
 
@@ -13,6 +14,13 @@ use sha2::{Digest, Sha256};
 use super::error::AuthError;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+
+/// SCRAM-SHA-256 with channel binding (RFC 5802 section 6), offered on TLS connections.
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// The one channel binding type PostgreSQL implements (RFC 5929 section 4): a hash of the
+/// server's certificate, see `crate::tls::der::server_end_point_hash`.
+pub const CHANNEL_BINDING_TYPE: &str = "tls-server-end-point";
 
 /// PostgreSQL's default `scram_iterations`.
 pub const DEFAULT_ITERATIONS: u32 = 4096;

@@ -1,5 +1,7 @@
-//! The server side of SCRAM-SHA-256 (RFC 5802, RFC 7677): verifying a client's password
-//! proof against a stored verifier, without channel binding.
+//! The server side of SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (RFC 5802, RFC 7677, RFC 5929):
+//! verifying a client's password proof against a stored verifier and, on TLS connections,
+//! that the client saw the pooler's own certificate (channel binding type
+//! tls-server-end-point), as PostgreSQL's auth-scram.c does.
 //!
 //! Client messages are hostile input: every malformation is an `AuthError`, and after any
 //! error the exchange is over (a client cannot retry a proof on the same state).
@@ -11,6 +13,7 @@ use subtle::ConstantTimeEq;
 use super::error::AuthError;
 use super::scram_common::{
     attr_value, b64_decode, b64_decode_key, b64_encode, hmac, is_printable, random_nonce, sha256, xor_into, Attrs, Key,
+    CHANNEL_BINDING_TYPE, MECHANISM, MECHANISM_PLUS,
 };
 use super::scram_verifier::mock_verifier;
 use super::secret::ScramSecret;
@@ -35,14 +38,22 @@ pub struct ScramServer {
     /// Set when `verifier` is the mock: the exchange runs normally and fails at the proof.
     doomed: bool,
     server_nonce: String,
+    /// The connection's tls-server-end-point data; set exactly when SCRAM-SHA-256-PLUS
+    /// is offered.
+    channel_binding: Option<Vec<u8>>,
     state: State,
 }
+
+/// The mechanism lists `mechanisms` returns, PLUS first as PostgreSQL lists them.
+const WITHOUT_PLUS: &[&str] = &[MECHANISM];
+const WITH_PLUS: &[&str] = &[MECHANISM_PLUS, MECHANISM];
 
 enum State {
     AwaitingClientFirst,
     AwaitingClientFinal {
-        /// The gs2 header exactly as the client sent it (`n,,` or `y,,`).
-        gs2_header: Vec<u8>,
+        /// What the client-final `c=` must decode to: the gs2 header exactly as the client
+        /// sent it, followed by the channel binding data with SCRAM-SHA-256-PLUS.
+        expected_cbind: Vec<u8>,
         /// Client nonce followed by server nonce.
         nonce: Vec<u8>,
         client_first_bare: Vec<u8>,
@@ -77,12 +88,33 @@ impl ScramServer {
             verifier,
             doomed,
             server_nonce,
+            channel_binding: None,
             state: State::AwaitingClientFirst,
         }
     }
 
-    /// client-first-message (the SASLInitialResponse data) → server-first-message.
-    pub fn handle_client_first(&mut self, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
+    /// Offers SCRAM-SHA-256-PLUS with this channel binding data: on a TLS connection, the
+    /// tls-server-end-point hash of the certificate the pooler presented
+    /// (`crate::tls::der::server_end_point_hash`). None (no TLS, or a certificate without
+    /// a usable hash) offers SCRAM-SHA-256 only; empty data counts as None.
+    pub fn with_channel_binding(mut self, data: Option<Vec<u8>>) -> ScramServer {
+        self.channel_binding = data.filter(|d| !d.is_empty());
+        self
+    }
+
+    /// The mechanisms to list in AuthenticationSASL.
+    pub fn mechanisms(&self) -> &'static [&'static str] {
+        if self.channel_binding.is_some() {
+            WITH_PLUS
+        } else {
+            WITHOUT_PLUS
+        }
+    }
+
+    /// The SASLInitialResponse: the mechanism the client selected and its
+    /// client-first-message → server-first-message. A mechanism not offered by
+    /// `mechanisms` is `AuthError::InvalidMechanism`.
+    pub fn handle_initial(&mut self, mechanism: &[u8], msg: &[u8]) -> Result<Vec<u8>, AuthError> {
         // Any error below leaves the exchange finished.
         if !matches!(
             std::mem::replace(&mut self.state, State::Finished),
@@ -91,8 +123,18 @@ impl ScramServer {
             return Err(AuthError::OutOfOrder("client-first-message after the exchange started"));
         }
 
-        let (gs2_header, bare) = split_gs2_header(msg)?;
+        let binding = if mechanism == MECHANISM.as_bytes() {
+            None
+        } else if mechanism == MECHANISM_PLUS.as_bytes() {
+            Some(self.channel_binding.as_deref().ok_or(AuthError::InvalidMechanism)?)
+        } else {
+            return Err(AuthError::InvalidMechanism);
+        };
+
+        let (gs2_header, bare) = split_gs2_header(msg, binding.is_some(), self.channel_binding.is_some())?;
         let client_nonce = parse_client_first_bare(bare)?;
+        let mut expected_cbind = gs2_header.to_vec();
+        expected_cbind.extend_from_slice(binding.unwrap_or_default());
 
         let mut nonce = client_nonce.to_vec();
         nonce.extend_from_slice(self.server_nonce.as_bytes());
@@ -103,7 +145,7 @@ impl ScramServer {
         server_first.extend_from_slice(format!(",i={}", self.verifier.iterations).as_bytes());
 
         self.state = State::AwaitingClientFinal {
-            gs2_header: gs2_header.to_vec(),
+            expected_cbind,
             nonce,
             client_first_bare: bare.to_vec(),
             server_first: server_first.clone(),
@@ -111,12 +153,17 @@ impl ScramServer {
         Ok(server_first)
     }
 
+    /// `handle_initial` with SCRAM-SHA-256, for callers that check the mechanism themselves.
+    pub fn handle_client_first(&mut self, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
+        self.handle_initial(MECHANISM.as_bytes(), msg)
+    }
+
     /// client-final-message (the SASLResponse data) → server-final-message and the
     /// recovered ClientKey. A wrong proof, an unknown user or an md5-only user all give
     /// `AuthError::PasswordMismatch`.
     pub fn handle_client_final(&mut self, msg: &[u8]) -> Result<ScramSuccess, AuthError> {
         let State::AwaitingClientFinal {
-            gs2_header,
+            expected_cbind,
             nonce,
             client_first_bare,
             server_first,
@@ -146,7 +193,7 @@ impl ScramServer {
         let final_nonce = attrs.require(b'r', "client-final-message lacks nonce r=")?;
         attrs.extensions()?;
 
-        if !bool::from(cbind.as_slice().ct_eq(&gs2_header)) {
+        if !bool::from(cbind.as_slice().ct_eq(&expected_cbind)) {
             return Err(AuthError::ChannelBindingMismatch);
         }
         if !bool::from(final_nonce.ct_eq(&nonce)) {
@@ -187,17 +234,34 @@ impl fmt::Debug for ScramServer {
     }
 }
 
-/// Splits `gs2-header client-first-message-bare`, accepting only the headers that
-/// mean "no channel binding": `n,,` (client does not support it) and `y,,` (client
-/// supports it but thinks we do not — true, as the pooler never offers SCRAM-SHA-256-PLUS).
-fn split_gs2_header(msg: &[u8]) -> Result<(&[u8], &[u8]), AuthError> {
+/// Splits `gs2-header client-first-message-bare`, applying PostgreSQL's rules to the
+/// channel binding flag. With SCRAM-SHA-256-PLUS (`plus`) only `p=tls-server-end-point`
+/// is valid. With SCRAM-SHA-256, `n` (no channel binding) is; `y` (the client supports it
+/// but thinks the server does not) is valid only when the server did not offer PLUS
+/// (`offered_plus`), since otherwise an attacker may have removed PLUS from the list;
+/// `p=` is not.
+fn split_gs2_header(msg: &[u8], plus: bool, offered_plus: bool) -> Result<(&[u8], &[u8]), AuthError> {
     let mut attrs = Attrs::new(msg);
     match attrs.next_part() {
-        Some(b"n") | Some(b"y") => {}
-        Some([b'p', b'=', ..]) => {
-            return Err(AuthError::UnsupportedChannelBinding(
-                "client requires channel binding (p=), which is not offered",
+        Some(b"n") | Some(b"y") if plus => {
+            return Err(AuthError::Malformed(
+                "client selected SCRAM-SHA-256-PLUS, but its gs2 header does not require channel binding (p=)",
             ))
+        }
+        Some(b"n") => {}
+        Some(b"y") if offered_plus => return Err(AuthError::ChannelBindingDowngrade),
+        Some(b"y") => {}
+        Some([b'p', b'=', cb_name @ ..]) => {
+            if !plus {
+                return Err(AuthError::UnsupportedChannelBinding(
+                    "client selected SCRAM-SHA-256 without channel binding, but requires channel binding (p=)",
+                ));
+            }
+            if cb_name != CHANNEL_BINDING_TYPE.as_bytes() {
+                return Err(AuthError::UnsupportedChannelBinding(
+                    "channel binding type is not tls-server-end-point",
+                ));
+            }
         }
         _ => {
             return Err(AuthError::Malformed(
@@ -462,5 +526,140 @@ mod tests {
     fn debug_shows_no_secrets() {
         let server = ScramServer::new(Some(rfc_verifier()), "user", &MOCK_KEY);
         assert_eq!(format!("{server:?}"), "ScramServer(awaiting client-first)");
+    }
+
+    const BINDING: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const PLAIN: &str = "SCRAM-SHA-256";
+    const PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+    fn server_with_binding(binding: Option<&[u8]>) -> ScramServer {
+        rfc_server().with_channel_binding(binding.map(<[u8]>::to_vec))
+    }
+
+    #[test]
+    fn plus_is_offered_only_with_binding_data() {
+        assert_eq!(server_with_binding(None).mechanisms(), [PLAIN]);
+        assert_eq!(server_with_binding(Some(BINDING)).mechanisms(), [PLUS, PLAIN]);
+        assert_eq!(server_with_binding(Some(b"")).mechanisms(), [PLAIN]);
+    }
+
+    #[test]
+    fn unknown_mechanism_or_plus_without_binding_is_an_invalid_mechanism() {
+        let first = b"p=tls-server-end-point,,n=,r=abc";
+        let cases: &[(Option<&[u8]>, &str)] = &[
+            (None, PLUS),
+            (Some(b""), PLUS),
+            (Some(BINDING), "SCRAM-SHA-1"),
+            (Some(BINDING), "scram-sha-256-plus"),
+            (Some(BINDING), ""),
+            (None, "SCRAM-SHA-256\0"),
+        ];
+        for &(binding, mechanism) in cases {
+            let mut server = server_with_binding(binding);
+            assert_eq!(
+                server.handle_initial(mechanism.as_bytes(), first),
+                Err(AuthError::InvalidMechanism),
+                "{mechanism:?} with binding {binding:?}"
+            );
+            assert!(matches!(
+                server.handle_initial(PLAIN.as_bytes(), b"n,,n=,r=abc"),
+                Err(AuthError::OutOfOrder(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn gs2_flag_rules_follow_postgresql() {
+        let b = Some(BINDING);
+        let cases: &[(Option<&[u8]>, &str, &[u8], IsExpected)] = &[
+            (None, PLAIN, b"n,,n=,r=abc", |_| false),
+            (None, PLAIN, b"y,,n=,r=abc", |_| false),
+            (b, PLAIN, b"n,,n=,r=abc", |_| false),
+            (b, PLUS, b"p=tls-server-end-point,,n=,r=abc", |_| false),
+            // The client could bind but thinks we cannot, while we offered PLUS.
+            (b, PLAIN, b"y,,n=,r=abc", |e| *e == AuthError::ChannelBindingDowngrade),
+            (None, PLAIN, b"p=tls-server-end-point,,n=,r=abc", |e| {
+                matches!(e, AuthError::UnsupportedChannelBinding(_))
+            }),
+            (b, PLAIN, b"p=tls-server-end-point,,n=,r=abc", |e| {
+                matches!(e, AuthError::UnsupportedChannelBinding(_))
+            }),
+            (b, PLUS, b"p=tls-unique,,n=,r=abc", |e| {
+                matches!(e, AuthError::UnsupportedChannelBinding(_))
+            }),
+            (b, PLUS, b"p=,,n=,r=abc", |e| {
+                matches!(e, AuthError::UnsupportedChannelBinding(_))
+            }),
+            (b, PLUS, b"n,,n=,r=abc", |e| matches!(e, AuthError::Malformed(_))),
+            (b, PLUS, b"y,,n=,r=abc", |e| matches!(e, AuthError::Malformed(_))),
+            (b, PLUS, b"p=tls-server-end-point,n=,r=abc", |e| {
+                matches!(e, AuthError::Malformed(_))
+            }),
+            (b, PLUS, b"p=tls-server-end-point,a=x,n=,r=abc", |e| {
+                matches!(e, AuthError::Unsupported(_))
+            }),
+            (b, PLUS, b"p=tls-server-end-point,,r=abc", |e| {
+                matches!(e, AuthError::Malformed(_))
+            }),
+        ];
+        for &(binding, mechanism, first, is_expected) in cases {
+            let result = server_with_binding(binding).handle_initial(mechanism.as_bytes(), first);
+            let what = format!(
+                "{mechanism} {:?} binding {}",
+                String::from_utf8_lossy(first),
+                binding.is_some()
+            );
+            match result {
+                Ok(server_first) => assert!(server_first.starts_with(b"r=abc"), "{what}"),
+                Err(e) => assert!(is_expected(&e), "{what} gave {e:?}"),
+            }
+        }
+        // handle_client_first is SCRAM-SHA-256, downgrade check included.
+        let mut server = server_with_binding(b);
+        assert_eq!(
+            server.handle_client_first(b"y,,n=,r=abc"),
+            Err(AuthError::ChannelBindingDowngrade)
+        );
+    }
+
+    #[test]
+    fn plus_client_final_must_carry_the_binding_data() {
+        let header = b"p=tls-server-end-point,,";
+        let proof = b64_encode(&[0u8; 32]);
+        let cases: Vec<(Vec<u8>, AuthError)> = vec![
+            // The gs2 header alone, as without PLUS.
+            (header.to_vec(), AuthError::ChannelBindingMismatch),
+            // Another certificate's hash: a man in the middle.
+            ([&header[..], &[0u8; 32]].concat(), AuthError::ChannelBindingMismatch),
+            ([&header[..], BINDING, b"x"].concat(), AuthError::ChannelBindingMismatch),
+            (b"n,,".to_vec(), AuthError::ChannelBindingMismatch),
+            // The right data gets as far as the (here wrong) proof.
+            ([&header[..], BINDING].concat(), AuthError::PasswordMismatch),
+        ];
+        for (cbind, expected) in cases {
+            let mut server = server_with_binding(Some(BINDING));
+            server
+                .handle_initial(PLUS.as_bytes(), &[&header[..], b"n=,r=abc"].concat())
+                .unwrap();
+            let msg = format!("c={},r=abc{SERVER_NONCE},p={proof}", b64_encode(&cbind));
+            assert_eq!(
+                server.handle_client_final(msg.as_bytes()).unwrap_err(),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(&cbind)
+            );
+        }
+
+        // Without PLUS the binding data must not be appended, even when offered.
+        let mut server = server_with_binding(Some(BINDING));
+        server.handle_initial(PLAIN.as_bytes(), b"n,,n=,r=abc").unwrap();
+        let msg = format!(
+            "c={},r=abc{SERVER_NONCE},p={proof}",
+            b64_encode(&[b"n,,", BINDING].concat())
+        );
+        assert_eq!(
+            server.handle_client_final(msg.as_bytes()).unwrap_err(),
+            AuthError::ChannelBindingMismatch
+        );
     }
 }

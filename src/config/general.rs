@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::front_door::FrontDoor;
 use super::section::Section;
 use super::value::Value;
 
@@ -187,6 +188,9 @@ pub struct General {
     /// `application_name_add_host`: append the client's address to application_name.
     /// Default false.
     pub application_name_add_host: bool,
+    /// TLS towards clients and servers, and the Unix socket (`client_tls_*`,
+    /// `server_tls_*`, `unix_socket_*`).
+    pub front_door: FrontDoor,
 }
 
 impl General {
@@ -234,6 +238,22 @@ impl General {
         "pkt_buf",
         "tcp_keepalive",
         "application_name_add_host",
+        // FrontDoor::KEYS, in its order.
+        "client_tls_sslmode",
+        "client_tls_key_file",
+        "client_tls_cert_file",
+        "client_tls_ca_file",
+        "client_tls_protocols",
+        "client_tls_ciphers",
+        "server_tls_sslmode",
+        "server_tls_ca_file",
+        "server_tls_key_file",
+        "server_tls_cert_file",
+        "server_tls_protocols",
+        "server_tls_ciphers",
+        "unix_socket_dir",
+        "unix_socket_mode",
+        "unix_socket_group",
     ];
 
     /// PgBouncer's defaults. `auth_file` has none; it is left empty.
@@ -281,6 +301,7 @@ impl General {
             pkt_buf: 4096,
             tcp_keepalive: true,
             application_name_add_host: false,
+            front_door: FrontDoor::defaults(),
         }
     }
 
@@ -377,6 +398,7 @@ impl General {
         let pkt_buf = section.uint("pkt_buf", d.pkt_buf, 1024);
         let tcp_keepalive = section.bool("tcp_keepalive", d.tcp_keepalive);
         let application_name_add_host = section.bool("application_name_add_host", d.application_name_add_host);
+        let front_door = FrontDoor::read(section, config_path);
 
         General {
             name,
@@ -421,6 +443,7 @@ impl General {
             pkt_buf,
             tcp_keepalive,
             application_name_add_host,
+            front_door,
         }
     }
 
@@ -501,6 +524,8 @@ impl General {
             ("tcp_keepalive", self.tcp_keepalive.to_string()),
             ("application_name_add_host", self.application_name_add_host.to_string()),
         ];
+        let mut items = items;
+        items.extend(self.front_door.config_items());
         debug_assert!(items.iter().map(|(k, _)| *k).eq(Self::KEYS.iter().copied()));
         items
     }

@@ -6,6 +6,7 @@
 mod check;
 mod database;
 mod error;
+mod front_door;
 mod general;
 mod load;
 mod section;
@@ -15,6 +16,7 @@ mod value;
 pub use check::check;
 pub use database::{Database, RESERVED_DATABASE_NAMES};
 pub use error::{ConfigError, FileKind, Problem};
+pub use front_door::{parse_protocols, ClientTls, FrontDoor, ServerTls, SslMode, UnixSocket};
 pub use general::{AuthType, General, PoolMode};
 pub use load::Config;
 pub use userlist::Userlist;

@@ -3,21 +3,20 @@
 //! server runs that client's query right now.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use monoio::net::TcpStream;
 use subtle::ConstantTimeEq;
 
+use crate::net::Endpoint;
 use crate::protocol::frontend;
 use crate::protocol::io::write_out;
 
 /// The server side of a cancel: where the client's current server is and its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     pub pid: u32,
     pub secret: u32,
 }
@@ -159,7 +158,7 @@ pub async fn send_cancel(target: CancelTarget) -> std::io::Result<()> {
 }
 
 async fn send_cancel_inner(target: CancelTarget) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect_addr(target.addr).await?;
+    let mut stream = target.addr.connect().await?;
     let mut out = Vec::with_capacity(16);
     frontend::cancel_request(&mut out, target.pid, &target.secret.to_be_bytes());
     let (res, _) = write_out(&mut stream, out).await;
@@ -180,7 +179,7 @@ mod tests {
         let reg = CancelRegistry::default();
         let (pid, slot) = reg.register();
         let target = CancelTarget {
-            addr: "127.0.0.1:5432".parse().unwrap(),
+            addr: Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()),
             pid: 99,
             secret: 7,
         };

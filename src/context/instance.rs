@@ -15,6 +15,7 @@ use crate::config::{Config, Userlist};
 use crate::context::cancel::CancelRegistry;
 use crate::metrics::Averages;
 use crate::pool::{PoolRegistry, Postman};
+use crate::tls::TlsContext;
 
 /// What a worker reports about itself, for logs and SHOW WORKERS.
 #[derive(Clone, Debug)]
@@ -28,6 +29,9 @@ pub struct Instance {
     pub name: String,
     config: RwLock<Arc<Config>>,
     userlist: RwLock<Arc<Userlist>>,
+    /// The certificates and rustls settings in use; a reload swaps them whole, and
+    /// connections keep the generation they started with.
+    tls: RwLock<Arc<TlsContext>>,
     pub pools: PoolRegistry,
     pub cancels: CancelRegistry,
     pub postman: OnceLock<Postman>,
@@ -57,11 +61,18 @@ impl Instance {
         (self.reloader)(self)
     }
 
-    pub fn new(config: Config, userlist: Userlist, worker_count: usize, reloader: fn(&Arc<Instance>)) -> Instance {
+    pub fn new(
+        config: Config,
+        userlist: Userlist,
+        tls: TlsContext,
+        worker_count: usize,
+        reloader: fn(&Arc<Instance>),
+    ) -> Instance {
         Instance {
             name: config.general.name.clone(),
             config: RwLock::new(Arc::new(config)),
             userlist: RwLock::new(Arc::new(userlist)),
+            tls: RwLock::new(Arc::new(tls)),
             pools: PoolRegistry::new(worker_count),
             cancels: CancelRegistry::default(),
             postman: OnceLock::new(),
@@ -85,6 +96,14 @@ impl Instance {
 
     pub fn userlist(&self) -> Arc<Userlist> {
         self.userlist.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn tls(&self) -> Arc<TlsContext> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace_tls(&self, tls: Arc<TlsContext>) {
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
     }
 
     pub fn replace_config(&self, config: Config) {

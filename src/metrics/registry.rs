@@ -45,7 +45,11 @@ pub struct ConnEntry {
     pub id: u64,
     pub user: String,
     pub database: String,
-    pub addr: SocketAddr,
+    /// The peer's address as SHOW CLIENTS/SERVERS print it ("unix" for Unix sockets).
+    pub addr: String,
+    pub port: u16,
+    /// "" for plain connections, else the TLS protocol version and cipher suite.
+    pub tls: String,
     pub local_addr: Option<SocketAddr>,
     pub connect_time: SystemTime,
     pub application_name: String,
@@ -65,7 +69,7 @@ impl ConnEntry {
         id: u64,
         user: &str,
         database: &str,
-        addr: SocketAddr,
+        addr: (String, u16),
         local_addr: Option<SocketAddr>,
         worker: usize,
     ) -> ConnEntry {
@@ -73,7 +77,9 @@ impl ConnEntry {
             id,
             user: user.to_string(),
             database: database.to_string(),
-            addr,
+            addr: addr.0,
+            port: addr.1,
+            tls: String::new(),
             local_addr,
             connect_time: SystemTime::now(),
             application_name: String::new(),

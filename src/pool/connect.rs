@@ -1,9 +1,10 @@
-//! Opening a server connection: TCP connect, startup, the password exchange PostgreSQL
-//! asks for, and the session parameters it reports.
+//! Opening a server connection: TCP or Unix-socket connect, TLS as server_tls_sslmode
+//! asks, startup, the password exchange PostgreSQL asks for, and the session parameters
+//! it reports.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use monoio::net::TcpStream;
+use monoio::io::AsyncReadRent;
 
 use super::server::{ServerConn, ServerMeta, INTERNAL_MESSAGE_LIMIT};
 use super::settings::parse_parameter_status;
@@ -12,23 +13,24 @@ use super::PoolError;
 use crate::auth::md5::{md5_salted_response, md5_secret};
 use crate::auth::{ScramClient, ScramClientKeys};
 use crate::metrics::{ConnEntry, ConnState, Registered, SERVERS};
+use crate::net::{Endpoint, Stream, TlsStream};
 use crate::protocol::io::{read_message, write_out, WireError};
 use crate::protocol::{frontend, ErrorFields, MsgBuf};
 
-/// Resolves the target host. Names go through the system resolver; in practice they are
-/// loopback or /etc/hosts entries, so the blocking call is brief.
-pub fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, PoolError> {
+/// Resolves the target host: a path is the folder of PostgreSQL's Unix socket, as in
+/// libpq. Names go through the system resolver; in practice they are loopback or
+/// /etc/hosts entries, so the blocking call is brief.
+pub fn resolve(host: &str, port: u16) -> Result<Vec<Endpoint>, PoolError> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, port)]);
+        return Ok(vec![Endpoint::Tcp(SocketAddr::new(ip, port))]);
     }
     if host.starts_with('/') {
-        return Err(PoolError::Connect(format!(
-            "unix socket host {host} is not supported; use a TCP host"
-        )));
+        return Ok(vec![Endpoint::unix(host, port)]);
     }
-    let addrs: Vec<SocketAddr> = (host, port)
+    let addrs: Vec<Endpoint> = (host, port)
         .to_socket_addrs()
         .map_err(|e| PoolError::Connect(format!("cannot resolve {host}: {e}")))?
+        .map(Endpoint::Tcp)
         .collect();
     if addrs.is_empty() {
         return Err(PoolError::Connect(format!("{host} resolves to no address")));
@@ -46,7 +48,7 @@ pub async fn connect(
     match monoio::time::timeout(target.connect_timeout, connect_inner(target, client_key)).await {
         Ok(Ok(mut conn)) => {
             let local = conn.local_addr();
-            let mut e = ConnEntry::new(conn.meta.id, &target.user, database, conn.meta.addr, local, worker);
+            let mut e = ConnEntry::new(conn.meta.id, &target.user, database, (conn.meta.addr.addr_text(), conn.meta.addr.port()), local, worker);
             e.remote_pid = conn.meta.backend_pid;
             conn.meta.entry = Some(Registered::new(&SERVERS, e));
             conn.meta.mark(ConnState::Active, 0);
@@ -65,7 +67,7 @@ async fn connect_inner(target: &ServerTarget, client_key: Option<[u8; 32]>) -> R
     let mut last_err = None;
     let mut stream = None;
     for addr in &addrs {
-        match TcpStream::connect_addr(*addr).await {
+        match addr.connect().await {
             Ok(s) => {
                 stream = Some((s, *addr));
                 break;
@@ -73,14 +75,14 @@ async fn connect_inner(target: &ServerTarget, client_key: Option<[u8; 32]>) -> R
             Err(e) => last_err = Some(format!("{addr}: {e}")),
         }
     }
-    let Some((mut stream, addr)) = stream else {
+    let Some((stream, addr)) = stream else {
         return Err(PoolError::Connect(last_err.unwrap_or_else(|| "no address".into())));
     };
-    let _ = stream.set_nodelay(true);
-    if target.tcp_keepalive {
-        let _ = stream.set_tcp_keepalive(None, None, None);
+    if let (true, Stream::Tcp(s)) = (target.tcp_keepalive, &stream) {
+        let _ = s.set_tcp_keepalive(None, None, None);
     }
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut stream = negotiate_tls(stream, target).await?;
     let mut meta = ServerMeta::new(addr, local_port);
 
     let mut out = Vec::with_capacity(128);
@@ -212,6 +214,47 @@ async fn connect_inner(target: &ServerTarget, client_key: Option<[u8; 32]>) -> R
         }
     }
     Ok(ServerConn::new(stream, meta))
+}
+
+/// server_tls_sslmode on a TCP connection: an SSLRequest, then TLS if PostgreSQL agrees.
+/// A server that refuses when TLS is required is an error, never a quiet fallback to
+/// plaintext. Unix sockets stay plain, as in libpq and PgBouncer.
+async fn negotiate_tls(stream: Stream, target: &ServerTarget) -> Result<Stream, PoolError> {
+    let config = match (&stream, target.tls.as_ref()) {
+        (Stream::Tcp(_), Some(config)) => config.clone(),
+        _ => return Ok(stream),
+    };
+    let Stream::Tcp(mut tcp) = stream else {
+        return Ok(stream);
+    };
+    let mut out = Vec::with_capacity(8);
+    frontend::ssl_request(&mut out);
+    let (res, _) = write_out(&mut tcp, out).await;
+    res.map_err(login_wire)?;
+    // Exactly one byte: anything PostgreSQL sent after it would belong to the TLS
+    // handshake (or be an injection, CVE-2021-23222), so it is not read here.
+    let (res, answer) = tcp.read(Vec::with_capacity(1)).await;
+    match (res, answer.first()) {
+        (Ok(1), Some(b'S')) => {
+            let name = rustls::pki_types::ServerName::try_from(target.host.clone()).map_err(|_| {
+                PoolError::Connect(format!("\"{}\" is not a host name TLS can verify", target.host))
+            })?;
+            let conn = rustls::ClientConnection::new(config, name)
+                .map_err(|e| PoolError::Connect(format!("TLS: {e}")))?;
+            let tls = TlsStream::handshake(tcp, rustls::Connection::Client(conn), &[])
+                .await
+                .map_err(|e| PoolError::Tls(format!("TLS handshake with the server failed: {e}")))?;
+            Ok(Stream::Tls(Box::new(tls)))
+        }
+        (Ok(1), Some(b'N')) if !target.tls_mode.requires_tls() => Ok(Stream::Tcp(tcp)),
+        (Ok(1), Some(b'N')) => Err(PoolError::Tls(format!(
+            "server does not support TLS, and server_tls_sslmode is {}",
+            target.tls_mode
+        ))),
+        (Ok(0), _) => Err(PoolError::Connect("server closed the connection during login".into())),
+        (Err(e), _) => Err(PoolError::Connect(e.to_string())),
+        _ => Err(PoolError::Connect("server sent an invalid answer to the SSL request".into())),
+    }
 }
 
 fn login_wire(e: WireError) -> PoolError {

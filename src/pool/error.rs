@@ -15,6 +15,9 @@ pub enum PoolError {
     /// pgsilo cannot log in with what the auth_file holds (e.g. no password for SCRAM).
     #[error("server login failed: {0}")]
     Login(String),
+    /// TLS with the server could not be set up as server_tls_sslmode demands: 08001.
+    #[error("server TLS failed: {0}")]
+    Tls(String),
     #[error("query_wait_timeout")]
     WaitTimeout,
     /// An internal query (reset, settings) failed on the server.
@@ -31,6 +34,7 @@ impl PoolError {
         match self {
             PoolError::Connect(_) | PoolError::Wire(_) => SqlState::CONNECTION_FAILURE,
             PoolError::Login(_) => SqlState::CONNECTION_FAILURE,
+            PoolError::Tls(_) => SqlState::UNABLE_TO_CONNECT,
             PoolError::WaitTimeout => SqlState::PROTOCOL_VIOLATION,
             PoolError::Shutdown => SqlState::CANNOT_CONNECT_NOW,
             // Codes from the server are passed on as they came, via client_error().

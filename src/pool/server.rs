@@ -1,23 +1,21 @@
 //! A logged-in connection to PostgreSQL and what pgsilo knows about its session.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
-use monoio::net::TcpStream;
+use monoio::io::Splitable;
 
 use super::prepared::PreparedCache;
 use super::settings::{parse_parameter_status, Settings};
 use super::PoolError;
 use crate::metrics::{ConnState, Registered};
+use crate::net::{stream_of, Endpoint, Stream, StreamParts, StreamRd, StreamWr};
 use crate::protocol::io::{read_message, write_out};
 use crate::protocol::{frontend, ErrorFields, MsgBuf};
 
-pub type ServerRd = OwnedReadHalf<TcpStream>;
-pub type ServerWr = OwnedWriteHalf<TcpStream>;
+pub type ServerRd = StreamRd;
+pub type ServerWr = StreamWr;
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -41,7 +39,7 @@ pub struct ServerConn {
 #[derive(Debug)]
 pub struct ServerMeta {
     pub id: u64,
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     pub local_port: u16,
     pub backend_pid: u32,
     /// None when the server's cancel key is not the 4-byte form of protocol 3.0.
@@ -68,7 +66,7 @@ pub struct ServerMeta {
 }
 
 impl ServerMeta {
-    pub fn new(addr: SocketAddr, local_port: u16) -> ServerMeta {
+    pub fn new(addr: Endpoint, local_port: u16) -> ServerMeta {
         let now = Instant::now();
         ServerMeta {
             id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
@@ -124,7 +122,7 @@ impl ServerMeta {
 
 /// A server connection in transit between workers.
 pub struct ServerParts {
-    fd: OwnedFd,
+    stream: StreamParts,
     pub meta: Box<ServerMeta>,
 }
 
@@ -135,7 +133,7 @@ pub struct InternalOutcome {
 }
 
 impl ServerConn {
-    pub fn new(stream: TcpStream, meta: ServerMeta) -> ServerConn {
+    pub fn new(stream: Stream, meta: ServerMeta) -> ServerConn {
         let (rd, wr) = stream.into_split();
         ServerConn {
             rd,
@@ -144,37 +142,21 @@ impl ServerConn {
         }
     }
 
-    fn raw_fd(&self) -> i32 {
-        // SAFETY: a shared view of the stream for its descriptor; no operation is in
-        // flight on an idle connection (the only kind this is called on) that could hold
-        // a mutable one.
-        unsafe { &*self.rd.0.get() }.as_raw_fd()
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        stream_of(&self.rd).local_addr()
     }
 
-    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        // SAFETY: as in raw_fd.
-        unsafe { &*self.rd.0.get() }.local_addr().ok()
+    /// "" for a plain connection, else the TLS version and cipher suite, for SHOW SERVERS.
+    pub fn tls_text(&self) -> String {
+        stream_of(&self.rd).tls().map(|t| crate::tls::describe(t.connection())).unwrap_or_default()
     }
 
     /// True when the server has neither closed the socket nor sent anything unasked.
     /// An idle server that speaks is being terminated (or reports a setting change after
-    /// a server reload); either way it is not safe to hand to a client.
+    /// a server reload); either way it is not safe to hand to a client. Only called on
+    /// idle connections, which have no read in flight.
     pub fn is_alive(&self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: a one-byte peek into a valid local; the descriptor is owned by self.
-        let n = unsafe {
-            libc::recv(
-                self.raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            return err.kind() == std::io::ErrorKind::WouldBlock;
-        }
-        false
+        stream_of(&self.rd).peek().is_none()
     }
 
     pub fn split(self) -> (ServerRd, ServerWr, Box<ServerMeta>) {
@@ -191,20 +173,17 @@ impl ServerConn {
     /// halves do not belong together, which would be a bug; the socket then closes.
     pub fn detach(self) -> Option<ServerParts> {
         let stream = self.rd.reunite(self.wr).ok()?;
-        let raw = stream.into_raw_fd();
-        // SAFETY: into_raw_fd hands over sole ownership of a valid, open descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Some(ServerParts { fd, meta: self.meta })
+        Some(ServerParts {
+            stream: stream.detach(),
+            meta: self.meta,
+        })
     }
 
     pub fn adopt(parts: ServerParts, worker: usize) -> std::io::Result<ServerConn> {
         if let Some(e) = &parts.meta.entry {
             e.entry.set_worker(worker);
         }
-        let std_stream = std::net::TcpStream::from(parts.fd);
-        std_stream.set_nonblocking(true)?;
-        let stream = TcpStream::from_std(std_stream)?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = Stream::adopt(parts.stream)?.into_split();
         Ok(ServerConn {
             rd,
             wr,
@@ -255,9 +234,5 @@ impl ServerConn {
         let mut out = Vec::with_capacity(5);
         frontend::terminate(&mut out);
         let _ = write_out(&mut self.wr, out).await;
-    }
-
-    pub fn fd(&self) -> i32 {
-        self.raw_fd()
     }
 }

@@ -520,6 +520,8 @@ mod tests {
             credential: Credential::None,
             connect_timeout: Duration::from_secs(1),
             tcp_keepalive: false,
+            tls_mode: crate::config::SslMode::Disable,
+            tls: None,
         }
     }
 

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::auth::ScramSecret;
+use crate::config::SslMode;
 
 #[derive(Clone, Debug)]
 pub struct ServerTarget {
@@ -13,6 +14,9 @@ pub struct ServerTarget {
     pub credential: Credential,
     pub connect_timeout: Duration,
     pub tcp_keepalive: bool,
+    /// server_tls_sslmode, and the rustls configuration when it is not disable.
+    pub tls_mode: SslMode,
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// What pgsilo can answer a server's password challenge with.

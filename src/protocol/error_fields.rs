@@ -11,6 +11,8 @@ impl SqlState {
     pub const PROTOCOL_VIOLATION: SqlState = SqlState(*b"08P01");
     pub const CONNECTION_FAILURE: SqlState = SqlState(*b"08006");
     pub const CONNECTION_EXCEPTION: SqlState = SqlState(*b"08000");
+    /// sqlclient_unable_to_establish_sqlconnection: TLS with the server could not be set up.
+    pub const UNABLE_TO_CONNECT: SqlState = SqlState(*b"08001");
     pub const INVALID_CATALOG_NAME: SqlState = SqlState(*b"3D000");
     pub const INVALID_PASSWORD: SqlState = SqlState(*b"28P01");
     pub const INVALID_AUTHORIZATION: SqlState = SqlState(*b"28000");

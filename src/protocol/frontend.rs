@@ -24,6 +24,12 @@ pub fn cancel_request(out: &mut Vec<u8>, pid: u32, secret: &[u8]) {
     out.extend_from_slice(secret);
 }
 
+/// SSLRequest: asks the server to switch to TLS before the startup message.
+pub fn ssl_request(out: &mut Vec<u8>) {
+    out.extend_from_slice(&8u32.to_be_bytes());
+    out.extend_from_slice(&super::startup::SSL_REQUEST.to_be_bytes());
+}
+
 /// PasswordMessage carrying a cleartext password or an md5 response (NUL-terminated).
 pub fn password_message(out: &mut Vec<u8>, password: &[u8]) {
     message(out, b'p', |b| {

@@ -2,12 +2,10 @@
 //! share its framing), authentication against the auth_file, and the welcome PostgreSQL
 //! would give: settings, a cancel key, ReadyForQuery.
 
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 
 use super::params::{after_sync, initial_settings, sync_statement};
 use super::SessionError;
@@ -16,6 +14,7 @@ use crate::config::{AuthType, Config, PoolMode, Userlist};
 use crate::context::cancel::{send_cancel, CancelSlot};
 use crate::context::WorkerCtx;
 use crate::metrics::{ConnEntry, Registered, CLIENTS};
+use crate::net::{Peer, Stream, TlsStream};
 use crate::pool::{Credential, LocalPool, ServerConn, ServerTarget, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::framing::read_cstr;
@@ -34,7 +33,7 @@ pub struct LoggedIn {
     pub user: String,
     pub database: String,
     pub application_name: String,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     pub pool: Rc<LocalPool>,
     /// Shared with other clients that logged in with the same parameters until it changes.
     pub settings: Arc<Settings>,
@@ -50,7 +49,7 @@ pub struct LoggedIn {
 pub struct AdminLogin {
     pub id: u64,
     pub user: String,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     /// stats_users may only look; admin_users may also act.
     pub can_act: bool,
     pub entry: Registered,
@@ -63,18 +62,37 @@ pub enum Opening {
     Admin(AdminLogin),
 }
 
-/// Runs the login. On a refusal the caller sends the FATAL error and closes.
+/// The first byte of a TLS handshake record: a client that starts TLS at once
+/// (PostgreSQL 17's `sslnegotiation=direct`) instead of asking with an SSLRequest. No
+/// startup packet can begin with it (its length would exceed the limit).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Runs the login. On a refusal the caller sends the FATAL error and closes. The stream
+/// is in a slot because TLS replaces it; the slot is empty when a TLS handshake failed
+/// half-way and nothing more can be said to the client.
 pub async fn login(
     ctx: &Rc<WorkerCtx>,
-    stream: &mut TcpStream,
-    peer: SocketAddr,
+    slot: &mut Option<Stream>,
+    peer: Peer,
     id: u64,
 ) -> Result<Opening, SessionError> {
     let mut buf = MsgBuf::with_capacity(512);
+    let tls = ctx.instance.tls();
+    let gone = || SessionError::ClientGone(crate::protocol::io::WireError::Closed);
     let startup = loop {
+        let stream = slot.as_mut().ok_or_else(gone)?;
         let (res, back) = read_at_least(stream, buf, 4).await;
         buf = back;
         res?;
+        if buf.data().first() == Some(&TLS_HANDSHAKE) && !stream.is_tls() {
+            let Some(acceptor) = tls.acceptor.clone() else {
+                // As PostgreSQL without TLS: nothing a TLS client could read; close.
+                return Err(gone());
+            };
+            start_tls(slot, acceptor, buf.data(), true).await?;
+            buf.consume(buf.len());
+            continue;
+        }
         let len = match startup::declared_len(buf.data()) {
             Some(r) => r?,
             None => continue,
@@ -85,9 +103,24 @@ pub async fn login(
         let packet = startup::parse(&buf.data()[..len])?;
         buf.consume(len);
         match packet {
+            StartupPacket::SslRequest if !stream.is_tls() && tls.acceptor.is_some() => {
+                // Bytes behind the SSLRequest arrived before the handshake, in the
+                // clear; taking them as if encrypted is CVE-2021-23214.
+                if !buf.is_empty() {
+                    return Err(SessionError::refused(
+                        SqlState::PROTOCOL_VIOLATION,
+                        "received unencrypted data after SSL request",
+                    ));
+                }
+                let (res, _) = stream.write_all(b"S".to_vec()).await;
+                res.map_err(|e| SessionError::ClientGone(e.into()))?;
+                if let Some(acceptor) = tls.acceptor.clone() {
+                    start_tls(slot, acceptor, &[], false).await?;
+                }
+            }
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                // No TLS or GSS encryption yet: the client carries on in the clear or
-                // gives up, as with a PostgreSQL built without them.
+                // No TLS configured (or already on it), no GSS encryption: the client
+                // carries on as it is or gives up, as with a PostgreSQL built without them.
                 let (res, _) = stream.write_all(b"N".to_vec()).await;
                 res.map_err(|e| SessionError::ClientGone(e.into()))?;
             }
@@ -102,6 +135,13 @@ pub async fn login(
             StartupPacket::Startup(s) => break s,
         }
     };
+    let stream = slot.as_mut().ok_or_else(gone)?;
+    if tls.client_mode.requires_tls() && !stream.is_tls() {
+        return Err(SessionError::refused(
+            SqlState::INVALID_AUTHORIZATION,
+            "SSL required (client_tls_sslmode)",
+        ));
+    }
 
     let mut out = Vec::with_capacity(512);
     if startup.minor > 0 || !startup.protocol_options.is_empty() {
@@ -143,12 +183,11 @@ pub async fn login(
     if general.application_name_add_host {
         // As PgBouncer: the client's address goes into application_name, so PostgreSQL's
         // pg_stat_activity shows where a pooled query came from.
-        let app = format!(
-            "{} - {}:{}",
-            startup.get("application_name").unwrap_or(""),
-            peer.ip(),
-            peer.port()
-        );
+        let from = match peer {
+            Peer::Tcp(a) => format!("{}:{}", a.ip(), a.port()),
+            Peer::Unix(_) => "unix".to_string(),
+        };
+        let app = format!("{} - {from}", startup.get("application_name").unwrap_or(""));
         startup.params.retain(|(k, _)| k != "application_name");
         startup.params.push(("application_name".into(), app));
     }
@@ -201,7 +240,7 @@ pub async fn login(
     }
 
     let shared = ctx.instance.pools.get_or_create(&database, &user, || {
-        pool_definition(&config, &userlist, &database, &user)
+        pool_definition(&config, &userlist, &ctx.instance.tls(), &database, &user)
     });
     if let (Some(key), Some(Secret::Scram(_))) = (client_key, secret.as_ref()) {
         if config.databases.get(&database).is_some_and(|d| d.user.is_none()) {
@@ -285,16 +324,17 @@ pub async fn login(
 #[allow(clippy::too_many_arguments)]
 fn register_client(
     ctx: &WorkerCtx,
-    stream: &TcpStream,
+    stream: &Stream,
     id: u64,
     user: &str,
     database: &str,
-    peer: SocketAddr,
+    peer: Peer,
     application_name: &str,
     cancel_pid: u32,
 ) -> Registered {
-    let mut e = ConnEntry::new(id, user, database, peer, stream.local_addr().ok(), ctx.id);
+    let mut e = ConnEntry::new(id, user, database, (peer.addr_text(), peer.port()), stream.local_addr(), ctx.id);
     e.application_name = application_name.to_string();
+    e.tls = stream.tls().map(|t| crate::tls::describe(t.connection())).unwrap_or_default();
     e.remote_pid = cancel_pid;
     Registered::new(&CLIENTS, e)
 }
@@ -304,10 +344,13 @@ fn register_client(
 pub fn pool_definition(
     config: &Config,
     userlist: &Userlist,
+    tls: &crate::tls::TlsContext,
     database: &str,
     user: &str,
 ) -> (crate::config::PoolMode, usize, ServerTarget) {
     let g = &config.general;
+    let tls_mode = tls.server_mode;
+    let tls = tls.connector.clone();
     let (mode, cap, target) = match config.databases.get(database) {
         Some(db) => {
             let server_user = db.user.clone().unwrap_or_else(|| user.to_string());
@@ -328,6 +371,8 @@ pub fn pool_definition(
                     credential,
                     connect_timeout: timeout_or(g.server_connect_timeout, 15),
                     tcp_keepalive: g.tcp_keepalive,
+                    tls_mode,
+                    tls,
                 },
             )
         }
@@ -342,6 +387,8 @@ pub fn pool_definition(
                 credential: Credential::None,
                 connect_timeout: timeout_or(g.server_connect_timeout, 15),
                 tcp_keepalive: g.tcp_keepalive,
+                tls_mode,
+                tls,
             },
         ),
     };
@@ -433,7 +480,7 @@ async fn client_settings(
     Ok(Arc::new(settings))
 }
 
-async fn welcome_admin(stream: &mut TcpStream, mut out: Vec<u8>) -> Result<(), SessionError> {
+async fn welcome_admin(stream: &mut Stream, mut out: Vec<u8>) -> Result<(), SessionError> {
     backend::auth_ok(&mut out);
     for (name, value) in [
         ("server_version", env!("CARGO_PKG_VERSION")),
@@ -456,7 +503,7 @@ async fn welcome_admin(stream: &mut TcpStream, mut out: Vec<u8>) -> Result<(), S
 /// looks the same from outside. Returns the client's SCRAM ClientKey when it proved one.
 async fn authenticate(
     ctx: &Rc<WorkerCtx>,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut MsgBuf,
     out: &mut Vec<u8>,
     auth_type: AuthType,
@@ -527,8 +574,35 @@ async fn authenticate(
     }
 }
 
+/// Runs the TLS handshake with a client on the TCP stream in `slot`. `early` is what was
+/// already read of a direct-TLS ClientHello. Direct TLS must name PostgreSQL's ALPN
+/// protocol, as PostgreSQL 17 demands (a client of another protocol could otherwise be
+/// talked into speaking to pgsilo).
+async fn start_tls(
+    slot: &mut Option<Stream>,
+    acceptor: Arc<rustls::ServerConfig>,
+    early: &[u8],
+    direct: bool,
+) -> Result<(), SessionError> {
+    let Some(Stream::Tcp(tcp)) = slot.take() else {
+        return Err(SessionError::ClientGone(crate::protocol::io::WireError::Closed));
+    };
+    let lost = |e: std::io::Error| SessionError::ClientGone(crate::protocol::io::WireError::Io(e));
+    let conn = rustls::ServerConnection::new(acceptor).map_err(|e| lost(std::io::Error::other(e)))?;
+    let tls = TlsStream::handshake(tcp, rustls::Connection::Server(conn), early)
+        .await
+        .map_err(lost)?;
+    if direct && tls.connection().alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
+        return Err(lost(std::io::Error::other(
+            "direct TLS without the postgresql ALPN protocol",
+        )));
+    }
+    *slot = Some(Stream::Tls(Box::new(tls)));
+    Ok(())
+}
+
 /// Sends what is in `out` and reads the client's PasswordMessage-family reply body.
-async fn exchange(stream: &mut TcpStream, buf: &mut MsgBuf, out: &mut Vec<u8>) -> Result<Vec<u8>, SessionError> {
+async fn exchange(stream: &mut Stream, buf: &mut MsgBuf, out: &mut Vec<u8>) -> Result<Vec<u8>, SessionError> {
     let (res, back) = write_out(stream, std::mem::take(out)).await;
     *out = back;
     res.map_err(SessionError::ClientGone)?;
@@ -548,7 +622,7 @@ async fn exchange(stream: &mut TcpStream, buf: &mut MsgBuf, out: &mut Vec<u8>) -
 }
 
 /// Sends a FATAL error to a client that is about to be closed. Best effort.
-pub async fn send_fatal(stream: &mut TcpStream, code: SqlState, message: &str) {
+pub async fn send_fatal(stream: &mut Stream, code: SqlState, message: &str) {
     let mut out = Vec::with_capacity(64 + message.len());
     backend::error_response(&mut out, Severity::Fatal, code, message);
     let _ = write_out(stream, out).await;

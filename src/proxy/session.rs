@@ -8,7 +8,6 @@
 //! may already have consumed bytes, so no read is abandoned while the session runs.
 
 use std::future::{poll_fn, Future};
-use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -17,10 +16,8 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller, OwnedReadHalf,
-    OwnedWriteHalf, Splitable,
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller, Splitable,
 };
-use monoio::net::TcpStream;
 
 use super::downstream::{self, DownState, Hold, Resetting};
 use super::expect::{Expect, ExpectQueue, Injected, Kind};
@@ -36,12 +33,13 @@ use crate::context::cancel::{send_cancel, CancelTarget, CANCEL_TIMEOUT};
 use crate::context::control::{Seen, SessionSignal};
 use crate::context::WorkerCtx;
 use crate::metrics::{ConnState, WorkerPoolStats};
+use crate::net::{stream_of, Stream, StreamRd, StreamWr};
 use crate::pool::{LocalPool, PoolError, ServerConn, ServerMeta, ServerRd, ServerWr, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frontend, BufPool, MsgBuf, SqlState};
 
-type ClientRd = OwnedReadHalf<TcpStream>;
-type ClientWr = OwnedWriteHalf<TcpStream>;
+type ClientRd = StreamRd;
+type ClientWr = StreamWr;
 
 /// Stands for the configured server_reset_query in [`Flow::release_now`]'s answer.
 const RESET_QUERY: &str = "server_reset_query";
@@ -86,49 +84,21 @@ fn client_readiness(rd: &ClientRd) -> impl Future<Output = std::io::Result<()>> 
     // session keeps (in `c_rd`) for longer than this future lives: the future is a local
     // of the forwarding loop and is dropped before the loop returns, and the read half
     // is never dropped while the loop runs. No read runs on the socket meanwhile.
-    let stream: &'static TcpStream = unsafe { &*rd.0.get() };
-    stream.readable(false)
+    let stream: &'static mut Stream = unsafe { &mut *rd.0.get() };
+    stream.readable()
 }
 
 /// Peeks whether a readable client socket has data (Some(true)), was closed
 /// (Some(false)), or nothing after all (None).
 fn peek_client(rd: &ClientRd) -> Option<bool> {
-    // SAFETY: a shared view for the descriptor, as in client_readiness.
-    let fd = unsafe { &*rd.0.get() }.as_raw_fd();
-    let mut byte = 0u8;
-    // SAFETY: a one-byte peek into a valid local.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        n if n > 0 => Some(true),
-        0 => Some(false),
-        _ => {
-            let e = std::io::Error::last_os_error();
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-            ) {
-                None
-            } else {
-                Some(false)
-            }
-        }
-    }
+    stream_of(rd).peek()
 }
 
 /// Waits until the client's socket has something to read, holding no buffer.
 async fn readable_op(rd: ClientRd) -> (ClientRd, std::io::Result<()>) {
-    // SAFETY: the read half owns a reference-counted cell with the stream. While a
-    // session is idle no operation runs on the client socket, so this shared view cannot
-    // alias a mutable one; the half (moved into this future) keeps the stream alive.
-    let stream = unsafe { &*rd.0.get() };
-    let res = stream.readable(false).await;
+    // The half (moved into this future) keeps the stream alive; while a session is idle
+    // no operation runs on the client socket.
+    let res = stream_of(&rd).readable().await;
     (rd, res)
 }
 
@@ -290,7 +260,7 @@ struct Flow {
     tally: Tally,
 }
 
-pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, mut who: LoggedIn) -> Result<(), SessionError> {
+pub async fn serve(ctx: Rc<WorkerCtx>, stream: Stream, mut who: LoggedIn) -> Result<(), SessionError> {
     let config = ctx.instance.config();
     let g = &config.general;
     let pkt_buf = g.pkt_buf.max(1024);
@@ -507,42 +477,13 @@ impl Flow {
     /// A non-blocking receive of what the client sent, into a pooled buffer. None when
     /// nothing was there after all; Some(0) when the client closed.
     fn receive_now(&mut self) -> Option<usize> {
-        let fd = self.c_rd.as_ref().map(|rd| {
-            // SAFETY: a shared view of the stream for its descriptor; see readable_op.
-            unsafe { &*rd.0.get() }.as_raw_fd()
-        })?;
+        let rd = self.c_rd.as_ref()?;
         let buf = self.ubuf.get_or_insert_with(|| MsgBuf::with_capacity(0));
         if buf.capacity() == 0 {
             *buf = self.bufs.take();
         }
         buf.reserve(1);
-        let v = buf.vec_mut();
-        let len = v.len();
-        let spare = v.capacity() - len;
-        // SAFETY: recv writes at most `spare` bytes into the vector's spare capacity,
-        // and set_len covers exactly the bytes it wrote.
-        let n = unsafe {
-            let n = libc::recv(fd, v.as_mut_ptr().add(len).cast(), spare, libc::MSG_DONTWAIT);
-            if n > 0 {
-                v.set_len(len + n as usize);
-            }
-            n
-        };
-        match n {
-            n if n > 0 => Some(n as usize),
-            0 => Some(0),
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) {
-                    None
-                } else {
-                    Some(0)
-                }
-            }
-        }
+        stream_of(rd).try_recv(buf.vec_mut())
     }
 
     async fn run(&mut self) -> Result<Stretch, SessionError> {

@@ -18,4 +18,8 @@ pub enum RuntimeError {
     Signals(std::io::Error),
     #[error("takeover: {0}")]
     Takeover(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("unix socket {path}: {reason}")]
+    Unix { path: String, reason: String },
 }

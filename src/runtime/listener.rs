@@ -3,7 +3,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::config::UnixSocket;
 
 use super::RuntimeError;
 
@@ -37,6 +43,72 @@ pub fn bind_shared(addr: IpAddr, port: u16, backlog: u32) -> Result<std::net::Tc
     Ok(socket.into())
 }
 
+/// `dir/.s.PGSQL.<port>`, the name libpq looks for.
+pub fn unix_path(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!(".s.PGSQL.{port}"))
+}
+
+/// The instance's Unix socket. A socket file left by a process that died is replaced; one
+/// that still answers belongs to a live process and is an error, as PgBouncer does.
+pub fn bind_unix(u: &UnixSocket, port: u16, backlog: u32) -> Result<Option<UnixListener>, RuntimeError> {
+    let Some(dir) = &u.dir else {
+        return Ok(None);
+    };
+    let path = unix_path(dir, port);
+    let err = |reason: String| RuntimeError::Unix {
+        path: path.display().to_string(),
+        reason,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(err("in use by another process; refusing to share it".into()));
+        }
+        std::fs::remove_file(&path).map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(|e| err(e.to_string()))?;
+    let addr = SockAddr::unix(&path).map_err(|e| err(e.to_string()))?;
+    socket.bind(&addr).map_err(|e| err(e.to_string()))?;
+    socket
+        .listen(backlog.min(i32::MAX as u32) as i32)
+        .map_err(|e| err(e.to_string()))?;
+    socket.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(u.mode))
+        .map_err(|e| err(format!("unix_socket_mode: {e}")))?;
+    if let Some(group) = &u.group {
+        let gid = group_id(group).ok_or_else(|| err(format!("unix_socket_group: no group \"{group}\"")))?;
+        std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|e| err(format!("unix_socket_group: {e}")))?;
+    }
+    Ok(Some(socket.into()))
+}
+
+/// A group name (or number) to its id.
+fn group_id(group: &str) -> Option<u32> {
+    if let Ok(gid) = group.parse() {
+        return Some(gid);
+    }
+    let name = std::ffi::CString::new(group).ok()?;
+    // SAFETY: getgrnam reads a NUL-terminated name and returns a pointer into static
+    // storage (or null); the id is copied out at once, on the main thread at start-up.
+    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+    if entry.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, so it points at a valid group entry.
+    Some(unsafe { (*entry).gr_gid })
+}
+
+/// Removes the Unix socket's file as the process exits. Only called when no successor
+/// took the socket over; while this process listens, no other instance can bind the
+/// path (bind_unix refuses a socket that answers), so the file is this process's.
+pub fn remove_unix(l: &UnixListener) {
+    let Some(path) = l.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf)) else {
+        return;
+    };
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 fn new_socket(addr: IpAddr) -> std::io::Result<Socket> {
     let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))
@@ -57,17 +129,37 @@ pub fn dup(l: &std::net::TcpListener) -> Result<std::os::fd::OwnedFd, RuntimeErr
 /// Listening sockets received from the process this one takes over from.
 pub struct Inherited {
     by_addr: Vec<(SocketAddr, std::net::TcpListener)>,
+    unix: Vec<(PathBuf, UnixListener)>,
 }
 
 impl Inherited {
     pub fn new(fds: &[std::os::fd::OwnedFd]) -> Inherited {
-        let by_addr = fds
-            .iter()
-            .filter_map(|fd| fd.try_clone().ok())
-            .map(std::net::TcpListener::from)
-            .filter_map(|l| l.local_addr().ok().map(|a| (a, l)))
-            .collect();
-        Inherited { by_addr }
+        let mut by_addr = Vec::new();
+        let mut unix = Vec::new();
+        for fd in fds.iter().filter_map(|fd| fd.try_clone().ok()) {
+            let local = socket2::SockRef::from(&fd).local_addr().ok();
+            match local {
+                Some(a) if a.as_socket().is_some() => {
+                    let l = std::net::TcpListener::from(fd);
+                    if let Ok(a) = l.local_addr() {
+                        by_addr.push((a, l));
+                    }
+                }
+                Some(a) => {
+                    if let Some(path) = a.as_pathname().map(Path::to_path_buf) {
+                        unix.push((path, UnixListener::from(fd)));
+                    }
+                }
+                None => {}
+            }
+        }
+        Inherited { by_addr, unix }
+    }
+
+    /// The inherited Unix socket bound to `path`, if the old process had one there.
+    pub fn take_unix(&mut self, path: &Path) -> Option<UnixListener> {
+        let i = self.unix.iter().position(|(p, _)| p == path)?;
+        Some(self.unix.swap_remove(i).1)
     }
 
     /// One inherited socket bound to `addr`, if any is left.

@@ -82,7 +82,8 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
     let mut dups = Vec::new();
 
     restrict_process_to(&cores)?;
-    let instance = Arc::new(Instance::new(config, userlist, cores.len(), reload));
+    let tls = crate::tls::TlsContext::load(&config.general.front_door).map_err(|e| RuntimeError::Tls(e.to_string()))?;
+    let instance = Arc::new(Instance::new(config, userlist, tls, cores.len(), reload));
     let mut senders = Vec::new();
     let mut inboxes = Vec::new();
     let mut control_senders = Vec::new();
@@ -109,6 +110,21 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::new();
+    let unix_socket = &g.front_door.unix_socket;
+    let unix = match unix_socket
+        .dir
+        .as_ref()
+        .and_then(|d| inherited.take_unix(&listener::unix_path(d, g.listen_port)))
+    {
+        Some(l) => Some(l),
+        None => listener::bind_unix(unix_socket, g.listen_port, g.listen_backlog)?,
+    };
+    if let Some(l) = &unix {
+        dups.push(l.try_clone().map(std::os::fd::OwnedFd::from).map_err(|e| RuntimeError::Unix {
+            path: format!("{:?}", l.local_addr()),
+            reason: e.to_string(),
+        })?);
+    }
     for (id, ((core, inbox), control_inbox)) in cores.iter().zip(inboxes).zip(control_inboxes).enumerate() {
         let mut listeners = Vec::new();
         for addr in &g.listen_addr {
@@ -136,6 +152,13 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
             id,
             core: Some(*core),
             listeners,
+            unix: match &unix {
+                Some(l) => Some(l.try_clone().map_err(|e| RuntimeError::Unix {
+                    path: format!("{:?}", l.local_addr()),
+                    reason: e.to_string(),
+                })?),
+                None => None,
+            },
             pool_inbox: inbox,
             control_inbox,
             postman: postman.clone(),
@@ -215,6 +238,11 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
     let grace = Instant::now() + Duration::from_secs(1);
     while instance.clients.load(std::sync::atomic::Ordering::SeqCst) > 0 && Instant::now() < grace {
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(l) = &unix {
+        if !takeover::HANDED_OVER.load(std::sync::atomic::Ordering::SeqCst) {
+            listener::remove_unix(l);
+        }
     }
     ::log::info!("shutting down");
     Ok(())
@@ -334,6 +362,10 @@ fn keep_restart_only_settings(new: &mut crate::config::General, running: &crate:
         metrics_listen,
         takeover_socket
     );
+    if new.front_door.unix_socket != running.front_door.unix_socket {
+        changed.push("unix_socket_dir, unix_socket_mode, unix_socket_group");
+        new.front_door.unix_socket = running.front_door.unix_socket.clone();
+    }
     if !changed.is_empty() {
         ::log::warn!(
             "reload: {} take effect only at restart; keeping the running values",
@@ -349,6 +381,18 @@ pub fn reload(instance: &Arc<Instance>) {
     match crate::config::check(&current.path) {
         Ok((mut config, userlist)) => {
             keep_restart_only_settings(&mut config.general, &current.general);
+            // Certificates are read again on every reload; a file that cannot be used
+            // keeps the running TLS settings whole (and says why).
+            let tls = match crate::tls::TlsContext::load(&config.general.front_door) {
+                Ok(t) => Arc::new(t),
+                Err(e) => {
+                    ::log::error!("reload: {e}; keeping the running TLS certificates and settings");
+                    let running = &current.general.front_door;
+                    config.general.front_door.client_tls = running.client_tls.clone();
+                    config.general.front_door.server_tls = running.server_tls.clone();
+                    instance.tls()
+                }
+            };
             let g = &config.general;
             log::set_verbosity(g.verbose.min(255) as u8);
             let users = userlist.len();
@@ -361,10 +405,11 @@ pub fn reload(instance: &Arc<Instance>) {
                 }
                 if config.databases.contains_key(&p.database) {
                     let (_, cap, target) =
-                        crate::proxy::login::pool_definition(&config, &userlist, &p.database, &p.user);
+                        crate::proxy::login::pool_definition(&config, &userlist, &tls, &p.database, &p.user);
                     p.set_target(target, cap);
                 }
             }
+            instance.replace_tls(tls);
             instance.replace_userlist(userlist);
             instance.replace_config(config);
             instance.broadcast(|| control::ControlMsg::Reload);

@@ -84,6 +84,10 @@ fn remove_if_ours(path: &Path, inode: u64) {
     }
 }
 
+/// Set once a new process serves the listening sockets: the Unix socket's file is then
+/// theirs, and this process must not remove it as it exits.
+pub static HANDED_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn handle(
     instance: &Instance,
     stream: UnixStream,
@@ -116,6 +120,7 @@ fn handle(
         return Ok(());
     }
     remove_if_ours(path, inode);
+    HANDED_OVER.store(true, std::sync::atomic::Ordering::SeqCst);
     (&stream).write_all(b"OK\n")?;
     log::info!("takeover: the new process is serving; closing clients as their transactions end");
     drop(fds.lock().map(|mut f| f.take()));

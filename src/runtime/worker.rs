@@ -1,17 +1,17 @@
 //! One worker: a pinned thread running its own monoio runtime, accepting on its own
 //! listeners and serving its clients with its own share of the server pool.
 
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_channel::mpsc::UnboundedReceiver;
-use monoio::net::{TcpListener, TcpStream};
+use monoio::net::{TcpListener, UnixListener};
 
 use crate::context::control::ControlMsg;
 use crate::context::{Instance, Phase, WorkerCtx, WorkerInfo};
+use crate::net::{Peer, Stream};
 use crate::pool::{PoolMsg, Postman};
 use crate::proxy::login::{login, send_fatal, Opening};
 use crate::proxy::session::serve;
@@ -21,6 +21,10 @@ pub struct WorkerSpec {
     pub id: usize,
     pub core: Option<core_affinity::CoreId>,
     pub listeners: Vec<std::net::TcpListener>,
+    /// The instance's Unix socket (unix_socket_dir), shared by every worker: Unix
+    /// sockets have no SO_REUSEPORT spreading, so each worker accepts on its own copy of
+    /// the one listening socket.
+    pub unix: Option<std::os::unix::net::UnixListener>,
     pub pool_inbox: UnboundedReceiver<PoolMsg>,
     pub control_inbox: UnboundedReceiver<ControlMsg>,
     pub postman: Postman,
@@ -105,9 +109,18 @@ async fn run(
     let mut listeners = Vec::new();
     for l in spec.listeners {
         match TcpListener::from_std(l) {
-            Ok(l) => listeners.push(l),
+            Ok(l) => listeners.push(Listener::Tcp(l)),
             Err(e) => {
                 let _ = ready.send(Err(format!("cannot adopt listener: {e}")));
+                return;
+            }
+        }
+    }
+    if let Some(l) = spec.unix {
+        match UnixListener::from_std(l) {
+            Ok(l) => listeners.push(Listener::Unix(l)),
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot adopt the unix socket: {e}")));
                 return;
             }
         }
@@ -153,7 +166,30 @@ async fn control_inbox(ctx: Rc<WorkerCtx>, mut inbox: UnboundedReceiver<ControlM
     }
 }
 
-async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener) {
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    async fn accept(&self, handle: monoio::io::CancelHandle) -> std::io::Result<(Stream, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.cancelable_accept(handle).await?;
+                let _ = s.set_nodelay(true);
+                Ok((Stream::Tcp(s), Peer::Tcp(peer)))
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.cancelable_accept(handle).await?;
+                let stream = Stream::Unix(s);
+                let peer = stream.unix_peer();
+                Ok((stream, peer))
+            }
+        }
+    }
+}
+
+async fn accept_loop(ctx: Rc<WorkerCtx>, listener: Listener) {
     loop {
         if ctx.instance.phase() >= Phase::Draining {
             return;
@@ -163,9 +199,8 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener) {
         };
         // A cancelled accept still completes with the connection if one raced in, so
         // stopping never drops a client the kernel already handed over.
-        match listener.cancelable_accept(handle).await {
+        match listener.accept(handle).await {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
                 ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
                 monoio::spawn(client(ctx.clone(), stream, peer));
             }
@@ -188,7 +223,7 @@ impl Drop for ClientCount {
     }
 }
 
-async fn client(ctx: Rc<WorkerCtx>, mut stream: TcpStream, peer: SocketAddr) {
+async fn client(ctx: Rc<WorkerCtx>, stream: Stream, peer: Peer) {
     let _count = ClientCount(ctx.instance.clone());
     let id = ctx.instance.next_client_id();
     let config = ctx.instance.config();
@@ -196,13 +231,23 @@ async fn client(ctx: Rc<WorkerCtx>, mut stream: TcpStream, peer: SocketAddr) {
     let log_disconnections = config.general.log_disconnections;
     let log_pooler_errors = config.general.log_pooler_errors;
     drop(config);
+    let mut slot = Some(stream);
     let opening = match login_timeout {
         // Boxed: the login's state (and its timer) is large and needed only once.
-        Some(t) => match Box::pin(monoio::time::timeout(t, login(&ctx, &mut stream, peer, id))).await {
+        Some(t) => match Box::pin(monoio::time::timeout(t, login(&ctx, &mut slot, peer, id))).await {
             Ok(r) => r,
             Err(_) => Err(crate::proxy::SessionError::LoginTimeout),
         },
-        None => Box::pin(login(&ctx, &mut stream, peer, id)).await,
+        None => Box::pin(login(&ctx, &mut slot, peer, id)).await,
+    };
+    let Some(mut stream) = slot else {
+        // A TLS handshake failed half-way: nothing more can be said.
+        if let Err(e) = opening {
+            if log_pooler_errors {
+                log::info!("C-{id}: {peer} login failed: {e}");
+            }
+        }
+        return;
     };
     match opening {
         Ok(Opening::Cancel) => {}

@@ -3,7 +3,8 @@
 //!
 //! Use from a test file with `mod support;` and then `support::PgCluster::start()`; start
 //! pgsilo with `support::Pgsilo::builder()` (see [`pgsilo`]); talk raw protocol with
-//! [`wire::Raw`].
+//! [`wire::Raw`]; make TLS certificates with [`TestCerts`] (see [`tls`]) and give them to
+//! a cluster with `PgCluster::builder().ssl(&certs)`.
 //!
 //! A template data directory (roles, databases, pg_hba; see [`PgCluster`]) is built once
 //! per PostgreSQL version and setup revision under the cargo target dir; each cluster is a
@@ -22,6 +23,7 @@ mod pgsilo;
 mod ports;
 mod postgres;
 mod process;
+pub mod tls;
 pub mod txpool;
 pub mod wire;
 
@@ -33,3 +35,5 @@ pub use pgsilo::{
 pub use ports::{free_port, wait_for_port};
 #[allow(unused_imports)]
 pub use postgres::{pg_bindir, PgCluster, PgClusterBuilder};
+#[allow(unused_imports)]
+pub use tls::{fingerprint, fingerprint_file, served_cert_fingerprint, TestCerts};

@@ -14,6 +14,7 @@ use super::process::{
     chown_to_server, force_kill_postmaster, is_executable, process_alive, remove_dir_quietly, run_ok, run_psql,
     scratch_base, server_command, write_server_file, FileLock,
 };
+use super::tls::{fingerprint_file, served_cert_fingerprint, TestCerts};
 
 /// Bump when the template layout changes in a way the hashed texts below don't show.
 const TEMPLATE_FORMAT: u32 = 1;
@@ -99,6 +100,10 @@ const INITDB_ARGS: &[&str] = &[
 const BUILD_CONF: &str = "listen_addresses = ''\nport = 5432\nmin_wal_size = 2MB\nmax_wal_size = 4MB\n";
 
 const CLUSTER_CONF: &str = "pgsilo_cluster.conf";
+/// Copies of the TLS files in the data directory (see [`PgClusterBuilder::ssl_files`]).
+const SSL_CERT: &str = "pgsilo_server.crt";
+const SSL_KEY: &str = "pgsilo_server.key";
+const SSL_CA: &str = "pgsilo_root.crt";
 const DEFAULT_MAX_CONNECTIONS: u32 = 200;
 /// Wait limits (seconds) for a server to start and to stop: generous, the machine is noisy.
 const START_TIMEOUT_SECS: u64 = 90;
@@ -515,6 +520,28 @@ fn postmaster_ready(data: &Path, pid: u32) -> bool {
     lines.len() >= 8 && lines[0].trim() == pid.to_string() && lines[7].trim() == "ready"
 }
 
+/// Replace `path` (atomically: written aside, then renamed) with `bytes`, owned by the
+/// server user, with `mode`.
+fn install_server_file(path: &Path, bytes: &[u8], mode: u32) {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .unwrap_or_else(|e| panic!("create {}: {e}", tmp.display()));
+    file.write_all(bytes)
+        .unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", tmp.display()));
+    drop(file);
+    chown_to_server(&tmp);
+    fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename {} to {}: {e}", tmp.display(), path.display()));
+}
+
 fn log_tail(log: &Path, lines: usize) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -536,6 +563,16 @@ fn is_bind_error(log_part: &str) -> bool {
 pub struct PgClusterBuilder {
     max_connections: u32,
     settings: Vec<(String, String)>,
+    ssl: Option<SslFiles>,
+    hba_prepend: Vec<String>,
+}
+
+/// Where the server's TLS files are copied from.
+#[derive(Clone, Debug)]
+struct SslFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: Option<PathBuf>,
 }
 
 impl PgClusterBuilder {
@@ -552,6 +589,35 @@ impl PgClusterBuilder {
         self
     }
 
+    /// TLS with the certificates of `certs`: `ssl = on`, the server presents `server.crt`
+    /// (CN/SAN localhost, SAN IP 127.0.0.1) and trusts `ca.crt` for client certificates
+    /// (`ssl_ca_file`, so `clientcert=...` in [`hba_prepend`](Self::hba_prepend) lines works).
+    /// pg_hba is unchanged: its `host` lines accept TLS and plain connections alike.
+    pub fn ssl(self, certs: &TestCerts) -> Self {
+        self.ssl_files(&certs.server_cert(), &certs.server_key(), Some(&certs.ca_cert()))
+    }
+
+    /// TLS with any certificate and key (e.g. `certs.expired_cert()`, `certs.wronghost_key()`),
+    /// and optionally a CA for client certificates. The files are copied into the data
+    /// directory (owned by the server user, key mode 0600) at every start and by
+    /// [`PgCluster::reload_ssl`], so changes to the originals apply then.
+    pub fn ssl_files(mut self, cert: &Path, key: &Path, ca: Option<&Path>) -> Self {
+        self.ssl = Some(SslFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            ca: ca.map(Path::to_path_buf),
+        });
+        self
+    }
+
+    /// A pg_hba.conf line put before the harness's lines (so it wins), e.g.
+    /// `"hostssl all cert_user 127.0.0.1/32 cert"` or `"hostnossl all user_a 127.0.0.1/32
+    /// reject"`. Lines apply in the order given.
+    pub fn hba_prepend(mut self, line: &str) -> Self {
+        self.hba_prepend.push(line.to_owned());
+        self
+    }
+
     /// Copy the template and start the cluster on a free port.
     pub fn start(self) -> PgCluster {
         let template = template_dir();
@@ -560,6 +626,15 @@ impl PgClusterBuilder {
         let scratch = Scratch::new("pgsilo-pg");
         let data = scratch.path.join("data");
         run_ok(Command::new("cp").arg("-a").arg(&template).arg(&data), None);
+        if !self.hba_prepend.is_empty() {
+            let mut hba = String::from("# prepended by PgClusterBuilder::hba_prepend\n");
+            for line in &self.hba_prepend {
+                hba.push_str(line);
+                hba.push('\n');
+            }
+            hba.push_str(PG_HBA);
+            write_server_file(&data.join("pg_hba.conf"), &hba);
+        }
         let log = scratch.path.join("postgres.log");
         let mut cluster = PgCluster {
             log,
@@ -614,6 +689,8 @@ impl PgCluster {
         PgClusterBuilder {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             settings: Vec::new(),
+            ssl: None,
+            hba_prepend: Vec::new(),
         }
     }
 
@@ -625,7 +702,9 @@ impl PgCluster {
         "127.0.0.1"
     }
 
-    /// Directory holding the server's Unix socket (`.s.PGSQL.<port>`).
+    /// Directory holding the server's Unix socket (`.s.PGSQL.<port>`). It is the cluster's
+    /// scratch dir: mode 0700, owned by the server user (so reachable by root and by that
+    /// user; when not root, the server runs as ourselves).
     pub fn socket_dir(&self) -> &Path {
         &self.scratch.path
     }
@@ -688,6 +767,63 @@ impl PgCluster {
                 .env_remove("PGPASSWORD"),
             sql,
         )
+    }
+
+    /// Whether the cluster was built with [`ssl`](PgClusterBuilder::ssl) /
+    /// [`ssl_files`](PgClusterBuilder::ssl_files).
+    pub fn ssl_enabled(&self) -> bool {
+        self.builder.ssl.is_some()
+    }
+
+    /// The server's copy of its certificate (in the data directory), if TLS is on.
+    pub fn ssl_cert_path(&self) -> Option<PathBuf> {
+        self.builder.ssl.as_ref().map(|_| self.data.join(SSL_CERT))
+    }
+
+    /// Reload the configuration (`SELECT pg_reload_conf()`; applies asynchronously).
+    pub fn reload(&self) {
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
+    /// Copy the TLS files again from where [`ssl`](PgClusterBuilder::ssl) /
+    /// [`ssl_files`](PgClusterBuilder::ssl_files) named them (e.g. after
+    /// [`TestCerts::renew_server`]), reload, and wait (up to 30 s) until new connections
+    /// get the new certificate. Returns its fingerprint. Panics if TLS is off.
+    pub fn reload_ssl(&self) -> String {
+        assert!(self.ssl_enabled(), "reload_ssl on a cluster without TLS");
+        self.install_ssl_files();
+        let expected = fingerprint_file(&self.data.join(SSL_CERT));
+        self.reload();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let served = served_cert_fingerprint(self.host(), self.port, true);
+            if served.as_deref() == Some(expected.as_str()) {
+                return expected;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "after reload the cluster on port {} still serves {served:?}, not {expected}; \
+                     server log:\n{}",
+                    self.port,
+                    log_tail(&self.log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Copy the TLS files into the data directory, owned by the server user; the key with
+    /// mode 0600 (PostgreSQL refuses group- or world-readable keys it owns).
+    fn install_ssl_files(&self) {
+        let Some(ssl) = &self.builder.ssl else { return };
+        let mut files = vec![(&ssl.cert, SSL_CERT, 0o644), (&ssl.key, SSL_KEY, 0o600)];
+        if let Some(ca) = &ssl.ca {
+            files.push((ca, SSL_CA, 0o644));
+        }
+        for (source, name, mode) in files {
+            let bytes = fs::read(source).unwrap_or_else(|e| panic!("read {}: {e}", source.display()));
+            install_server_file(&self.data.join(name), &bytes, mode);
+        }
     }
 
     /// Fast shutdown (what `pg_ctl stop -m fast` does). Idempotent.
@@ -759,6 +895,7 @@ impl PgCluster {
             if !same_port {
                 self.port = free_port();
             }
+            self.install_ssl_files();
             self.write_cluster_conf();
             match Postmaster::start(&self.bindir, &self.data, &self.log, &self.scratch.path) {
                 Ok(postmaster) => {
@@ -797,6 +934,15 @@ impl PgCluster {
             conf_quote(&self.scratch.path.to_string_lossy())
         );
         let _ = writeln!(conf, "max_connections = {}", self.builder.max_connections);
+        if let Some(ssl) = &self.builder.ssl {
+            let _ = writeln!(conf, "ssl = on");
+            let path = |name: &str| conf_quote(&self.data.join(name).to_string_lossy());
+            let _ = writeln!(conf, "ssl_cert_file = {}", path(SSL_CERT));
+            let _ = writeln!(conf, "ssl_key_file = {}", path(SSL_KEY));
+            if ssl.ca.is_some() {
+                let _ = writeln!(conf, "ssl_ca_file = {}", path(SSL_CA));
+            }
+        }
         for (key, value) in &self.builder.settings {
             let _ = writeln!(conf, "{key} = {}", conf_quote(value));
         }
