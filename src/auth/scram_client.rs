@@ -474,6 +474,9 @@ mod tests {
 
     const BINDING: &[u8] = b"0123456789abcdef0123456789abcdef";
 
+    /// Channel binding data given to one side, if any.
+    type Binding = Option<&'static [u8]>;
+
     /// The AuthenticationSASL data a server sends.
     fn sasl_list(names: &[&str]) -> Vec<u8> {
         let mut data: Vec<u8> = names.iter().flat_map(|n| [n.as_bytes(), b"\0"].concat()).collect();
@@ -499,7 +502,7 @@ mod tests {
     #[test]
     fn channel_binding_round_trips() {
         let b = Some(BINDING);
-        let cases: &[(Option<&[u8]>, Option<&[u8]>, &str, &[u8])] = &[
+        let cases: &[(Binding, Binding, &str, &[u8])] = &[
             (None, None, "SCRAM-SHA-256", b"n,,"),
             (b, b, "SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,"),
             // TLS to a server that offers no PLUS.
@@ -571,7 +574,7 @@ mod tests {
             ScramClient::new(ScramClientKeys::Password("x".into())).with_channel_binding(binding.map(<[u8]>::to_vec))
         };
         let b = Some(BINDING);
-        let cases: &[(Option<&[u8]>, &[u8], Result<&str, AuthError>)] = &[
+        let cases: &[(Binding, &[u8], Result<&str, AuthError>)] = &[
             (None, b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0", Ok("SCRAM-SHA-256")),
             (b, b"SCRAM-SHA-256-PLUS\0\0", Ok("SCRAM-SHA-256-PLUS")),
             (b, b"SCRAM-SHA-256\0SCRAM-SHA-256-PLUS\0\0", Ok("SCRAM-SHA-256-PLUS")),

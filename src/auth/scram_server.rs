@@ -532,6 +532,9 @@ mod tests {
     const PLAIN: &str = "SCRAM-SHA-256";
     const PLUS: &str = "SCRAM-SHA-256-PLUS";
 
+    /// Channel binding data given to the server, if any.
+    type Binding = Option<&'static [u8]>;
+
     fn server_with_binding(binding: Option<&[u8]>) -> ScramServer {
         rfc_server().with_channel_binding(binding.map(<[u8]>::to_vec))
     }
@@ -546,7 +549,7 @@ mod tests {
     #[test]
     fn unknown_mechanism_or_plus_without_binding_is_an_invalid_mechanism() {
         let first = b"p=tls-server-end-point,,n=,r=abc";
-        let cases: &[(Option<&[u8]>, &str)] = &[
+        let cases: &[(Binding, &str)] = &[
             (None, PLUS),
             (Some(b""), PLUS),
             (Some(BINDING), "SCRAM-SHA-1"),
@@ -571,7 +574,7 @@ mod tests {
     #[test]
     fn gs2_flag_rules_follow_postgresql() {
         let b = Some(BINDING);
-        let cases: &[(Option<&[u8]>, &str, &[u8], IsExpected)] = &[
+        let cases: &[(Binding, &str, &[u8], IsExpected)] = &[
             (None, PLAIN, b"n,,n=,r=abc", |_| false),
             (None, PLAIN, b"y,,n=,r=abc", |_| false),
             (b, PLAIN, b"n,,n=,r=abc", |_| false),

@@ -21,10 +21,19 @@ pub enum AuthType {
     Md5,
     /// SCRAM-SHA-256; needs a SCRAM or plain secret in the auth_file.
     ScramSha256,
+    /// A client certificate, checked against client_tls_ca_file, whose CommonName is
+    /// the user name (PgBouncer's `cert`). Needs TLS from clients.
+    Cert,
 }
 
 impl AuthType {
-    const ALL: [AuthType; 4] = [AuthType::Trust, AuthType::Plain, AuthType::Md5, AuthType::ScramSha256];
+    const ALL: [AuthType; 5] = [
+        AuthType::Trust,
+        AuthType::Plain,
+        AuthType::Md5,
+        AuthType::ScramSha256,
+        AuthType::Cert,
+    ];
 
     /// The config file spelling.
     pub fn as_str(self) -> &'static str {
@@ -33,6 +42,7 @@ impl AuthType {
             AuthType::Plain => "plain",
             AuthType::Md5 => "md5",
             AuthType::ScramSha256 => "scram-sha-256",
+            AuthType::Cert => "cert",
         }
     }
 
@@ -399,6 +409,16 @@ impl General {
         let tcp_keepalive = section.bool("tcp_keepalive", d.tcp_keepalive);
         let application_name_add_host = section.bool("application_name_add_host", d.application_name_add_host);
         let front_door = FrontDoor::read(section, config_path);
+        if auth_type == AuthType::Cert
+            && (front_door.client_tls.sslmode == crate::config::SslMode::Disable || front_door.client_tls.ca_file.is_none())
+        {
+            let span = section.span_of("auth_type");
+            section.invalid(
+                "auth_type",
+                span.as_ref(),
+                "cert needs client_tls_sslmode other than disable and a client_tls_ca_file",
+            );
+        }
 
         General {
             name,

@@ -126,11 +126,6 @@ async fn connect_inner(target: &ServerTarget, client_key: Option<[u8; 32]>) -> R
                         frontend::password_message(&mut out, md5_salted_response(&secret, salt).as_bytes());
                     }
                     10 => {
-                        if !sasl_offers(data, "SCRAM-SHA-256") {
-                            return Err(PoolError::Login(
-                                "server offers no SASL mechanism pgsilo supports".into(),
-                            ));
-                        }
                         let keys = match &target.credential {
                             Credential::Password(p) => ScramClientKeys::Password(p.clone()),
                             Credential::Scram(v) => match client_key {
@@ -150,8 +145,18 @@ async fn connect_inner(target: &ServerTarget, client_key: Option<[u8; 32]>) -> R
                             },
                             _ => return Err(no_secret(target, "a SCRAM-SHA-256 password")),
                         };
-                        let client = ScramClient::new(keys);
-                        frontend::sasl_initial_response(&mut out, "SCRAM-SHA-256", &client.client_first());
+                        // Over TLS, channel binding to the server's certificate as libpq's
+                        // channel_binding=prefer: PLUS when the server offers it.
+                        let binding = stream
+                            .tls()
+                            .and_then(|t| t.connection().peer_certificates())
+                            .and_then(|c| c.first())
+                            .and_then(|c| crate::tls::der::server_end_point_hash(c));
+                        let mut client = ScramClient::new(keys).with_channel_binding(binding);
+                        let mechanism = client.choose_mechanism(data).map_err(|_| {
+                            PoolError::Login("server offers no SASL mechanism pgsilo supports".into())
+                        })?;
+                        frontend::sasl_initial_response(&mut out, mechanism, &client.client_first());
                         scram = Some(client);
                     }
                     11 => {
@@ -269,8 +274,4 @@ fn no_secret(target: &ServerTarget, what: &str) -> PoolError {
         "server asks for {what} for user \"{}\", and the auth_file has no usable secret for it",
         target.user
     ))
-}
-
-fn sasl_offers(data: &[u8], mechanism: &str) -> bool {
-    data.split(|&b| b == 0).any(|m| m == mechanism.as_bytes())
 }

@@ -336,7 +336,7 @@ mod tests {
                 tracker: TxTracker::default(),
                 queue: ExpectQueue::default(),
                 stmts: ClientStatements::default(),
-                server: ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1),
+                server: ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 1),
                 settings: Arc::new(Settings::default()),
                 initial: Settings::default(),
                 synth: Vec::new(),

@@ -411,7 +411,7 @@ mod tests {
     fn synthesized_close_complete_comes_before_the_bind_complete() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
-        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
+        let mut server = ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 1);
         q.push(Expect::SynthClose {
             client_name: name("s1"),
             def: None,
@@ -441,7 +441,7 @@ mod tests {
     fn injected_parse_is_swallowed_and_an_error_skips_to_sync() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
-        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
+        let mut server = ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 1);
         server.prepared.insert(7, 5, 10);
         server.prepared.insert(8, 5, 10);
         client.insert(b"s2", Rc::new(StmtDef::new(b"x\0\0\0")));
@@ -478,7 +478,7 @@ mod tests {
     fn synthesized_error_drops_what_follows_until_sync() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
-        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
+        let mut server = ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 1);
         q.push(Expect::SynthError(name("Exx")));
         q.push(Expect::Forward(Kind::Sync));
         let mut out = Vec::new();
@@ -496,7 +496,7 @@ mod tests {
     fn copy_in_drops_pipelined_syncs() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
-        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
+        let mut server = ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 1);
         let mut out = Vec::new();
         for k in [Kind::Parse, Kind::Bind, Kind::Execute, Kind::Sync] {
             q.push(Expect::Forward(k));
@@ -519,7 +519,7 @@ mod tests {
     fn a_rewritten_query_swallows_its_own_command_complete_and_restores_names_not_reached() {
         let mut q = ExpectQueue::default();
         let mut client = ClientStatements::default();
-        let mut server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1);
+        let mut server = ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 1);
         let def = |t: &[u8]| Rc::new(StmtDef::new(t));
         // "select 1; PREPARE d AS SELECT; DEALLOCATE d; select 1/0; PREPARE …; DEALLOCATE …"
         q.push(Expect::DeallocQuery(Box::new(DeallocPlan {

@@ -9,7 +9,7 @@ use monoio::io::AsyncWriteRentExt;
 
 use super::params::{after_sync, initial_settings, sync_statement};
 use super::SessionError;
-use crate::auth::{verify_cleartext, verify_md5_response, ScramSecret, ScramServer, Secret};
+use crate::auth::{verify_cleartext, AuthError, verify_md5_response, ScramSecret, ScramServer, Secret};
 use crate::config::{AuthType, Config, PoolMode, Userlist};
 use crate::context::cancel::{send_cancel, CancelSlot};
 use crate::context::WorkerCtx;
@@ -136,7 +136,8 @@ pub async fn login(
         }
     };
     let stream = slot.as_mut().ok_or_else(gone)?;
-    if tls.client_mode.requires_tls() && !stream.is_tls() {
+    // Unix sockets are local: PgBouncer (and PostgreSQL's `local` lines) ask no TLS there.
+    if tls.client_mode.requires_tls() && !stream.is_tls() && !matches!(stream, Stream::Unix(_)) {
         return Err(SessionError::refused(
             SqlState::INVALID_AUTHORIZATION,
             "SSL required (client_tls_sslmode)",
@@ -216,6 +217,7 @@ pub async fn login(
         general.auth_type,
         &user,
         secret.as_ref(),
+        tls.end_point.clone().filter(|_| stream.is_tls()),
     )
     .await?;
 
@@ -509,6 +511,7 @@ async fn authenticate(
     auth_type: AuthType,
     user: &str,
     secret: Option<&Secret>,
+    binding: Option<Vec<u8>>,
 ) -> Result<Option<[u8; 32]>, SessionError> {
     let failed = || {
         SessionError::refused(
@@ -517,6 +520,27 @@ async fn authenticate(
         )
     };
     match auth_type {
+        AuthType::Cert => {
+            // The chain was checked against client_tls_ca_file in the handshake; what is
+            // left is that it names this user, as PostgreSQL's and PgBouncer's cert.
+            let cert = stream
+                .tls()
+                .and_then(|t| t.connection().peer_certificates())
+                .and_then(|c| c.first());
+            let Some(cert) = cert else {
+                return Err(SessionError::refused(
+                    SqlState::INVALID_AUTHORIZATION,
+                    "connection requires a valid client certificate",
+                ));
+            };
+            match crate::tls::der::subject_common_name(cert) {
+                Some(cn) if cn == user => Ok(None),
+                _ => Err(SessionError::refused(
+                    SqlState::INVALID_AUTHORIZATION,
+                    format!("certificate authentication failed for user \"{user}\""),
+                )),
+            }
+        }
         AuthType::Trust => {
             if secret.is_none() {
                 return Err(failed());
@@ -551,20 +575,27 @@ async fn authenticate(
                 Some(Secret::Plain(p)) => Some(ctx.instance.scram_for_plain(user, p)),
                 Some(Secret::Md5(_)) | None => None,
             };
-            let mut server = ScramServer::new(verifier, user, &ctx.instance.mock_key);
-            backend::auth_sasl(out, &["SCRAM-SHA-256"]);
+            // On TLS, SCRAM-SHA-256-PLUS is offered too, bound to the certificate this
+            // connection's handshake presented (PgBouncer offers no channel binding).
+            let mut server = ScramServer::new(verifier, user, &ctx.instance.mock_key).with_channel_binding(binding);
+            backend::auth_sasl(out, server.mechanisms());
             let initial = exchange(stream, buf, out).await?;
             let (mechanism, at) = read_cstr(&initial, 0).ok_or(SessionError::Protocol(
                 crate::protocol::ProtocolError::Malformed("SASLInitialResponse"),
             ))?;
-            if mechanism != b"SCRAM-SHA-256" {
-                return Err(SessionError::refused(
+            let data = initial.get(at + 4..).unwrap_or_default();
+            let server_first = server.handle_initial(mechanism, data).map_err(|e| match e {
+                AuthError::InvalidMechanism => SessionError::refused(
                     SqlState::INVALID_AUTHORIZATION,
                     "client selected an invalid SASL authentication mechanism",
-                ));
-            }
-            let data = initial.get(at + 4..).unwrap_or_default();
-            let server_first = server.handle_client_first(data).map_err(|_| failed())?;
+                ),
+                // PostgreSQL's code for a channel binding the client got wrong.
+                AuthError::ChannelBindingDowngrade => SessionError::refused(
+                    SqlState::PROTOCOL_VIOLATION,
+                    "SCRAM channel binding negotiation error",
+                ),
+                _ => failed(),
+            })?;
             backend::auth_sasl_continue(out, &server_first);
             let client_final = exchange(stream, buf, out).await?;
             let ok = server.handle_client_final(&client_final).map_err(|_| failed())?;

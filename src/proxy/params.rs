@@ -208,7 +208,7 @@ mod tests {
     use super::*;
 
     fn meta() -> ServerMeta {
-        ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1)
+        ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 1)
     }
 
     #[test]

@@ -604,7 +604,7 @@ mod tests {
                 queue: ExpectQueue::default(),
                 stmts: ClientStatements::default(),
                 unnamed: UnnamedStmt::default(),
-                server: ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 1),
+                server: ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 1),
                 retry: StaleRetry::default(),
             }
         }
@@ -835,7 +835,7 @@ mod tests {
         let (r, _) = f.run(&data, true);
         assert!(r.zero_copy);
         // Another server, whose unnamed statement is someone else's.
-        f.server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 2);
+        f.server = ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 2);
         f.queue.clear();
         let mut bind = msg(b'B', b"\0\0\0\0\0\0\0\0");
         bind.extend(msg(b'E', b"\0\0\0\0\0"));
@@ -848,7 +848,7 @@ mod tests {
         // A simple query destroys it: a later Bind must not bring it back.
         f.queue.clear();
         f.run(&msg(b'Q', b"select 2\0"), true);
-        f.server = ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 3);
+        f.server = ServerMeta::new(crate::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 3);
         let (r, _) = f.run(&bind, true);
         assert!(r.zero_copy);
     }

@@ -36,4 +36,4 @@ pub use ports::{free_port, wait_for_port};
 #[allow(unused_imports)]
 pub use postgres::{pg_bindir, PgCluster, PgClusterBuilder};
 #[allow(unused_imports)]
-pub use tls::{fingerprint, fingerprint_file, served_cert_fingerprint, TestCerts};
+pub use tls::{fingerprint, fingerprint_file, psql_conninfo, served_cert_fingerprint, TestCerts};
