@@ -24,6 +24,11 @@
 #   BENCH_MODES ["simple extended prepared"]
 #   BENCH_EXTRA ["connect tpcb"] the -S -C run and the TPC-B run (both at 20 clients)
 #   BENCH_TARGETS ["postgres pgbouncer pgsilo"]
+#   BENCH_FRONT ["tls unix"]     the front-door cells, after the main matrix: each pooler
+#                                again with TLS both ways (clients sslmode=require, server
+#                                TLS to PostgreSQL with ssl = on) and with clients on its
+#                                Unix socket; -S -M prepared and -S -C (a new login per
+#                                transaction, with its TLS handshake) at 20 clients. "" skips.
 #   BENCH_ROUNDS [1]             repeat the whole matrix; the summary shows medians
 #   BENCH_JOBS [2]               pgbench -j (at most the client count)
 #   BENCH_POOL_SIZE [20]         default_pool_size of both poolers
@@ -62,6 +67,7 @@ fi
 MODES=${BENCH_MODES:-"simple extended prepared"}
 EXTRA=${BENCH_EXTRA:-"connect tpcb"}
 TARGETS=${BENCH_TARGETS:-"postgres pgbouncer pgsilo"}
+FRONT=${BENCH_FRONT-"tls unix"}
 ROUNDS=${BENCH_ROUNDS:-1}
 JOBS=${BENCH_JOBS:-2}
 POOL=${BENCH_POOL_SIZE:-20}
@@ -77,6 +83,10 @@ SILO_PORT=$((PGPORT + 1))
 PGB_PORT=$((PGPORT + 2))
 MEM_SILO_PORT=$((PGPORT + 3))
 MEM_PGB_PORT=$((PGPORT + 4))
+SILO_TLS_PORT=$((PGPORT + 5))
+PGB_TLS_PORT=$((PGPORT + 6))
+SILO_UNIX_PORT=$((PGPORT + 7))
+PGB_UNIX_PORT=$((PGPORT + 8))
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
 USER_NAME=bench
 PASSWORD=bench_pass
@@ -181,7 +191,7 @@ MAX_CLIENT_CONN=$(( (IDLE > MAX_CLIENTS ? IDLE : MAX_CLIENTS) + 1000 ))
 
 mkdir -p "$OUT"
 rm -rf "$RUN"
-mkdir -p "$RUN/pg" "$RUN/sock" "$RUN/pgbouncer" "$RUN/pgbench" "$RUN/logs"
+mkdir -p "$RUN/pg" "$RUN/sock" "$RUN/pgbouncer" "$RUN/pgbench" "$RUN/logs" "$RUN/tls" "$RUN/usock"
 own_pg "$RUN/pg" "$RUN/sock" "$RUN/pgbouncer" "$RUN/logs"
 as_pg test -w "$RUN/pg" || die "the $PGUSER_OS user cannot write to $RUN (a parent folder is not searchable?)"
 CSV=$OUT/results.csv
@@ -230,6 +240,22 @@ synchronous_commit = off
 full_page_writes = off
 password_encryption = 'scram-sha-256'
 CONF
+# TLS for the front-door cells: one self-signed CA, one certificate for localhost, used by
+# PostgreSQL and both poolers. Plain cells set server TLS off explicitly, so ssl = on
+# changes nothing for them.
+if [ -n "$FRONT" ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 -subj /CN=bench-ca \
+    -keyout "$RUN/tls/ca.key" -out "$RUN/tls/ca.crt" >/dev/null 2>&1
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+    -keyout "$RUN/tls/server.key" -out "$RUN/tls/server.csr" >/dev/null 2>&1
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$RUN/tls/ext"
+  openssl x509 -req -in "$RUN/tls/server.csr" -CA "$RUN/tls/ca.crt" -CAkey "$RUN/tls/ca.key" -CAcreateserial \
+    -days 30 -extfile "$RUN/tls/ext" -out "$RUN/tls/server.crt" >/dev/null 2>&1 || die "openssl could not make certificates"
+  cp "$RUN/tls/server.crt" "$RUN/tls/server.key" "$RUN/pg/"
+  chmod 0600 "$RUN/pg/server.key" "$RUN/tls/server.key"
+  own_pg "$RUN/pg/server.crt" "$RUN/pg/server.key" "$RUN/tls" "$RUN/usock"
+  printf "ssl = on\n" >>"$RUN/pg/postgresql.conf"
+fi
 cat >"$RUN/pg/pg_hba.conf" <<HBA
 local all all trust
 host all postgres 127.0.0.1/32 trust
@@ -262,7 +288,18 @@ printf '"%s" "%s"\n' "$USER_NAME" "$PASSWORD" >"$RUN/userlist_plain.txt"
 chmod 0644 "$RUN"/userlist_*.txt
 
 logconn=false; [ "$LOGCONN" = 1 ] && logconn=true
-write_pgsilo_conf() {  # file port auth_type userlist
+write_pgsilo_conf() {  # file port auth_type userlist [front: tls|unix]
+  local front=${5:-} extra="server_tls_sslmode = \"disable\"
+unix_socket_dir = \"\""
+  case $front in
+    tls) extra="client_tls_sslmode = \"require\"
+client_tls_cert_file = \"$RUN/tls/server.crt\"
+client_tls_key_file = \"$RUN/tls/server.key\"
+server_tls_sslmode = \"require\"
+unix_socket_dir = \"\"" ;;
+    unix) extra="server_tls_sslmode = \"disable\"
+unix_socket_dir = \"$RUN/usock\"" ;;
+  esac
   cat >"$1" <<TOML
 # Written by benches/run.sh.
 [pgsilo]
@@ -278,6 +315,7 @@ default_pool_size = $POOL
 log_connections = $logconn
 log_disconnections = $logconn
 takeover_socket = ""
+$extra
 
 [databases.$DB]
 host = "127.0.0.1"
@@ -286,8 +324,19 @@ dbname = "$DB"
 TOML
 }
 
-write_pgbouncer_ini() {  # file port auth_type userlist
+write_pgbouncer_ini() {  # file port auth_type userlist [front: tls|unix]
   local lc=0; [ "$LOGCONN" = 1 ] && lc=1
+  local front=${5:-} extra="server_tls_sslmode = disable
+unix_socket_dir ="
+  case $front in
+    tls) extra="client_tls_sslmode = require
+client_tls_cert_file = $RUN/tls/server.crt
+client_tls_key_file = $RUN/tls/server.key
+server_tls_sslmode = require
+unix_socket_dir =" ;;
+    unix) extra="server_tls_sslmode = disable
+unix_socket_dir = $RUN/usock" ;;
+  esac
   cat >"$1" <<INI
 ; Written by benches/run.sh.
 [databases]
@@ -297,7 +346,7 @@ $DB = host=127.0.0.1 port=$PGPORT dbname=$DB
 listen_addr = 127.0.0.1
 listen_port = $2
 listen_backlog = 4096
-unix_socket_dir =
+$extra
 auth_type = $3
 auth_file = $4
 pool_mode = transaction
@@ -315,13 +364,16 @@ AS_PG=(); [ "$(id -u)" = 0 ] && AS_PG=(setpriv --reuid="$PGUSER_OS" --regid="$(i
 
 start_pgsilo() {  # name conf port
   "$BIN" --check "$2" >"$RUN/logs/$1.check" 2>&1 || { cat "$RUN/logs/$1.check" >&2; die "$2 is invalid"; }
-  "${PIN[@]}" "$BIN" "$2" >"$RUN/logs/$1.log" 2>&1 &
+  # In a session of its own, as under systemd: sharing pgbench's scheduler autogroup
+  # makes PostgreSQL's backends wait (see issue 16). setsid execs in place, so $! is
+  # the pooler.
+  setsid "${PIN[@]}" "$BIN" "$2" >"$RUN/logs/$1.log" 2>&1 &
   PID[$1]=$!
   wait_port "$3" || { tail -20 "$RUN/logs/$1.log" >&2; die "$1 did not start"; }
 }
 
 start_pgbouncer() {  # name ini port
-  "${AS_PG[@]}" "${PIN[@]}" "$PGBOUNCER" "$2" >"$RUN/logs/$1.log" 2>&1 &
+  setsid "${AS_PG[@]}" "${PIN[@]}" "$PGBOUNCER" "$2" >"$RUN/logs/$1.log" 2>&1 &
   PID[$1]=$!
   wait_port "$3" || { tail -20 "$RUN/logs/$1.log" >&2; die "$1 did not start"; }
 }
@@ -340,7 +392,34 @@ SETTINGS="$SECS s per run, rounds $ROUNDS, pgbench -j min($JOBS, clients), pool_
 meta settings "$SETTINGS"
 
 target_port() {
-  case $1 in postgres) echo "$PGPORT" ;; pgsilo) echo "$SILO_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; esac
+  case $1 in
+    postgres) echo "$PGPORT" ;; pgsilo) echo "$SILO_PORT" ;; pgbouncer) echo "$PGB_PORT" ;;
+    pgsilo-tls) echo "$SILO_TLS_PORT" ;; pgbouncer-tls) echo "$PGB_TLS_PORT" ;;
+    pgsilo-unix) echo "$SILO_UNIX_PORT" ;; pgbouncer-unix) echo "$PGB_UNIX_PORT" ;;
+  esac
+}
+# Where pgbench connects: the Unix socket's folder for the -unix targets.
+target_host() {
+  case $1 in *-unix) echo "$RUN/usock" ;; *) echo 127.0.0.1 ;; esac
+}
+# libpq's sslmode for the target: require for the -tls targets, else no TLS at all.
+target_sslmode() {
+  case $1 in *-tls) echo require ;; *) echo disable ;; esac
+}
+start_front() {  # target
+  local t=$1 port
+  port=$(target_port "$t")
+  case $t in
+    pgsilo-*)
+      write_pgsilo_conf "$RUN/$t.toml" "$port" scram-sha-256 "$RUN/userlist_scram.txt" "${t#pgsilo-}"
+      start_pgsilo "$t" "$RUN/$t.toml" "$port"
+      ;;
+    pgbouncer-*)
+      write_pgbouncer_ini "$RUN/pgbouncer/$t.ini" "$port" scram-sha-256 "$RUN/userlist_scram.txt" "${t#pgbouncer-}"
+      start_pgbouncer "$t" "$RUN/pgbouncer/$t.ini" "$port"
+      ;;
+  esac
+  say "$t pid ${PID[$t]} on port $port"
 }
 
 for t in $TARGETS; do
@@ -370,7 +449,13 @@ POSTMASTER=$(head -n1 "$RUN/pg/postmaster.pid")
 SEQ=0
 now_us() { date +%s%6N; }
 # Established connections whose server side is 127.0.0.1:$1 (clients of that target).
-conns_to() { ss -Htn state established "( sport = :$1 )" 2>/dev/null | wc -l; }
+conns_to() {
+  if [ -S "$RUN/usock/.s.PGSQL.$1" ]; then
+    ss -Hxn state connected 2>/dev/null | grep -c "$RUN/usock/.s.PGSQL.$1 " || true
+  else
+    ss -Htn state established "( sport = :$1 )" 2>/dev/null | wc -l
+  fi
+}
 
 # One pgbench run. The measured window starts once every client is connected (logins,
 # with libpq's PBKDF2 for SCRAM, take seconds at 1000 clients and are not the
@@ -394,7 +479,7 @@ run_pgbench() {  # round workload mode clients target
   # 2 s to spare: pgbench must still be running when the window closes (its CPU is read
   # from /proc then); it is stopped right after.
   runfor=$((SECS + allow + 2))
-  args=(-h 127.0.0.1 -p "$port" -U "$USER_NAME" -n -M "$mode" -c "$clients" -j "$jobs" -T "$runfor" -l "--log-prefix=$prefix")
+  args=(-h "$(target_host "$target")" -p "$port" -U "$USER_NAME" -n -M "$mode" -c "$clients" -j "$jobs" -T "$runfor" -l "--log-prefix=$prefix")
   case $workload in
     select) args+=(-S) ;;
     select-connect) args+=(-S -C) ;;
@@ -412,7 +497,7 @@ run_pgbench() {  # round workload mode clients target
   base=$(conns_to "$port")
   [ -n "$pid" ] && { echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true; }  # VmHWM := current RSS
   tl=$(now_us)
-  PGPASSWORD=$PASSWORD timeout --kill-after=10 $((runfor + 120)) pgbench "${args[@]}" "$DB" >"$log" 2>&1 &
+  PGSSLMODE=$(target_sslmode "$target") PGPASSWORD=$PASSWORD timeout --kill-after=10 $((runfor + 120)) pgbench "${args[@]}" "$DB" >"$log" 2>&1 &
   bpid=$!
   for i in $(seq 1 100); do
     bench_pid=$(pgrep -P "$bpid" -x pgbench || true)
@@ -534,6 +619,37 @@ done
 
 stop_pooler pgsilo
 stop_pooler pgbouncer
+
+# --- the front door: TLS both ways and Unix-socket clients ------------------------------
+FRONT_TARGETS=()
+for f in $FRONT; do
+  case $f in tls|unix) ;; *) die "unknown BENCH_FRONT item $f (tls, unix)" ;; esac
+  for p in pgbouncer pgsilo; do
+    case " $TARGETS " in *" $p "*) FRONT_TARGETS+=("$p-$f") ;; esac
+  done
+done
+if [ ${#FRONT_TARGETS[@]} -gt 0 ]; then
+  [ -x "$PGBOUNCER" ] || FRONT_TARGETS=($(printf '%s\n' "${FRONT_TARGETS[@]}" | grep -v pgbouncer || true))
+  for t in "${FRONT_TARGETS[@]}"; do
+    start_front "$t"
+    PGSSLMODE=$(target_sslmode "$t") PGPASSWORD=$PASSWORD pgbench -h "$(target_host "$t")" -p "$(target_port "$t")" \
+      -U "$USER_NAME" -n -S -c "$POOL" -j 2 -T "$WARMUP" "$DB" >"$RUN/logs/warmup-$t.log" 2>&1 \
+      || say "warm-up against $t failed (see $RUN/logs/warmup-$t.log)"
+  done
+  FRONT_CONFIGS=("select prepared 20" "select-connect simple 20")
+  NF=${#FRONT_TARGETS[@]}
+  say "front door: ${#FRONT_CONFIGS[@]} configurations × $NF targets × $ROUNDS round(s)"
+  for round in $(seq 1 "$ROUNDS"); do
+    for cfg in "${FRONT_CONFIGS[@]}"; do
+      read -r w m c <<<"$cfg"
+      for k in $(seq 0 $((NF - 1))); do
+        run_pgbench "$round" "$w" "$m" "$c" "${FRONT_TARGETS[$(((ci + k) % NF))]}"
+      done
+      ci=$((ci + 1))
+    done
+  done
+  for t in "${FRONT_TARGETS[@]}"; do stop_pooler "$t"; done
+fi
 
 # --- memory per idle client ------------------------------------------------------------
 mem_run() {  # target

@@ -31,7 +31,15 @@ import statistics
 import sys
 
 TARGETS = ["postgres", "pgbouncer", "pgsilo"]
-LABEL = {"postgres": "PostgreSQL", "pgbouncer": "PgBouncer", "pgsilo": "pgsilo"}
+LABEL = {
+    "postgres": "PostgreSQL",
+    "pgbouncer": "PgBouncer",
+    "pgsilo": "pgsilo",
+    "pgbouncer-tls": "PgBouncer TLS",
+    "pgsilo-tls": "pgsilo TLS",
+    "pgbouncer-unix": "PgBouncer unix",
+    "pgsilo-unix": "pgsilo unix",
+}
 
 
 def latency(prefix, keep, t_from=None, t_to=None):
@@ -245,6 +253,32 @@ def report(outdir):
             w(f"| {workload_label(key[0], key[1])} | {key[2]} | {pg_s} | {pb_s} | {ps_s} | {ratio(ps, pb)} "
               f"| {ratio(ps, pg)} | {fmt(cpu_pb, 1)} | {fmt(cpu_ps, 1)} | {fmt(p99_ps, 2)} | {fmt(p99_pb, 2)} |")
         w("")
+        front = [k for k in configs if any(t.endswith(("-tls", "-unix")) for t in by[k])]
+        if front:
+            w("## The front door: TLS and Unix sockets")
+            w("")
+            w("*plain*: clients and server over loopback TCP without TLS (the rows above). "
+              "*TLS*: clients with sslmode=require and the pooler to PostgreSQL with "
+              "server_tls_sslmode=require (rustls in pgsilo, OpenSSL in PgBouncer). *unix*: "
+              "clients on the pooler's Unix socket, the server over TCP. With -C every "
+              "transaction is a new login (TLS handshake and SCRAM), so CPU per transaction "
+              "there is CPU per handshake and login. Medians over rounds.")
+            w("")
+            w("| workload | clients | path | PgBouncer TPS | pgsilo TPS | pgsilo vs PgBouncer "
+              "| PgBouncer CPU µs/tx | pgsilo CPU µs/tx | PgBouncer p99 ms | pgsilo p99 ms |")
+            w("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|")
+            for key in front:
+                t = by[key]
+                for path, suffix in (("plain", ""), ("TLS", "-tls"), ("unix", "-unix")):
+                    pb_rows, ps_rows = t.get("pgbouncer" + suffix, []), t.get("pgsilo" + suffix, [])
+                    if not pb_rows and not ps_rows:
+                        continue
+                    pb, ps = stat(pb_rows, "tps"), stat(ps_rows, "tps")
+                    w(f"| {workload_label(key[0], key[1])} | {key[2]} | {path} | {fmt(pb)} | {fmt(ps)} "
+                      f"| {ratio(ps, pb)} | {fmt(stat(pb_rows, 'cpu_us_per_tx'), 1)} "
+                      f"| {fmt(stat(ps_rows, 'cpu_us_per_tx'), 1)} | {fmt(stat(pb_rows, 'p99_ms'), 2)} "
+                      f"| {fmt(stat(ps_rows, 'p99_ms'), 2)} |")
+            w("")
         w("## Every run")
         w("")
         w("In the order run (the order of targets rotates per configuration). Each run is "
