@@ -11,20 +11,44 @@ use std::fs;
 use std::process::{Command, Output};
 
 use support::txpool::{password, run_py, Pgsilo};
-use support::PgCluster;
+use support::{PgCluster, TestCerts};
 
 const USER: &str = "scram_user";
 const DB: &str = "app_db";
 
 fn psycopg_clients(pool: &str, clients: usize, rounds: usize) {
-    let cluster = PgCluster::start();
+    psycopg_clients_on(pool, clients, rounds, None)
+}
+
+/// With `tls`, PostgreSQL has `ssl = on`, pgsilo requires TLS from clients and verifies
+/// the server's certificate (verify-full), and the clients verify pgsilo's.
+fn psycopg_clients_on(pool: &str, clients: usize, rounds: usize, tls: Option<&TestCerts>) {
+    let cluster = match tls {
+        Some(certs) => PgCluster::builder().ssl(certs).start(),
+        None => PgCluster::start(),
+    };
     cluster.psql(
         DB,
         "CREATE TABLE py_counter (n int); INSERT INTO py_counter VALUES (0); \
          GRANT ALL ON py_counter TO PUBLIC",
     );
-    let mut silo = Pgsilo::start(&cluster, &[("default_pool_size", pool)]);
-    let conninfo = silo.conninfo(USER, DB);
+    let quoted = |p: std::path::PathBuf| format!("\"{}\"", p.display());
+    let mut settings = vec![("default_pool_size", pool.to_string())];
+    if let Some(certs) = tls {
+        settings.extend([
+            ("client_tls_sslmode", "\"require\"".to_string()),
+            ("client_tls_cert_file", quoted(certs.server_cert())),
+            ("client_tls_key_file", quoted(certs.server_key())),
+            ("server_tls_sslmode", "\"verify-full\"".to_string()),
+            ("server_tls_ca_file", quoted(certs.ca_cert())),
+        ]);
+    }
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut silo = Pgsilo::start(&cluster, &settings);
+    let mut conninfo = silo.conninfo(USER, DB);
+    if let Some(certs) = tls {
+        conninfo.push_str(&format!(" sslmode=verify-full sslrootcert={}", certs.ca_cert().display()));
+    }
     let threads: Vec<_> = (0..clients)
         .map(|cid| {
             let conninfo = conninfo.clone();
@@ -64,7 +88,21 @@ fn psycopg_clients(pool: &str, clients: usize, rounds: usize) {
         servers <= pool.parse().unwrap(),
         "{servers} servers for a pool of {pool}"
     );
+    if tls.is_some() {
+        let plain = cluster.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.usename = 'scram_user' AND NOT s.ssl",
+        );
+        assert_eq!(plain, "0", "every server connection is TLS");
+    }
     silo.assert_alive();
+}
+
+#[test]
+fn psycopg_six_clients_pool_of_two_over_tls_both_ways() {
+    let certs = TestCerts::temp();
+    psycopg_clients_on("2", 6, 30, Some(&certs));
 }
 
 #[test]

@@ -235,37 +235,67 @@ fn the_pool_cap_holds_across_workers() {
     assert_eq!(cluster.psql("app_db", "SELECT count(*) FROM w"), "200");
 }
 
+/// Ten clients spread over two workers, one query each in turn on a pool of one server:
+/// the server must follow the clients from worker to worker (without hand-over, a client
+/// on the other worker would wait for query_wait_timeout and fail). Returns the server
+/// pids seen.
+fn one_server_follows_the_clients(p: &Pgsilo) -> BTreeSet<i32> {
+    runtime().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            clients.push(p.connect(USER, PASSWORD, "app_db").await.unwrap());
+        }
+        let mut pids = BTreeSet::new();
+        for round in 0..3 {
+            for (i, c) in clients.iter().enumerate() {
+                let row = c
+                    .query_one("SELECT pg_backend_pid(), (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())", &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}, client {i}: {e:?}"));
+                pids.insert(row.get::<_, i32>(0));
+            }
+        }
+        pids
+    })
+}
+
 #[test]
 fn no_client_waits_while_another_worker_has_an_idle_server() {
     let Some(cluster) = two_cores_and_a_cluster() else {
         return;
     };
     let p = two_workers_one_server(&cluster).set("query_wait_timeout", "3").start();
-    runtime().block_on(async {
-        // Ten clients, spread over both workers by the kernel.
-        let mut clients = Vec::new();
-        for _ in 0..10 {
-            clients.push(p.connect(USER, PASSWORD, "app_db").await.unwrap());
-        }
-        // One query at a time, from each client in turn: the single server must follow
-        // the clients from worker to worker. Without hand-over, a client on the other
-        // worker would wait for query_wait_timeout and fail.
-        let mut pids = BTreeSet::new();
-        for round in 0..3 {
-            for (i, c) in clients.iter().enumerate() {
-                let row = c
-                    .query_one("SELECT pg_backend_pid()", &[])
-                    .await
-                    .unwrap_or_else(|e| panic!("round {round}, client {i}: {e:?}"));
-                pids.insert(row.get::<_, i32>(0));
-            }
-        }
-        assert_eq!(
-            pids.len(),
-            1,
-            "one server, handed between workers rather than reopened: {pids:?}"
-        );
-    });
+    let pids = one_server_follows_the_clients(&p);
+    assert_eq!(
+        pids.len(),
+        1,
+        "one server, handed between workers rather than reopened: {pids:?}"
+    );
+}
+
+/// The same over TLS to the server: a TLS connection moves between workers with its
+/// rustls session (not as a bare descriptor, which would leave the keys behind).
+#[test]
+fn a_tls_server_connection_moves_between_workers_with_its_session() {
+    let cores = available_cores();
+    if cores.len() < 2 {
+        eprintln!("skipped: needs two cores, this process may use {cores:?}");
+        return;
+    }
+    let certs = support::TestCerts::temp();
+    let cluster = PgCluster::builder().ssl(&certs).start();
+    let p = two_workers_one_server(&cluster)
+        .set("query_wait_timeout", "3")
+        .set_str("server_tls_sslmode", "verify-full")
+        .set_str("server_tls_ca_file", certs.ca_cert().to_str().unwrap())
+        .start();
+    let pids = one_server_follows_the_clients(&p);
+    assert_eq!(pids.len(), 1, "one TLS server, handed between workers: {pids:?}");
+    let ssl = cluster.psql(
+        "postgres",
+        &format!("SELECT ssl FROM pg_stat_ssl WHERE pid = {}", pids.iter().next().unwrap()),
+    );
+    assert_eq!(ssl, "t");
 }
 
 /// Under saturation a server goes to the client that has waited longest, whichever
