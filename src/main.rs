@@ -34,6 +34,12 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        // The certificates and keys too: a file that does not load fails the start.
+        if let Err(e) = pgsilo::tls::TlsContext::load(&config.general.front_door) {
+            eprintln!("{}: {e}", args.config.display());
+            eprintln!("pgsilo: 1 problem(s) in {}", args.config.display());
+            return ExitCode::from(1);
+        }
         println!(
             "{}: configuration ok ({} database(s), {} user(s) in {})",
             args.config.display(),

@@ -388,3 +388,25 @@ fn pgbench_over_tls_both_ways_in_transaction_mode() {
     assert_eq!(ssl.trim(), "0", "every server connection is TLS");
     let _ = fingerprint_file(&certs.server_cert());
 }
+
+#[test]
+fn a_certificate_that_does_not_load_fails_the_check_and_the_start() {
+    let certs = TestCerts::temp();
+    let bad = certs.dir().join("bad.crt");
+    std::fs::write(&bad, "not a certificate\n").unwrap();
+    let builder = Pgsilo::builder()
+        .auth_type("trust")
+        .user("trust_user", "")
+        .db(Db::at("127.0.0.1", 1, "app_db"))
+        .set_str("client_tls_sslmode", "require")
+        .set_str("client_tls_cert_file", bad.to_str().unwrap())
+        .set_str("client_tls_key_file", certs.server_key().to_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let config = builder.write_files(dir.path(), support::free_port());
+    let out = Command::new(support::pgsilo_bin()).arg("--check").arg(&config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("client_tls_cert_file") && err.contains("bad.crt"), "{err}");
+    let failed = builder.expect_failure();
+    assert!(failed.stderr.contains("client_tls_cert_file"), "{}", failed.stderr);
+}
