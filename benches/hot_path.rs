@@ -198,7 +198,7 @@ impl Session {
             queue: ExpectQueue::default(),
             stmts: ClientStatements::default(),
             unnamed: UnnamedStmt::default(),
-            server: ServerMeta::new("127.0.0.1:5432".parse().unwrap(), 40000),
+            server: ServerMeta::new(pgsilo::net::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()), 40000),
             down_skip: 0,
             settings: std::sync::Arc::new(Settings::default()),
             initial: Settings::default(),

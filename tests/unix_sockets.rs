@@ -147,3 +147,30 @@ fn servers_reached_over_postgresqls_unix_socket() {
         assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
     });
 }
+
+/// TLS is for TCP: an SSLRequest on the Unix socket is answered N (as PostgreSQL does),
+/// even with client_tls_sslmode = require, and the client carries on in the clear.
+#[test]
+fn an_ssl_request_on_the_unix_socket_is_answered_n() {
+    use std::io::Read;
+    let cluster = PgCluster::start();
+    let certs = support::TestCerts::temp();
+    let dir = socket_dir();
+    let silo = Pgsilo::builder()
+        .auth_type("trust")
+        .user("trust_user", "")
+        .db(Db::on(&cluster, "app_db").user("trust_user"))
+        .set_str("unix_socket_dir", dir.path().to_str().unwrap())
+        .set_str("client_tls_sslmode", "require")
+        .set_str("client_tls_cert_file", certs.server_cert().to_str().unwrap())
+        .set_str("client_tls_key_file", certs.server_key().to_str().unwrap())
+        .start();
+    let path = dir.path().join(format!(".s.PGSQL.{}", silo.port()));
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"N");
+    let conn = format!("host={} port={} user=trust_user dbname=app_db", dir.path().display(), silo.port());
+    assert_eq!(psql_conninfo(&conn, "SELECT 'clear'").unwrap().trim(), "clear");
+}

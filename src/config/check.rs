@@ -50,6 +50,21 @@ fn warn_about_users(config: &Config, list: &Userlist) {
             }
         }
     }
+    // The lookup connections log in with auth_user's auth_file secret.
+    let mut auth_users: Vec<&String> = g
+        .auth_user
+        .iter()
+        .chain(config.databases.values().filter_map(|d| d.auth_user.as_ref()))
+        .collect();
+    auth_users.sort();
+    auth_users.dedup();
+    for user in auth_users {
+        if list.get(user).is_none() {
+            log::warn!(
+                "auth_user \"{user}\" is not in auth_file {file}; auth_query logs in to PostgreSQL as it without a password"
+            );
+        }
+    }
     // Even with trust, PgBouncer only admits users named in the auth_file.
     for user in g.admin_users.iter().chain(&g.stats_users) {
         if list.get(user).is_none() {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::general::{read_pool_mode, General, PoolMode};
+use super::general::{read_auth_query, read_pool_mode, General, PoolMode};
 use super::section::Section;
 
 /// Names clients cannot use for a database: they reach the admin console.
@@ -37,6 +37,12 @@ pub struct Database {
     /// `max_db_connections`: server connections to this database across users; 0 =
     /// unlimited. Default: the `[pgsilo]` value.
     pub max_db_connections: usize,
+    /// `auth_user`: overrides the `[pgsilo]` auth_user for clients of this database.
+    pub auth_user: Option<String>,
+    /// `auth_query`: overrides the `[pgsilo]` auth_query for clients of this database.
+    pub auth_query: Option<String>,
+    /// `auth_dbname`: overrides the `[pgsilo]` auth_dbname for clients of this database.
+    pub auth_dbname: Option<String>,
 }
 
 impl Database {
@@ -58,6 +64,24 @@ impl Database {
     /// reserve_pool_timeout.
     pub fn effective_reserve_pool(&self, g: &General) -> usize {
         self.reserve_pool.unwrap_or(g.reserve_pool_size)
+    }
+
+    /// Who looks up the secrets of this database's clients that the auth_file does not
+    /// list; None: nobody, they cannot log in.
+    pub fn effective_auth_user<'a>(&'a self, g: &'a General) -> Option<&'a str> {
+        self.auth_user.as_deref().or(g.auth_user.as_deref())
+    }
+
+    pub fn effective_auth_query<'a>(&'a self, g: &'a General) -> &'a str {
+        self.auth_query.as_deref().unwrap_or(&g.auth_query)
+    }
+
+    /// The `[databases]` entry whose server the lookup runs on: auth_dbname, else this one.
+    pub fn effective_auth_dbname<'a>(&'a self, g: &'a General) -> &'a str {
+        self.auth_dbname
+            .as_deref()
+            .or(g.auth_dbname.as_deref())
+            .unwrap_or(&self.name)
     }
 
     /// Reads the table. As with `General::read`, the result is only meaningful when the
@@ -102,6 +126,9 @@ impl Database {
         let max_db_connections = section
             .opt_uint("max_db_connections", 0)
             .unwrap_or(general.max_db_connections);
+        let auth_user = read_override(section, "auth_user");
+        let auth_query = read_auth_query(section, "auth_query");
+        let auth_dbname = read_override(section, "auth_dbname");
         Database {
             name: name.to_string(),
             host,
@@ -114,7 +141,26 @@ impl Database {
             min_pool_size,
             reserve_pool,
             max_db_connections,
+            auth_user,
+            auth_query,
+            auth_dbname,
         }
+    }
+}
+
+/// A name overriding a `[pgsilo]` value; empty would mean nothing.
+fn read_override(section: &mut Section, key: &'static str) -> Option<String> {
+    match section.string(key) {
+        Some((value, span)) if value.is_empty() => {
+            section.invalid(
+                key,
+                span.as_ref(),
+                "must not be empty; remove the key to use the [pgsilo] value",
+            );
+            None
+        }
+        Some((value, _)) => Some(value),
+        None => None,
     }
 }
 

@@ -10,6 +10,10 @@ use super::front_door::FrontDoor;
 use super::section::Section;
 use super::value::Value;
 
+/// PgBouncer's default `auth_query`: the role's password unless it expired (VALID UNTIL)
+/// or the role cannot log in.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END FROM pg_authid WHERE rolname=$1 AND rolcanlogin";
+
 /// How clients prove who they are (PgBouncer's `auth_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthType {
@@ -112,6 +116,17 @@ pub struct General {
     /// `auth_file`: the userlist.txt, made absolute against the config file's folder.
     /// Required whatever the auth_type: trust still needs the user names.
     pub auth_file: PathBuf,
+    /// `auth_user`: for users the auth_file does not list, pgsilo logs in to PostgreSQL
+    /// as this user (its secret is in the auth_file) and looks their secret up with
+    /// `auth_query`. `None` (default) turns the lookup off.
+    pub auth_user: Option<String>,
+    /// `auth_query`: the lookup; `$1` is the user name, the answer's second column the
+    /// md5 hash or SCRAM verifier (NULL, or no row: the user cannot log in). Default
+    /// PgBouncer's, on pg_authid ([`DEFAULT_AUTH_QUERY`]).
+    pub auth_query: String,
+    /// `auth_dbname`: the `[databases]` entry whose server database the lookup runs in;
+    /// `None` (default): the database the client asks for.
+    pub auth_dbname: Option<String>,
     /// `pool_mode`: for databases that do not set their own. Default session.
     pub pool_mode: PoolMode,
     /// `max_client_conn`: client connections accepted in all. Default 100.
@@ -213,6 +228,9 @@ impl General {
         "cpus",
         "auth_type",
         "auth_file",
+        "auth_user",
+        "auth_query",
+        "auth_dbname",
         "pool_mode",
         "max_client_conn",
         "default_pool_size",
@@ -276,6 +294,9 @@ impl General {
             cpus: None,
             auth_type: AuthType::Md5,
             auth_file: PathBuf::new(),
+            auth_user: None,
+            auth_query: DEFAULT_AUTH_QUERY.to_string(),
+            auth_dbname: None,
             pool_mode: PoolMode::Session,
             max_client_conn: 100,
             default_pool_size: 20,
@@ -339,6 +360,10 @@ impl General {
         )
         .unwrap_or(d.auth_type);
         let auth_file = read_auth_file(section, config_path);
+        // As in PgBouncer, an empty value is the same as no value.
+        let auth_user = section.string("auth_user").map(|(u, _)| u).filter(|u| !u.is_empty());
+        let auth_query = read_auth_query(section, "auth_query").unwrap_or(d.auth_query);
+        let auth_dbname = section.string("auth_dbname").map(|(d, _)| d).filter(|d| !d.is_empty());
         let pool_mode = read_pool_mode(section, "pool_mode").unwrap_or(d.pool_mode);
         let max_client_conn = section.uint("max_client_conn", d.max_client_conn, 1);
         let default_pool_size = section.uint("default_pool_size", d.default_pool_size, 1);
@@ -410,7 +435,8 @@ impl General {
         let application_name_add_host = section.bool("application_name_add_host", d.application_name_add_host);
         let front_door = FrontDoor::read(section, config_path);
         if auth_type == AuthType::Cert
-            && (front_door.client_tls.sslmode == crate::config::SslMode::Disable || front_door.client_tls.ca_file.is_none())
+            && (front_door.client_tls.sslmode == crate::config::SslMode::Disable
+                || front_door.client_tls.ca_file.is_none())
         {
             let span = section.span_of("auth_type");
             section.invalid(
@@ -428,6 +454,9 @@ impl General {
             cpus,
             auth_type,
             auth_file,
+            auth_user,
+            auth_query,
+            auth_dbname,
             pool_mode,
             max_client_conn,
             default_pool_size,
@@ -493,6 +522,9 @@ impl General {
             ),
             ("auth_type", self.auth_type.to_string()),
             ("auth_file", self.auth_file.display().to_string()),
+            ("auth_user", self.auth_user.clone().unwrap_or_default()),
+            ("auth_query", self.auth_query.clone()),
+            ("auth_dbname", self.auth_dbname.clone().unwrap_or_default()),
             ("pool_mode", self.pool_mode.to_string()),
             ("max_client_conn", self.max_client_conn.to_string()),
             ("default_pool_size", self.default_pool_size.to_string()),
@@ -658,6 +690,22 @@ fn read_auth_file(section: &mut Section, config_path: &Path) -> PathBuf {
             PathBuf::new()
         }
     }
+}
+
+/// An auth_query value; also read for the per-database override. It must be a query
+/// and take the user name as `$1`: it runs as a prepared statement with that one
+/// parameter.
+pub(super) fn read_auth_query(section: &mut Section, key: &'static str) -> Option<String> {
+    let (query, span) = section.string(key)?;
+    let problem = if query.trim().is_empty() {
+        "must not be empty"
+    } else if !query.contains("$1") {
+        "must take the user name as $1"
+    } else {
+        return Some(query);
+    };
+    section.invalid(key, span.as_ref(), problem);
+    None
 }
 
 /// A pool_mode value; also read for the per-database override.

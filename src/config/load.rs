@@ -7,7 +7,7 @@ use super::database::{Database, RESERVED_DATABASE_NAMES};
 use super::error::{ConfigError, FileKind, Problem};
 use super::general::General;
 use super::section::{nearest, Report, Section};
-use super::value::{line_of, parse_document, Node, Value};
+use super::value::{line_of, parse_document, Node, Span, Value};
 
 /// One instance's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,6 +175,10 @@ fn parse(text: &str, path: &Path) -> Parsed {
         .find(|(k, _)| k == "auth_file")
         .and_then(|(_, v)| v.span())
         .map(|span| line_of(text, span.start));
+    let auth_dbname_span = pgsilo_entries
+        .iter()
+        .find(|(k, _)| k == "auth_dbname")
+        .and_then(|(_, v)| v.span());
     let mut section = Section::new(&mut report, "[pgsilo]".to_string(), pgsilo_span, pgsilo_entries);
     config.general = General::read(&mut section, &absolute, default_name);
     section.finish();
@@ -190,9 +194,25 @@ fn parse(text: &str, path: &Path) -> Parsed {
             "[databases] is empty: add a [databases.NAME] table for each database clients may use".to_string(),
         ),
         Some((entries, _)) => {
+            let mut auth_dbnames = Vec::new();
             for (name, value) in entries {
-                if let Some(db) = read_database(&mut report, &config.general, name, value) {
+                if let Some((db, span)) = read_database(&mut report, &config.general, name, value) {
+                    if let Some(auth_dbname) = &db.auth_dbname {
+                        auth_dbnames.push((format!("[databases.{}]", toml_key(&db.name)), auth_dbname.clone(), span));
+                    }
                     config.databases.insert(db.name.clone(), db);
+                }
+            }
+            if let Some(auth_dbname) = &config.general.auth_dbname {
+                auth_dbnames.push(("[pgsilo]".to_string(), auth_dbname.clone(), auth_dbname_span));
+            }
+            // The lookup runs on that entry's server, in its dbname.
+            for (table, auth_dbname, span) in auth_dbnames {
+                if !config.databases.contains_key(&auth_dbname) {
+                    report.at(
+                        span.as_ref(),
+                        format!("auth_dbname in {table}: \"{auth_dbname}\" is not a database in [databases]"),
+                    );
                 }
             }
         }
@@ -225,7 +245,14 @@ fn check_general(report: &mut Report, g: &General) {
     }
 }
 
-fn read_database(report: &mut Report, general: &General, name: String, value: Node) -> Option<Database> {
+/// The database, with where its auth_dbname is written (checked once every database is
+/// known).
+fn read_database(
+    report: &mut Report,
+    general: &General,
+    name: String,
+    value: Node,
+) -> Option<(Database, Option<Span>)> {
     let span = value.span();
     let table_name = format!("[databases.{}]", toml_key(&name));
     let name_problem = if name.is_empty() {
@@ -248,9 +275,10 @@ fn read_database(report: &mut Report, general: &General, name: String, value: No
         return None;
     };
     let mut section = Section::new(report, table_name, span, entries);
+    let auth_dbname_span = section.span_of("auth_dbname");
     let db = Database::read(&name, &mut section, general);
     section.finish();
-    Some(db)
+    Some((db, auth_dbname_span))
 }
 
 /// A table key as it would be written in TOML: bare when it can be, quoted otherwise.
@@ -348,6 +376,11 @@ mod tests {
         assert_eq!(g.pkt_buf, 4096);
         assert!(g.tcp_keepalive);
         assert!(!g.application_name_add_host);
+        assert_eq!((g.auth_user.as_deref(), g.auth_dbname.as_deref()), (None, None));
+        assert_eq!(
+            g.auth_query,
+            "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END FROM pg_authid WHERE rolname=$1 AND rolcanlogin"
+        );
 
         let db = &c.databases["app"];
         assert_eq!(db.name, "app");
@@ -360,6 +393,82 @@ mod tests {
         assert_eq!(db.effective_pool_size(g), 20);
         assert_eq!(db.effective_pool_mode(g), PoolMode::Session);
         assert_eq!((db.effective_min_pool_size(g), db.effective_reserve_pool(g)), (0, 0));
+        assert_eq!(db.effective_auth_user(g), None);
+        assert_eq!(db.effective_auth_query(g), g.auth_query);
+        assert_eq!(db.effective_auth_dbname(g), "app");
+    }
+
+    #[test]
+    fn auth_query_keys_are_read_globally_and_overridden_per_database() {
+        let c = parse_ok(
+            r#"
+[pgsilo]
+auth_file = "users.txt"
+auth_user = "pgsilo_auth"
+auth_query = "SELECT usename, passwd FROM pgsilo.lookup($1)"
+auth_dbname = "authdb"
+
+[databases.app]
+host = "db"
+
+[databases.authdb]
+host = "db"
+dbname = "postgres"
+
+[databases.other]
+host = "db2"
+auth_user = "other_auth"
+auth_query = "SELECT u, p FROM users WHERE u = $1"
+auth_dbname = "other"
+"#,
+        );
+        let g = &c.general;
+        assert_eq!(g.auth_user.as_deref(), Some("pgsilo_auth"));
+        assert_eq!(g.auth_dbname.as_deref(), Some("authdb"));
+        let app = &c.databases["app"];
+        assert_eq!(app.effective_auth_user(g), Some("pgsilo_auth"));
+        assert_eq!(
+            app.effective_auth_query(g),
+            "SELECT usename, passwd FROM pgsilo.lookup($1)"
+        );
+        assert_eq!(app.effective_auth_dbname(g), "authdb");
+        let other = &c.databases["other"];
+        assert_eq!(other.effective_auth_user(g), Some("other_auth"));
+        assert_eq!(other.effective_auth_query(g), "SELECT u, p FROM users WHERE u = $1");
+        assert_eq!(other.effective_auth_dbname(g), "other");
+
+        let items: BTreeMap<_, _> = c.config_items().into_iter().collect();
+        assert_eq!(items["auth_user"], "pgsilo_auth");
+        assert_eq!(items["auth_dbname"], "authdb");
+        assert_eq!(items["auth_query"], "SELECT usename, passwd FROM pgsilo.lookup($1)");
+
+        // A database may turn the lookup on for itself alone; an empty [pgsilo] value is
+        // no value, as in PgBouncer.
+        let c = parse_ok(&format!(
+            "{}auth_user = \"a\"\n",
+            with_general("auth_user = \"\"\nauth_dbname = \"\"")
+        ));
+        assert_eq!(
+            (c.general.auth_user.as_deref(), c.general.auth_dbname.as_deref()),
+            (None, None)
+        );
+        assert_eq!(c.databases["app"].effective_auth_user(&c.general), Some("a"));
+    }
+
+    #[test]
+    fn auth_query_keys_with_problems_are_reported() {
+        let m = messages(&format!(
+            "{}auth_user = \"\"\nauth_query = \"SELECT 1\"\nauth_dbname = \"nowhere\"\n",
+            with_general("auth_query = \"  \"\nauth_dbname = \"missing\"\nauth_user = 5")
+        ));
+        assert!(find(&m, "auth_query in [pgsilo]").ends_with("must not be empty"));
+        assert!(find(&m, "auth_user in [pgsilo]").ends_with("expected a string, found an integer"));
+        assert!(find(&m, "auth_dbname in [pgsilo]")
+            .ends_with("auth_dbname in [pgsilo]: \"missing\" is not a database in [databases]"));
+        assert!(find(&m, "auth_user in [databases.app]").contains("must not be empty"));
+        assert!(find(&m, "auth_query in [databases.app]").ends_with("must take the user name as $1"));
+        assert!(find(&m, "\"nowhere\"").contains("line 11: auth_dbname in [databases.app]"));
+        assert_eq!(m.len(), 6, "{m:#?}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use monoio::io::{CancelHandle, Canceller};
 
 use super::control::{ControlMsg, Sessions};
 use super::instance::{Instance, Phase};
-use crate::pool::{LocalPool, Postman, SharedPool};
+use crate::pool::{AuthLookups, LocalPool, Postman, SharedPool};
 use crate::protocol::BufPool;
 
 /// Per-worker state, shared by the worker's tasks (never across threads).
@@ -25,6 +25,8 @@ pub struct WorkerCtx {
     accept_stop: RefCell<Option<Canceller>>,
     /// Forwarding buffers of pkt_buf bytes, shared by the worker's sessions.
     pub bufs: Rc<BufPool>,
+    /// auth_query: this worker's lookup connections and the secrets they found.
+    pub auth_lookups: AuthLookups,
 }
 
 impl WorkerCtx {
@@ -61,6 +63,7 @@ impl WorkerCtx {
             sessions: Sessions::default(),
             accept_stop: RefCell::new(Some(Canceller::new())),
             bufs,
+            auth_lookups: AuthLookups::default(),
         }
     }
 
@@ -111,6 +114,7 @@ impl WorkerCtx {
                 }
             }
             ControlMsg::Reload => {
+                self.auth_lookups.reset();
                 for pool in self.local_pools() {
                     self.apply_timeouts(&pool);
                 }

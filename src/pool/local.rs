@@ -268,14 +268,8 @@ impl LocalPool {
             }
         };
         let mut attempt = Attempt::new(self, probe);
-        let target = self.shared.target();
-        let res = connect(
-            &target,
-            self.shared.scram_client_key(),
-            &self.shared.database,
-            self.worker,
-        )
-        .await;
+        let (target, client_key) = self.shared.login_material();
+        let res = connect(&target, client_key, &self.shared.database, self.worker).await;
         attempt.settled = true;
         let now = Instant::now();
         match res {

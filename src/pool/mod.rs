@@ -1,6 +1,7 @@
 //! Server connections: opening and logging in, the instance-wide cap per (database, user),
 //! each worker's idle list, and moving servers between workers.
 
+pub mod auth_query;
 pub mod connect;
 pub mod error;
 pub mod local;
@@ -10,6 +11,7 @@ pub mod settings;
 pub mod shared;
 pub mod target;
 
+pub use auth_query::{AuthLookups, AuthQuery};
 pub use error::PoolError;
 pub use local::{LocalPool, PoolMsg, Postman};
 pub use server::{ServerConn, ServerMeta, ServerParts, ServerRd, ServerWr};

@@ -398,6 +398,33 @@ impl SharedPool {
         *lock(&self.scram_client_key) = None;
     }
 
+    /// The secret auth_query found for the pool's user, and the ClientKey the client
+    /// just proved with it (SCRAM): servers log in with these from now on. Both change
+    /// together, under the key's lock, so a new verifier is never paired with a key
+    /// proved for an old one.
+    pub fn use_found_secret(&self, credential: super::Credential, client_key: Option<[u8; 32]>) {
+        let mut key = lock(&self.scram_client_key);
+        let current = self.target();
+        if current.credential != credential {
+            let mut target = (*current).clone();
+            target.credential = credential;
+            match self.target.write() {
+                Ok(mut t) => *t = Arc::new(target),
+                Err(poisoned) => *poisoned.into_inner() = Arc::new(target),
+            }
+            *key = client_key;
+        } else if client_key.is_some() {
+            *key = client_key;
+        }
+    }
+
+    /// Where and how a new server logs in, with the ClientKey for SCRAM passthrough,
+    /// read together (see `use_found_secret`).
+    pub fn login_material(&self) -> (Arc<ServerTarget>, Option<[u8; 32]>) {
+        let key = lock(&self.scram_client_key);
+        (self.target(), *key)
+    }
+
     pub fn shared_settings(&self, key: &[(String, String)]) -> Option<Arc<Settings>> {
         lock(&self.settings_cache).get(key).cloned()
     }

@@ -20,7 +20,7 @@ pub struct ServerTarget {
 }
 
 /// What pgsilo can answer a server's password challenge with.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Credential {
     /// Nothing: only trust (or peer-less) servers will accept the login.
     None,

@@ -54,6 +54,47 @@ pub fn query(out: &mut Vec<u8>, sql: &str) {
     message(out, b'Q', |b| cstr(b, sql));
 }
 
+/// Parse of an unnamed statement; the server infers the parameters' types.
+pub fn parse(out: &mut Vec<u8>, sql: &str) {
+    message(out, b'P', |b| {
+        cstr(b, "");
+        cstr(b, sql);
+        b.extend_from_slice(&0i16.to_be_bytes());
+    });
+}
+
+/// Bind of the unnamed statement to the unnamed portal: parameters and results in text.
+pub fn bind(out: &mut Vec<u8>, params: &[Option<&[u8]>]) {
+    message(out, b'B', |b| {
+        cstr(b, "");
+        cstr(b, "");
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            match p {
+                Some(v) => {
+                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v);
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+    });
+}
+
+/// Execute of the unnamed portal, every row.
+pub fn execute(out: &mut Vec<u8>) {
+    message(out, b'E', |b| {
+        cstr(b, "");
+        b.extend_from_slice(&0i32.to_be_bytes());
+    });
+}
+
+pub fn sync(out: &mut Vec<u8>) {
+    message(out, b'S', |_| {});
+}
+
 pub fn terminate(out: &mut Vec<u8>) {
     message(out, b'X', |_| {});
 }

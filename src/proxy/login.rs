@@ -9,13 +9,13 @@ use monoio::io::AsyncWriteRentExt;
 
 use super::params::{after_sync, initial_settings, sync_statement};
 use super::SessionError;
-use crate::auth::{verify_cleartext, AuthError, verify_md5_response, ScramSecret, ScramServer, Secret};
+use crate::auth::{verify_cleartext, verify_md5_response, AuthError, ScramSecret, ScramServer, Secret};
 use crate::config::{AuthType, Config, PoolMode, Userlist};
 use crate::context::cancel::{send_cancel, CancelSlot};
 use crate::context::WorkerCtx;
 use crate::metrics::{ConnEntry, Registered, CLIENTS};
 use crate::net::{Peer, Stream, TlsStream};
-use crate::pool::{Credential, LocalPool, ServerConn, ServerTarget, Settings};
+use crate::pool::{AuthQuery, Credential, LocalPool, ServerConn, ServerTarget, Settings};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::framing::read_cstr;
 use crate::protocol::io::{read_at_least, read_message, write_out};
@@ -84,7 +84,9 @@ pub async fn login(
         let (res, back) = read_at_least(stream, buf, 4).await;
         buf = back;
         res?;
-        if buf.data().first() == Some(&TLS_HANDSHAKE) && !stream.is_tls() {
+        // TLS only on TCP: PostgreSQL answers N on Unix sockets too.
+        let tls_possible = matches!(stream, Stream::Tcp(_));
+        if buf.data().first() == Some(&TLS_HANDSHAKE) && tls_possible {
             let Some(acceptor) = tls.acceptor.clone() else {
                 // As PostgreSQL without TLS: nothing a TLS client could read; close.
                 return Err(gone());
@@ -103,7 +105,7 @@ pub async fn login(
         let packet = startup::parse(&buf.data()[..len])?;
         buf.consume(len);
         match packet {
-            StartupPacket::SslRequest if !stream.is_tls() && tls.acceptor.is_some() => {
+            StartupPacket::SslRequest if tls_possible && tls.acceptor.is_some() => {
                 // Bytes behind the SSLRequest arrived before the handshake, in the
                 // clear; taking them as if encrypted is CVE-2021-23214.
                 if !buf.is_empty() {
@@ -208,8 +210,27 @@ pub async fn login(
     }
 
     let userlist = ctx.instance.userlist();
-    let secret = userlist.get(&user).cloned();
-    let client_key = authenticate(
+    let mut secret = userlist.get(&user).cloned();
+    // A user the auth_file does not list may be known to PostgreSQL (auth_query). The
+    // lookup runs for every such user, found or not, before the same exchange as
+    // always: nothing tells a user who exists from one who does not.
+    let lookup = match (&secret, general.auth_type) {
+        (None, AuthType::Trust | AuthType::Plain | AuthType::Md5 | AuthType::ScramSha256) if !is_admin => {
+            auth_query_for(&config, &userlist, &tls, &database, &ctx.instance.pools)
+        }
+        _ => None,
+    };
+    if let Some(q) = &lookup {
+        secret = ctx.auth_lookups.lookup(q, &user, ctx.id).await.map_err(|e| {
+            log::warn!(
+                "C-{id}: {database}/{user}@{peer} auth_query as {} on {} failed: {e}",
+                q.target.user,
+                q.database
+            );
+            SessionError::refused(e.sqlstate(), e.client_message())
+        })?;
+    }
+    let client_key = match authenticate(
         ctx,
         stream,
         &mut buf,
@@ -219,7 +240,17 @@ pub async fn login(
         secret.as_ref(),
         tls.end_point.clone().filter(|_| stream.is_tls()),
     )
-    .await?;
+    .await
+    {
+        Ok(key) => key,
+        Err(e) => {
+            // The password may have changed in PostgreSQL: the next attempt asks again.
+            if let Some(q) = &lookup {
+                ctx.auth_lookups.forget(q, &user);
+            }
+            return Err(e);
+        }
+    };
 
     if is_admin {
         let can_act = general.admin_users.iter().any(|u| u == &user);
@@ -244,9 +275,16 @@ pub async fn login(
     let shared = ctx.instance.pools.get_or_create(&database, &user, || {
         pool_definition(&config, &userlist, &ctx.instance.tls(), &database, &user)
     });
-    if let (Some(key), Some(Secret::Scram(_))) = (client_key, secret.as_ref()) {
-        if config.databases.get(&database).is_some_and(|d| d.user.is_none()) {
-            shared.set_scram_client_key(key);
+    if config.databases.get(&database).is_some_and(|d| d.user.is_none()) {
+        let scram_key = client_key.filter(|_| matches!(secret, Some(Secret::Scram(_))));
+        match (&lookup, &secret) {
+            // Servers log in as the client's user: with the secret auth_query found.
+            (Some(_), Some(found)) => shared.use_found_secret(credential_from(Some(found)), scram_key),
+            _ => {
+                if let Some(key) = scram_key {
+                    shared.set_scram_client_key(key);
+                }
+            }
         }
     }
     let pool = ctx.local_pool(&shared);
@@ -334,9 +372,19 @@ fn register_client(
     application_name: &str,
     cancel_pid: u32,
 ) -> Registered {
-    let mut e = ConnEntry::new(id, user, database, (peer.addr_text(), peer.port()), stream.local_addr(), ctx.id);
+    let mut e = ConnEntry::new(
+        id,
+        user,
+        database,
+        (peer.addr_text(), peer.port()),
+        stream.local_addr(),
+        ctx.id,
+    );
     e.application_name = application_name.to_string();
-    e.tls = stream.tls().map(|t| crate::tls::describe(t.connection())).unwrap_or_default();
+    e.tls = stream
+        .tls()
+        .map(|t| crate::tls::describe(t.connection()))
+        .unwrap_or_default();
     e.remote_pid = cancel_pid;
     Registered::new(&CLIENTS, e)
 }
@@ -395,6 +443,50 @@ pub fn pool_definition(
         ),
     };
     (mode, cap, target)
+}
+
+/// The auth_query lookup for clients of `database`, when it has an auth_user: on the
+/// server of its auth_dbname entry (itself by default), as auth_user with its auth_file
+/// secret.
+fn auth_query_for(
+    config: &Config,
+    userlist: &Userlist,
+    tls: &crate::tls::TlsContext,
+    database: &str,
+    pools: &crate::pool::PoolRegistry,
+) -> Option<AuthQuery> {
+    let g = &config.general;
+    let db = config.databases.get(database)?;
+    let auth_user = db.effective_auth_user(g)?;
+    let auth_db = db.effective_auth_dbname(g);
+    // The load checked that the entry exists.
+    let entry = config.databases.get(auth_db)?;
+    let credential = credential_from(userlist.get(auth_user));
+    // A SCRAM verifier answers SCRAM only with a ClientKey auth_user proved through
+    // pgsilo, as for its pools.
+    let client_key = match &credential {
+        Credential::Scram(_) => pools.all().iter().filter(|p| p.user == auth_user).find_map(|p| {
+            let (target, key) = p.login_material();
+            key.filter(|_| target.credential == credential)
+        }),
+        _ => None,
+    };
+    Some(AuthQuery {
+        target: ServerTarget {
+            host: entry.host.clone(),
+            port: entry.port,
+            dbname: entry.dbname.clone(),
+            user: auth_user.to_string(),
+            credential,
+            connect_timeout: timeout_or(g.server_connect_timeout, 15),
+            tcp_keepalive: g.tcp_keepalive,
+            tls_mode: tls.server_mode,
+            tls: tls.connector.clone(),
+        },
+        client_key,
+        database: auth_db.to_string(),
+        query: db.effective_auth_query(g).to_string(),
+    })
 }
 
 fn credential_from(secret: Option<&Secret>) -> Credential {
@@ -503,6 +595,7 @@ async fn welcome_admin(stream: &mut Stream, mut out: Vec<u8>) -> Result<(), Sess
 
 /// Authenticates by the instance's auth_type. Every failure, including an unknown user,
 /// looks the same from outside. Returns the client's SCRAM ClientKey when it proved one.
+#[allow(clippy::too_many_arguments)]
 async fn authenticate(
     ctx: &Rc<WorkerCtx>,
     stream: &mut Stream,
@@ -590,10 +683,9 @@ async fn authenticate(
                     "client selected an invalid SASL authentication mechanism",
                 ),
                 // PostgreSQL's code for a channel binding the client got wrong.
-                AuthError::ChannelBindingDowngrade => SessionError::refused(
-                    SqlState::PROTOCOL_VIOLATION,
-                    "SCRAM channel binding negotiation error",
-                ),
+                AuthError::ChannelBindingDowngrade => {
+                    SessionError::refused(SqlState::PROTOCOL_VIOLATION, "SCRAM channel binding negotiation error")
+                }
                 _ => failed(),
             })?;
             backend::auth_sasl_continue(out, &server_first);

@@ -403,9 +403,16 @@ pub fn reload(instance: &Arc<Instance>) {
                     // A new verifier: the ClientKey a client proved for the old one is void.
                     p.forget_scram_client_key();
                 }
-                if config.databases.contains_key(&p.database) {
-                    let (_, cap, target) =
+                if let Some(db) = config.databases.get(&p.database) {
+                    let (_, cap, mut target) =
                         crate::proxy::login::pool_definition(&config, &userlist, &tls, &p.database, &p.user);
+                    // A secret auth_query found stays until a login looks it up again.
+                    let found = db.user.is_none()
+                        && userlist.get(&p.user).is_none()
+                        && db.effective_auth_user(&config.general).is_some();
+                    if found {
+                        target.credential = p.target().credential.clone();
+                    }
                     p.set_target(target, cap);
                 }
             }

@@ -142,10 +142,14 @@ async fn run(
         for pool in ctx.local_pools() {
             pool.maintain(open_new);
         }
+        let config = instance.config();
+        ctx.auth_lookups
+            .close_expired(config.general.server_idle_timeout, config.general.server_lifetime);
         if instance.phase() >= Phase::Exiting && ctx.sessions.live() == 0 {
             for pool in ctx.local_pools() {
                 pool.close_all_idle("shutdown");
             }
+            ctx.auth_lookups.close_all();
             return;
         }
     }
