@@ -44,10 +44,18 @@ fn client_tls_require_serves_tls_and_refuses_plaintext() {
     let port = silo.port();
 
     // Encrypted: the admin console shows the client's TLS version and cipher.
-    let out = psql_conninfo(&conninfo("127.0.0.1", port, "trust_user", "sslmode=require"), "SELECT 42").unwrap();
+    let out = psql_conninfo(
+        &conninfo("127.0.0.1", port, "trust_user", "sslmode=require"),
+        "SELECT 42",
+    )
+    .unwrap();
     assert_eq!(out.trim(), "42");
     // Plaintext TCP is refused with PgBouncer's words.
-    let err = psql_conninfo(&conninfo("127.0.0.1", port, "trust_user", "sslmode=disable"), "SELECT 1").unwrap_err();
+    let err = psql_conninfo(
+        &conninfo("127.0.0.1", port, "trust_user", "sslmode=disable"),
+        "SELECT 1",
+    )
+    .unwrap_err();
     assert!(err.contains("SSL required"), "{err}");
     // The certificate served is the one configured.
     assert_eq!(
@@ -73,10 +81,24 @@ fn libpq_verify_modes_check_ca_name_and_expiry() {
     let port = silo.port();
     let run = |host: &str, extra: &str| psql_conninfo(&conninfo(host, port, "trust_user", extra), "SELECT 'ok'");
 
-    assert_eq!(run("localhost", &format!("sslmode=verify-full sslrootcert={ca}")).unwrap().trim(), "ok");
-    assert_eq!(run("127.0.0.1", &format!("sslmode=verify-ca sslrootcert={ca}")).unwrap().trim(), "ok");
+    assert_eq!(
+        run("localhost", &format!("sslmode=verify-full sslrootcert={ca}"))
+            .unwrap()
+            .trim(),
+        "ok"
+    );
+    assert_eq!(
+        run("127.0.0.1", &format!("sslmode=verify-ca sslrootcert={ca}"))
+            .unwrap()
+            .trim(),
+        "ok"
+    );
     let other = certs.other_ca_cert();
-    let err = run("localhost", &format!("sslmode=verify-full sslrootcert={}", other.display())).unwrap_err();
+    let err = run(
+        "localhost",
+        &format!("sslmode=verify-full sslrootcert={}", other.display()),
+    )
+    .unwrap_err();
     assert!(err.contains("certificate verify failed"), "wrong CA: {err}");
 
     // A certificate for another name passes verify-ca and fails verify-full.
@@ -89,7 +111,10 @@ fn libpq_verify_modes_check_ca_name_and_expiry() {
         .set_str("client_tls_key_file", certs.wronghost_key().to_str().unwrap())
         .start();
     let run2 = |extra: &str| psql_conninfo(&conninfo("localhost", wrong.port(), "trust_user", extra), "SELECT 'ok'");
-    assert_eq!(run2(&format!("sslmode=verify-ca sslrootcert={ca}")).unwrap().trim(), "ok");
+    assert_eq!(
+        run2(&format!("sslmode=verify-ca sslrootcert={ca}")).unwrap().trim(),
+        "ok"
+    );
     let err = run2(&format!("sslmode=verify-full sslrootcert={ca}")).unwrap_err();
     assert!(err.contains("does not match host name"), "wrong host: {err}");
 
@@ -103,11 +128,19 @@ fn libpq_verify_modes_check_ca_name_and_expiry() {
         .set_str("client_tls_key_file", certs.expired_key().to_str().unwrap())
         .start();
     let err = psql_conninfo(
-        &conninfo("localhost", expired.port(), "trust_user", &format!("sslmode=verify-full sslrootcert={ca}")),
+        &conninfo(
+            "localhost",
+            expired.port(),
+            "trust_user",
+            &format!("sslmode=verify-full sslrootcert={ca}"),
+        ),
         "SELECT 'ok'",
     )
     .unwrap_err();
-    assert!(err.contains("certificate has expired") || err.contains("certificate verify failed"), "expired: {err}");
+    assert!(
+        err.contains("certificate has expired") || err.contains("certificate verify failed"),
+        "expired: {err}"
+    );
 }
 
 /// A startup packet for `user` on app_db, as libpq sends it.
@@ -130,7 +163,13 @@ fn startup_packet(user: &str) -> Vec<u8> {
 /// and a Terminate, and returns what came back in the clear.
 fn direct_tls(port: u16, alpn: Option<&str>) -> Vec<u8> {
     let mut cmd = Command::new("openssl");
-    cmd.args(["s_client", "-quiet", "-no_ign_eof", "-connect", &format!("127.0.0.1:{port}")]);
+    cmd.args([
+        "s_client",
+        "-quiet",
+        "-no_ign_eof",
+        "-connect",
+        &format!("127.0.0.1:{port}"),
+    ]);
     if let Some(a) = alpn {
         cmd.args(["-alpn", a]);
     }
@@ -168,7 +207,10 @@ fn direct_tls_with_the_postgresql_alpn_logs_in_and_without_it_is_closed() {
     assert!(answer.starts_with(b"R\0\0\0\x08\0\0\0\0"), "{answer:?}");
     assert!(answer.windows(6).any(|w| w == b"Z\0\0\0\x05I"), "{answer:?}");
     let refused = direct_tls(silo.port(), Some("http/1.1"));
-    assert!(!refused.starts_with(b"R"), "a client of another protocol must not be served: {refused:?}");
+    assert!(
+        !refused.starts_with(b"R"),
+        "a client of another protocol must not be served: {refused:?}"
+    );
     let no_alpn = direct_tls(silo.port(), None);
     assert!(!no_alpn.starts_with(b"R"), "direct TLS needs the ALPN: {no_alpn:?}");
 }
@@ -194,13 +236,23 @@ fn client_certificates_verify_ca_and_auth_type_cert() {
         )
     };
     // The pool logs in as trust_user (forced), whoever the certificate names.
-    assert_eq!(with_cert("trust_user", certs.client_cert("trust_user")).unwrap().trim(), "trust_user");
+    assert_eq!(
+        with_cert("trust_user", certs.client_cert("trust_user")).unwrap().trim(),
+        "trust_user"
+    );
     let err = with_cert("trust_user", certs.client_cert("someone_else")).unwrap_err();
-    assert!(err.contains("certificate authentication failed for user \"trust_user\""), "{err}");
+    assert!(
+        err.contains("certificate authentication failed for user \"trust_user\""),
+        "{err}"
+    );
     let err = with_cert("trust_user", certs.client_cert_other_ca("trust_user")).unwrap_err();
     assert!(!err.is_empty(), "a certificate of another CA must be refused");
     // No certificate at all: verify-ca refuses in the handshake.
-    let err = psql_conninfo(&conninfo("localhost", port, "trust_user", "sslmode=require"), "SELECT 1").unwrap_err();
+    let err = psql_conninfo(
+        &conninfo("localhost", port, "trust_user", "sslmode=require"),
+        "SELECT 1",
+    )
+    .unwrap_err();
     assert!(!err.is_empty());
 }
 
@@ -208,23 +260,40 @@ fn client_certificates_verify_ca_and_auth_type_cert() {
 fn scram_plus_channel_binding_is_offered_on_tls() {
     let cluster = PgCluster::start();
     let certs = TestCerts::temp();
-    let silo = tls_pgsilo(&cluster, &certs, "prefer").auth_type("scram-sha-256").start();
+    let silo = tls_pgsilo(&cluster, &certs, "prefer")
+        .auth_type("scram-sha-256")
+        .start();
     let port = silo.port();
     let out = psql_conninfo(
-        &conninfo("localhost", port, "scram_user", "password=scram_pass sslmode=require channel_binding=require"),
+        &conninfo(
+            "localhost",
+            port,
+            "scram_user",
+            "password=scram_pass sslmode=require channel_binding=require",
+        ),
         "SELECT 'bound'",
     )
     .unwrap();
     assert_eq!(out.trim(), "bound");
     let err = psql_conninfo(
-        &conninfo("localhost", port, "scram_user", "password=wrong sslmode=require channel_binding=require"),
+        &conninfo(
+            "localhost",
+            port,
+            "scram_user",
+            "password=wrong sslmode=require channel_binding=require",
+        ),
         "SELECT 1",
     )
     .unwrap_err();
     assert!(err.contains("password authentication failed"), "{err}");
     // Without TLS there is nothing to bind to: libpq's channel_binding=require refuses.
     let err = psql_conninfo(
-        &conninfo("localhost", port, "scram_user", "password=scram_pass sslmode=disable channel_binding=require"),
+        &conninfo(
+            "localhost",
+            port,
+            "scram_user",
+            "password=scram_pass sslmode=disable channel_binding=require",
+        ),
         "SELECT 1",
     )
     .unwrap_err();
@@ -238,7 +307,10 @@ fn certificates_are_reread_on_sighup_under_load_and_a_bad_file_keeps_the_old() {
     let silo = tls_pgsilo(&cluster, &certs, "require").pool_mode("transaction").start();
     let port = silo.port();
     let before = certs.server_fingerprint();
-    assert_eq!(served_cert_fingerprint("localhost", port, true).as_deref(), Some(before.as_str()));
+    assert_eq!(
+        served_cert_fingerprint("localhost", port, true).as_deref(),
+        Some(before.as_str())
+    );
 
     // pgbench over TLS for the whole time: 8 clients that stay connected.
     let pgbench = support::pg_bindir().join("pgbench");
@@ -259,19 +331,28 @@ fn certificates_are_reread_on_sighup_under_load_and_a_bad_file_keeps_the_old() {
     assert_ne!(before, after);
     silo.send_signal(libc::SIGHUP);
     silo.wait_for_log("reloaded configuration", Duration::from_secs(10));
-    assert_eq!(served_cert_fingerprint("localhost", port, true).as_deref(), Some(after.as_str()));
+    assert_eq!(
+        served_cert_fingerprint("localhost", port, true).as_deref(),
+        Some(after.as_str())
+    );
 
     // A broken certificate file: the running certificate stays, and the log says why.
     std::fs::write(certs.server_cert(), "not a certificate\n").unwrap();
     silo.send_signal(libc::SIGHUP);
     silo.wait_for_log("keeping the running TLS certificates", Duration::from_secs(10));
-    assert_eq!(served_cert_fingerprint("localhost", port, true).as_deref(), Some(after.as_str()));
+    assert_eq!(
+        served_cert_fingerprint("localhost", port, true).as_deref(),
+        Some(after.as_str())
+    );
 
     let out = load.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "pgbench: {stdout}\n{stderr}");
-    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}\n{stderr}"
+    );
     assert!(!stderr.contains("error"), "no client may be dropped: {stderr}");
 }
 
@@ -281,7 +362,9 @@ fn through(cluster: &PgCluster, mode: &str, ca: Option<&std::path::Path>, host: 
     let mut b = Pgsilo::builder()
         .auth_type("trust")
         .user("trust_user", "")
-        .db(Db::on(cluster, "app_db").user("trust_user").set("host", &toml_str(host)))
+        .db(Db::on(cluster, "app_db")
+            .user("trust_user")
+            .set("host", &toml_str(host)))
         .set_str("server_tls_sslmode", mode);
     if let Some(ca) = ca {
         b = b.set_str("server_tls_ca_file", ca.to_str().unwrap());
@@ -358,7 +441,9 @@ fn pgbench_over_tls_both_ways_in_transaction_mode() {
         .pool_size(2)
         .set_str("server_tls_sslmode", "verify-full")
         .set_str("server_tls_ca_file", ca.to_str().unwrap())
-        .db(Db::on(&cluster, "app_db").user("trust_user").set("host", &toml_str("localhost")))
+        .db(Db::on(&cluster, "app_db")
+            .user("trust_user")
+            .set("host", &toml_str("localhost")))
         .start();
     let pgbench = support::pg_bindir().join("pgbench");
     for mode in ["simple", "extended", "prepared"] {
@@ -377,7 +462,11 @@ fn pgbench_over_tls_both_ways_in_transaction_mode() {
             })
             .expect("pgbench");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{mode}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{mode}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(stdout.contains("number of failed transactions: 0"), "{mode}: {stdout}");
     }
     let ssl = psql_conninfo(
@@ -403,7 +492,11 @@ fn a_certificate_that_does_not_load_fails_the_check_and_the_start() {
         .set_str("client_tls_key_file", certs.server_key().to_str().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let config = builder.write_files(dir.path(), support::free_port());
-    let out = Command::new(support::pgsilo_bin()).arg("--check").arg(&config).output().unwrap();
+    let out = Command::new(support::pgsilo_bin())
+        .arg("--check")
+        .arg(&config)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("client_tls_cert_file") && err.contains("bad.crt"), "{err}");

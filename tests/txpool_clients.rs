@@ -47,7 +47,10 @@ fn psycopg_clients_on(pool: &str, clients: usize, rounds: usize, tls: Option<&Te
     let mut silo = Pgsilo::start(&cluster, &settings);
     let mut conninfo = silo.conninfo(USER, DB);
     if let Some(certs) = tls {
-        conninfo.push_str(&format!(" sslmode=verify-full sslrootcert={}", certs.ca_cert().display()));
+        conninfo.push_str(&format!(
+            " sslmode=verify-full sslrootcert={}",
+            certs.ca_cert().display()
+        ));
     }
     let threads: Vec<_> = (0..clients)
         .map(|cid| {

@@ -73,7 +73,10 @@ fn a_stale_socket_file_is_replaced_and_an_empty_dir_setting_disables_it() {
         .db(Db::on(&cluster, "app_db").user("trust_user"))
         .set_str("unix_socket_dir", dir.path().to_str().unwrap())
         .start();
-    let conn = format!("host={} port={port} user=trust_user dbname=app_db", dir.path().display());
+    let conn = format!(
+        "host={} port={port} user=trust_user dbname=app_db",
+        dir.path().display()
+    );
     assert_eq!(psql_conninfo(&conn, "SELECT 1").unwrap().trim(), "1");
     drop(silo);
 
@@ -104,9 +107,15 @@ fn servers_reached_over_postgresqls_unix_socket() {
         .set_str("unix_socket_dir", dir.path().to_str().unwrap())
         .start();
     // Unix socket both ways; PostgreSQL sees a local client (no address).
-    let conn = format!("host={} port={} user=trust_user dbname=app_db", dir.path().display(), silo.port());
+    let conn = format!(
+        "host={} port={} user=trust_user dbname=app_db",
+        dir.path().display(),
+        silo.port()
+    );
     assert_eq!(
-        psql_conninfo(&conn, "SELECT inet_client_addr() IS NULL").unwrap().trim(),
+        psql_conninfo(&conn, "SELECT inet_client_addr() IS NULL")
+            .unwrap()
+            .trim(),
         "t"
     );
     let pgbench = support::pg_bindir().join("pgbench");
@@ -127,7 +136,11 @@ fn servers_reached_over_postgresqls_unix_socket() {
             })
             .expect("pgbench");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{mode}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{mode}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(stdout.contains("number of failed transactions: 0"), "{mode}: {stdout}");
     }
     // Cancels reach a Unix-socket server too.
@@ -171,6 +184,10 @@ fn an_ssl_request_on_the_unix_socket_is_answered_n() {
     let mut answer = [0u8; 1];
     s.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"N");
-    let conn = format!("host={} port={} user=trust_user dbname=app_db", dir.path().display(), silo.port());
+    let conn = format!(
+        "host={} port={} user=trust_user dbname=app_db",
+        dir.path().display(),
+        silo.port()
+    );
     assert_eq!(psql_conninfo(&conn, "SELECT 'clear'").unwrap().trim(), "clear");
 }

@@ -180,7 +180,10 @@ impl FrontDoor {
             parsed
         };
         let text = |section: &mut Section, key: &'static str, default: &str| {
-            section.string(key).map(|(t, _)| t).unwrap_or_else(|| default.to_string())
+            section
+                .string(key)
+                .map(|(t, _)| t)
+                .unwrap_or_else(|| default.to_string())
         };
 
         let client_span = section.span_of("client_tls_sslmode");
@@ -297,7 +300,11 @@ pub fn parse_protocols(text: &str) -> Result<(bool, bool), String> {
             "tlsv1.2" => v12 = true,
             "tlsv1.3" => v13 = true,
             "tlsv1" | "tlsv1.0" | "tlsv1.1" => {}
-            other => return Err(format!("unknown TLS protocol \"{other}\"; expected all, secure, tlsv1.2 or tlsv1.3")),
+            other => {
+                return Err(format!(
+                    "unknown TLS protocol \"{other}\"; expected all, secure, tlsv1.2 or tlsv1.3"
+                ))
+            }
         }
     }
     if !v12 && !v13 {

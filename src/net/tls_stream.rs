@@ -255,7 +255,9 @@ impl TlsStream {
     /// The connection with nothing unsent and no partial record is what can move; a
     /// connection is only moved while idle.
     pub fn detach(self) -> TlsParts {
-        let TlsStream { tcp, conn, rd, rpos, .. } = self;
+        let TlsStream {
+            tcp, conn, rd, rpos, ..
+        } = self;
         let raw = tcp.into_raw_fd();
         // SAFETY: into_raw_fd hands over sole ownership of a valid, open descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };

@@ -48,7 +48,14 @@ pub async fn connect(
     match monoio::time::timeout(target.connect_timeout, connect_inner(target, client_key)).await {
         Ok(Ok(mut conn)) => {
             let local = conn.local_addr();
-            let mut e = ConnEntry::new(conn.meta.id, &target.user, database, (conn.meta.addr.addr_text(), conn.meta.addr.port()), local, worker);
+            let mut e = ConnEntry::new(
+                conn.meta.id,
+                &target.user,
+                database,
+                (conn.meta.addr.addr_text(), conn.meta.addr.port()),
+                local,
+                worker,
+            );
             e.remote_pid = conn.meta.backend_pid;
             conn.meta.entry = Some(Registered::new(&SERVERS, e));
             conn.meta.mark(ConnState::Active, 0);
@@ -153,9 +160,9 @@ async fn connect_inner(target: &ServerTarget, client_key: Option<[u8; 32]>) -> R
                             .and_then(|c| c.first())
                             .and_then(|c| crate::tls::der::server_end_point_hash(c));
                         let mut client = ScramClient::new(keys).with_channel_binding(binding);
-                        let mechanism = client.choose_mechanism(data).map_err(|_| {
-                            PoolError::Login("server offers no SASL mechanism pgsilo supports".into())
-                        })?;
+                        let mechanism = client
+                            .choose_mechanism(data)
+                            .map_err(|_| PoolError::Login("server offers no SASL mechanism pgsilo supports".into()))?;
                         frontend::sasl_initial_response(&mut out, mechanism, &client.client_first());
                         scram = Some(client);
                     }
@@ -241,11 +248,10 @@ async fn negotiate_tls(stream: Stream, target: &ServerTarget) -> Result<Stream, 
     let (res, answer) = tcp.read(Vec::with_capacity(1)).await;
     match (res, answer.first()) {
         (Ok(1), Some(b'S')) => {
-            let name = rustls::pki_types::ServerName::try_from(target.host.clone()).map_err(|_| {
-                PoolError::Connect(format!("\"{}\" is not a host name TLS can verify", target.host))
-            })?;
-            let conn = rustls::ClientConnection::new(config, name)
-                .map_err(|e| PoolError::Connect(format!("TLS: {e}")))?;
+            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                .map_err(|_| PoolError::Connect(format!("\"{}\" is not a host name TLS can verify", target.host)))?;
+            let conn =
+                rustls::ClientConnection::new(config, name).map_err(|e| PoolError::Connect(format!("TLS: {e}")))?;
             let tls = TlsStream::handshake(tcp, rustls::Connection::Client(conn), &[])
                 .await
                 .map_err(|e| PoolError::Tls(format!("TLS handshake with the server failed: {e}")))?;
@@ -258,7 +264,9 @@ async fn negotiate_tls(stream: Stream, target: &ServerTarget) -> Result<Stream, 
         ))),
         (Ok(0), _) => Err(PoolError::Connect("server closed the connection during login".into())),
         (Err(e), _) => Err(PoolError::Connect(e.to_string())),
-        _ => Err(PoolError::Connect("server sent an invalid answer to the SSL request".into())),
+        _ => Err(PoolError::Connect(
+            "server sent an invalid answer to the SSL request".into(),
+        )),
     }
 }
 

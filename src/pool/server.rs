@@ -148,7 +148,10 @@ impl ServerConn {
 
     /// "" for a plain connection, else the TLS version and cipher suite, for SHOW SERVERS.
     pub fn tls_text(&self) -> String {
-        stream_of(&self.rd).tls().map(|t| crate::tls::describe(t.connection())).unwrap_or_default()
+        stream_of(&self.rd)
+            .tls()
+            .map(|t| crate::tls::describe(t.connection()))
+            .unwrap_or_default()
     }
 
     /// True when the server has neither closed the socket nor sent anything unasked.

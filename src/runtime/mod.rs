@@ -120,10 +120,14 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
         None => listener::bind_unix(unix_socket, g.listen_port, g.listen_backlog)?,
     };
     if let Some(l) = &unix {
-        dups.push(l.try_clone().map(std::os::fd::OwnedFd::from).map_err(|e| RuntimeError::Unix {
-            path: format!("{:?}", l.local_addr()),
-            reason: e.to_string(),
-        })?);
+        dups.push(
+            l.try_clone()
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| RuntimeError::Unix {
+                    path: format!("{:?}", l.local_addr()),
+                    reason: e.to_string(),
+                })?,
+        );
     }
     for (id, ((core, inbox), control_inbox)) in cores.iter().zip(inboxes).zip(control_inboxes).enumerate() {
         let mut listeners = Vec::new();

@@ -25,7 +25,11 @@ const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 #[derive(Debug, Error)]
 pub enum TlsError {
     #[error("{key}: cannot read {path}: {reason}")]
-    File { key: &'static str, path: String, reason: String },
+    File {
+        key: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("{key}: {path} holds no {what}")]
     Empty {
         key: &'static str,
@@ -145,7 +149,11 @@ fn versions(key: &'static str, text: &str) -> Result<Vec<&'static SupportedProto
 /// keywords (fast, normal, secure, all, default, compat, legacy) keep rustls' own list,
 /// which has only modern AEAD suites; otherwise a colon-separated list of IANA suite
 /// names (TLS13_AES_256_GCM_SHA384, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, ...).
-fn with_ciphers(key: &'static str, text: &str, provider: &Arc<CryptoProvider>) -> Result<Arc<CryptoProvider>, TlsError> {
+fn with_ciphers(
+    key: &'static str,
+    text: &str,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<CryptoProvider>, TlsError> {
     let text = text.trim();
     if ["fast", "normal", "secure", "all", "default", "compat", "legacy", "HIGH"]
         .iter()
@@ -162,7 +170,11 @@ fn with_ciphers(key: &'static str, text: &str, provider: &Arc<CryptoProvider>) -
     p.cipher_suites
         .retain(|s| wanted.iter().any(|w| *w == format!("{:?}", s.suite())));
     if p.cipher_suites.is_empty() {
-        let known: Vec<String> = provider.cipher_suites.iter().map(|s| format!("{:?}", s.suite())).collect();
+        let known: Vec<String> = provider
+            .cipher_suites
+            .iter()
+            .map(|s| format!("{:?}", s.suite()))
+            .collect();
         return Err(TlsError::Setting {
             key,
             reason: format!(
@@ -174,7 +186,10 @@ fn with_ciphers(key: &'static str, text: &str, provider: &Arc<CryptoProvider>) -
     Ok(Arc::new(p))
 }
 
-fn acceptor(c: &ClientTls, provider: &Arc<CryptoProvider>) -> Result<(rustls::ServerConfig, Option<Vec<u8>>), TlsError> {
+fn acceptor(
+    c: &ClientTls,
+    provider: &Arc<CryptoProvider>,
+) -> Result<(rustls::ServerConfig, Option<Vec<u8>>), TlsError> {
     let (Some(key_file), Some(cert_file)) = (&c.key_file, &c.cert_file) else {
         return Err(TlsError::Setting {
             key: "client_tls_sslmode",
@@ -192,7 +207,11 @@ fn acceptor(c: &ClientTls, provider: &Arc<CryptoProvider>) -> Result<(rustls::Se
         // make it mandatory (auth_type cert checks for one itself).
         Some(ca) => {
             let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots("client_tls_ca_file", ca)?), provider);
-            let v = if c.sslmode.verifies() { v } else { v.allow_unauthenticated() };
+            let v = if c.sslmode.verifies() {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
             let v = v.build().map_err(|e| TlsError::Setting {
                 key: "client_tls_ca_file",
                 reason: e.to_string(),
