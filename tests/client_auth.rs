@@ -197,3 +197,31 @@ fn scram_works_with_plain_and_scram_secrets_and_unknown_users_look_the_same() {
     psql_ok(&p, SCRAM_USER, SCRAM_PW);
     psql_refused(&p, "ghost", SCRAM_PW);
 }
+
+/// A client may send its first query in the same write as its startup packet (PostgreSQL
+/// accepts that); the query must be answered, not dropped with the login's buffer.
+#[test]
+fn a_query_sent_with_the_startup_packet_is_answered() {
+    let cluster = PgCluster::start();
+    let silo = Pgsilo::builder()
+        .auth_type("trust")
+        .user("trust_user", "")
+        .db(Db::on(&cluster, "app_db").user("trust_user"))
+        .start();
+    let mut raw = Raw::connect(silo.port());
+    let mut bytes = wire::startup_message(&[("user", "trust_user"), ("database", "app_db")]);
+    bytes.extend_from_slice(&wire::query("SELECT 'pipelined'"));
+    assert!(raw.send(&bytes));
+    let mut rows = Vec::new();
+    let mut ready = 0;
+    while ready < 2 {
+        let (tag, body) = raw.read_message().expect("the welcome, then the answer");
+        match tag {
+            b'D' => rows.push(String::from_utf8_lossy(&body[6..]).to_string()),
+            b'Z' => ready += 1,
+            b'E' => panic!("{:?}", wire::error_fields(&body)),
+            _ => {}
+        }
+    }
+    assert_eq!(rows, ["pipelined"]);
+}

@@ -191,3 +191,46 @@ fn an_ssl_request_on_the_unix_socket_is_answered_n() {
     );
     assert_eq!(psql_conninfo(&conn, "SELECT 'clear'").unwrap().trim(), "clear");
 }
+
+/// `--takeover` hands the Unix socket over with the TCP listeners: clients on the socket
+/// are served throughout, the file stays for the new process, and a mode changed in the
+/// config meanwhile is applied to it.
+#[test]
+fn takeover_hands_the_unix_socket_over() {
+    let cluster = PgCluster::start();
+    let dir = socket_dir();
+    let takeover = dir.path().join("takeover.sock");
+    let builder = |mode: &str| {
+        Pgsilo::builder()
+            .auth_type("trust")
+            .user("trust_user", "")
+            .db(Db::on(&cluster, "app_db").user("trust_user"))
+            .set_str("unix_socket_dir", dir.path().to_str().unwrap())
+            .set_str("unix_socket_mode", mode)
+            .set_str("takeover_socket", takeover.to_str().unwrap())
+    };
+    let mut old = builder("0777").start();
+    let port = old.port();
+    let path = dir.path().join(format!(".s.PGSQL.{port}"));
+    let conn = format!(
+        "host={} port={port} user=trust_user dbname=app_db",
+        dir.path().display()
+    );
+    assert_eq!(psql_conninfo(&conn, "SELECT 1").unwrap().trim(), "1");
+    old.rewrite(&builder("0770"));
+    let new = old
+        .start_again(&["--takeover"])
+        .unwrap_or_else(|f| panic!("{}\n{}", f.status_text(), f.stderr));
+    new.wait_for_log(
+        "takeover: the previous process is draining",
+        std::time::Duration::from_secs(20),
+    );
+    assert!(
+        old.wait_exit(std::time::Duration::from_secs(20)).is_some(),
+        "{}",
+        old.log()
+    );
+    assert!(path.exists(), "the old process must leave the file to the new one");
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o770);
+    assert_eq!(psql_conninfo(&conn, "SELECT 2").unwrap().trim(), "2");
+}

@@ -97,6 +97,8 @@ impl Stream {
                 if s.has_buffered() {
                     return Ok(());
                 }
+                // Waiting means idle: the TLS buffers go until there is something to read.
+                s.release_buffers();
                 s.readable(false).await
             }
         }

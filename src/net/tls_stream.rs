@@ -183,7 +183,19 @@ impl TlsStream {
         if self.rpos < self.rd.len() {
             return true;
         }
-        matches!(self.conn.reader().fill_buf(), Ok(c) if !c.is_empty())
+        // Plaintext, or the end of the stream (close_notify or EOF seen): either way a
+        // read would not wait.
+        !matches!(self.conn.reader().fill_buf(), Err(e) if e.kind() == ErrorKind::WouldBlock)
+    }
+
+    /// Gives back the read and write buffers when nothing is buffered: an idle TLS
+    /// connection then holds no more than a plain one (rustls' own state aside).
+    pub fn release_buffers(&mut self) {
+        if self.rpos >= self.rd.len() {
+            self.rd = Vec::new();
+            self.rpos = 0;
+        }
+        self.wr = Vec::new();
     }
 
     pub async fn readable(&self, relaxed: bool) -> std::io::Result<()> {
@@ -243,7 +255,13 @@ impl TlsStream {
 
     /// What a one-byte peek at the socket says, with buffered plaintext counting as data.
     pub fn peek(&mut self) -> Option<bool> {
-        if self.has_buffered() {
+        match self.conn.reader().fill_buf() {
+            Ok([]) => return Some(false),
+            Ok(_) => return Some(true),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => return Some(false),
+        }
+        if self.rpos < self.rd.len() {
             return Some(true);
         }
         if self.eof {
@@ -288,10 +306,9 @@ impl TlsStream {
             match self.feed_pending() {
                 Ok(true) => continue,
                 Ok(false) => {}
-                Err(e) => {
-                    let _ = self.flush_tls().await;
-                    return (Err(e), buf);
-                }
+                // The alert rustls queued goes out with the next write or the close: a
+                // write of this side could interleave with one in flight on the other.
+                Err(e) => return (Err(e), buf),
             }
             if self.eof {
                 return (Ok(0), buf);
@@ -376,15 +393,17 @@ impl TlsStream {
             }
         }
         if !out.is_empty() {
-            // SAFETY: a non-blocking send of a local buffer on a descriptor self owns.
-            unsafe {
+            // SAFETY: a non-blocking send of a local buffer on a descriptor self owns. A
+            // short send leaves a partial record; the FIN right after ends the stream
+            // either way.
+            let _ = unsafe {
                 libc::send(
                     self.raw_fd(),
                     out.as_ptr().cast(),
                     out.len(),
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                );
-            }
+                )
+            };
         }
         // SAFETY: shutdown on a descriptor self owns.
         match unsafe { libc::shutdown(self.raw_fd(), libc::SHUT_WR) } {

@@ -44,6 +44,10 @@ pub struct LoggedIn {
     /// Session mode: the server bound to the client at login, whose process id the
     /// client was given.
     pub bound: Option<ServerConn>,
+    /// What the client sent after its last login message without waiting for the
+    /// welcome (a startup packet and a query in one write, which PostgreSQL accepts):
+    /// the session's first input.
+    pub pending: Vec<u8>,
 }
 
 pub struct AdminLogin {
@@ -358,6 +362,7 @@ pub async fn login(
         cancel,
         entry,
         bound,
+        pending: buf.data().to_vec(),
     }))
 }
 

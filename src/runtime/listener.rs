@@ -59,26 +59,43 @@ pub fn bind_unix(u: &UnixSocket, port: u16, backlog: u32) -> Result<Option<UnixL
         path: path.display().to_string(),
         reason,
     };
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            return Err(err("in use by another process; refusing to share it".into()));
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        // Only a socket nobody answers on is stale (a process that died left it). A
+        // live one, one we may not reach, or something that is not a socket stays.
+        if !meta.file_type().is_socket() {
+            return Err(err("exists and is not a socket".into()));
         }
-        std::fs::remove_file(&path).map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(_) => return Err(err("in use by another process; refusing to share it".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(&path).map_err(|e| err(format!("cannot remove the stale socket: {e}")))?
+            }
+            Err(e) => return Err(err(format!("exists and cannot be checked: {e}"))),
+        }
     }
     let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(|e| err(e.to_string()))?;
     let addr = SockAddr::unix(&path).map_err(|e| err(e.to_string()))?;
     socket.bind(&addr).map_err(|e| err(e.to_string()))?;
+    // Mode and group before listen: until then nobody can connect, so no one the mode
+    // excludes gets a connection queued in between.
+    apply_mode(u, &path).map_err(err)?;
     socket
         .listen(backlog.min(i32::MAX as u32) as i32)
         .map_err(|e| err(e.to_string()))?;
     socket.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(u.mode))
-        .map_err(|e| err(format!("unix_socket_mode: {e}")))?;
-    if let Some(group) = &u.group {
-        let gid = group_id(group).ok_or_else(|| err(format!("unix_socket_group: no group \"{group}\"")))?;
-        std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|e| err(format!("unix_socket_group: {e}")))?;
-    }
     Ok(Some(socket.into()))
+}
+
+/// unix_socket_mode and unix_socket_group on the socket's file (also on one taken over,
+/// whose settings may have changed).
+pub fn apply_mode(u: &UnixSocket, path: &Path) -> Result<(), String> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(u.mode))
+        .map_err(|e| format!("unix_socket_mode: {e}"))?;
+    if let Some(group) = &u.group {
+        let gid = group_id(group).ok_or_else(|| format!("unix_socket_group: no group \"{group}\""))?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| format!("unix_socket_group: {e}"))?;
+    }
+    Ok(())
 }
 
 /// A group name (or number) to its id.
@@ -160,6 +177,18 @@ impl Inherited {
     pub fn take_unix(&mut self, path: &Path) -> Option<UnixListener> {
         let i = self.unix.iter().position(|(p, _)| p == path)?;
         Some(self.unix.swap_remove(i).1)
+    }
+
+    /// Unix sockets of the old process this one does not serve (the folder or port
+    /// changed, or the socket is off now): closed, and their files removed, so no client
+    /// queues on a socket nobody accepts on.
+    pub fn drop_other_unix(&mut self) {
+        for (path, l) in std::mem::take(&mut self.unix) {
+            drop(l);
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
 
     /// One inherited socket bound to `addr`, if any is left.

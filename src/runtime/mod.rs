@@ -116,9 +116,19 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
         .as_ref()
         .and_then(|d| inherited.take_unix(&listener::unix_path(d, g.listen_port)))
     {
-        Some(l) => Some(l),
+        Some(l) => {
+            if let Some(dir) = &unix_socket.dir {
+                let path = listener::unix_path(dir, g.listen_port);
+                listener::apply_mode(unix_socket, &path).map_err(|reason| RuntimeError::Unix {
+                    path: path.display().to_string(),
+                    reason,
+                })?;
+            }
+            Some(l)
+        }
         None => listener::bind_unix(unix_socket, g.listen_port, g.listen_backlog)?,
     };
+    inherited.drop_other_unix();
     if let Some(l) = &unix {
         dups.push(
             l.try_clone()

@@ -239,7 +239,7 @@ enum Stretch {
 impl Flow {
     /// A session for a client that has just logged in, with no server yet. Takes the
     /// configuration as it is now.
-    fn new(ctx: &WorkerCtx, stream: Stream, who: LoggedIn) -> Flow {
+    fn new(ctx: &WorkerCtx, stream: Stream, mut who: LoggedIn) -> Flow {
         let config = ctx.instance.config();
         let g = &config.general;
         let mode = who.pool.shared.mode;
@@ -249,7 +249,8 @@ impl Flow {
             .entries()
             .any(|(lower, _, value)| welcome.get_lower(lower) != Some(value));
         let (c_rd, c_wr) = stream.into_split();
-        Flow {
+        let pending = std::mem::take(&mut who.pending);
+        let mut flow = Flow {
             conf: Conf {
                 mode,
                 pkt_buf: g.pkt_buf.max(1024),
@@ -321,7 +322,16 @@ impl Flow {
             },
             tally: Tally::default(),
             who,
+        };
+        if !pending.is_empty() {
+            // Bytes that came with the login: as if just received.
+            let mut buf = MsgBuf::with_capacity(pending.len());
+            buf.extend_from_slice(&pending);
+            flow.up.buf = Some(buf);
+            flow.shrink = false;
+            flow.client_sent(pending.len());
         }
+        flow
     }
 
     /// Alternates between active stretches (the forwarding loop, boxed: its operations

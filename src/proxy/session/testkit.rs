@@ -77,6 +77,7 @@ impl Kit {
             cancel,
             entry: Registered::new(&CLIENTS, entry),
             bound: None,
+            pending: Vec::new(),
         };
         (who, Stream::Unix(ours), theirs)
     }
