@@ -27,7 +27,7 @@
 #   BENCH_FRONT ["tls unix"]     the front-door cells, after the main matrix: each pooler
 #                                again with TLS both ways (clients sslmode=require, server
 #                                TLS to PostgreSQL with ssl = on) and with clients on its
-#                                Unix socket; -S -M prepared and -S -C (a new login per
+#                                Unix socket; -S -M simple and extended, and -S -C (a new login per
 #                                transaction, with its TLS handshake) at 20 clients. "" skips.
 #   BENCH_ROUNDS [1]             repeat the whole matrix; the summary shows medians
 #   BENCH_JOBS [2]               pgbench -j (at most the client count)
@@ -636,7 +636,7 @@ if [ ${#FRONT_TARGETS[@]} -gt 0 ]; then
       -U "$USER_NAME" -n -S -c "$POOL" -j 2 -T "$WARMUP" "$DB" >"$RUN/logs/warmup-$t.log" 2>&1 \
       || say "warm-up against $t failed (see $RUN/logs/warmup-$t.log)"
   done
-  FRONT_CONFIGS=("select prepared 20" "select-connect simple 20")
+  FRONT_CONFIGS=("select simple 20" "select extended 20" "select-connect simple 20")
   NF=${#FRONT_TARGETS[@]}
   say "front door: ${#FRONT_CONFIGS[@]} configurations × $NF targets × $ROUNDS round(s)"
   for round in $(seq 1 "$ROUNDS"); do
