@@ -29,7 +29,10 @@
 #                                TLS to PostgreSQL with ssl = on) and with clients on its
 #                                Unix socket; -S -M simple and extended, and -S -C (a new login per
 #                                transaction, with its TLS handshake) at 20 clients. "" skips.
-#   BENCH_ROUNDS [1]             repeat the whole matrix; the summary shows medians
+#   BENCH_ROUNDS [5]             repeat the whole matrix, alternating targets; the summary
+#                                shows medians with min–max, and marks noisy cells
+#   BENCH_PERF [1]               perf stat on the pooler: system calls and context switches
+#                                per transaction (skipped where perf cannot count)
 #   BENCH_JOBS [2]               pgbench -j (at most the client count)
 #   BENCH_POOL_SIZE [20]         default_pool_size of both poolers
 #   BENCH_SCALE [10]             pgbench scale
@@ -57,6 +60,12 @@ RUN=$OUT/run
 TOOLS=$ROOT/benches/tools
 
 QUICK=${BENCH_QUICK:-0}
+# perf stat for system calls and context switches per transaction, where perf works.
+PERF=0
+if [ "${BENCH_PERF:-1}" = 1 ] && command -v perf >/dev/null \
+  && perf stat -x, -e raw_syscalls:sys_enter,context-switches -- true >/dev/null 2>&1; then
+  PERF=1
+fi
 if [ "$QUICK" = 1 ]; then
   SECS=${BENCH_SECONDS:-5}
   CLIENTS=${BENCH_CLIENTS:-"20 200"}
@@ -68,7 +77,7 @@ MODES=${BENCH_MODES:-"simple extended prepared"}
 EXTRA=${BENCH_EXTRA:-"connect tpcb"}
 TARGETS=${BENCH_TARGETS:-"postgres pgbouncer pgsilo"}
 FRONT=${BENCH_FRONT-"tls unix"}
-ROUNDS=${BENCH_ROUNDS:-1}
+ROUNDS=${BENCH_ROUNDS:-5}
 JOBS=${BENCH_JOBS:-2}
 POOL=${BENCH_POOL_SIZE:-20}
 SCALE=${BENCH_SCALE:-10}
@@ -198,7 +207,7 @@ CSV=$OUT/results.csv
 MEMCSV=$OUT/memory.csv
 META=$OUT/meta.txt
 rm -f "$CSV" "$MEMCSV" "$META" "$OUT/report.md"
-echo "round,seq,workload,mode,clients,jobs,target,status,tps,transactions,failed,avg_ms,p50_ms,p99_ms,max_ms,conn_ms,window_s,pgbench_tps,pooler_cpu_s,cpu_us_per_tx,pg_cpu_us_per_tx,pgbench_cpu_us_per_tx,peak_rss_kib,busy_pct,other_pct,note" >"$CSV"
+echo "round,seq,workload,mode,clients,jobs,target,status,tps,transactions,failed,avg_ms,p50_ms,p99_ms,p999_ms,max_ms,conn_ms,window_s,pgbench_tps,pooler_cpu_s,cpu_us_per_tx,pg_cpu_us_per_tx,pgbench_cpu_us_per_tx,peak_rss_kib,busy_pct,other_pct,syscalls_per_tx,cs_per_tx,note" >"$CSV"
 echo "target,count,ok,failed,secs,rss_before_kib,rss_after_kib,hwm_after_kib,fds_after,note" >"$MEMCSV"
 
 meta() { printf '%s=%s\n' "$1" "$2" >>"$META"; }
@@ -439,6 +448,18 @@ for t in $TARGETS; do
     *) die "unknown target $t (BENCH_TARGETS: postgres pgbouncer pgsilo)" ;;
   esac
 done
+# Each process's session and scheduler autogroup: poolers must not share pgbench's (the
+# autogroup decides how the kernel shares CPU between them and PostgreSQL).
+sched_of() {  # pid -> "session S, autogroup /autogroup-N"
+  local sid ag
+  sid=$(awk '{print $6}' "/proc/$1/stat" 2>/dev/null || echo ?)
+  ag=$(cut -d' ' -f1 "/proc/$1/autogroup" 2>/dev/null || echo ?)
+  printf 'session %s, %s' "$sid" "$ag"
+}
+meta sched_bench "$(sched_of $$) (this script and pgbench)"
+meta sched_postgres "$(sched_of "$(head -n1 "$RUN/pg/postmaster.pid")")"
+[ -n "${PID[pgsilo]:-}" ] && meta sched_pgsilo "$(sched_of "${PID[pgsilo]}")"
+[ -n "${PID[pgbouncer]:-}" ] && meta sched_pgbouncer "$(sched_of "${PID[pgbouncer]}")"
 [ -n "${PID[pgsilo]:-}" ] && meta pgsilo_cores "$(cores_of "${PID[pgsilo]}")"
 [ -n "${PID[pgbouncer]:-}" ] && meta pgbouncer_cores "$(cores_of "${PID[pgbouncer]}")"
 
@@ -489,7 +510,7 @@ run_pgbench() {  # round workload mode clients target
   [ "$target" != postgres ] && pid=${PID[$target]:-}
   if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
     say "run $SEQ: $target is no longer running; skipped"
-    echo "$round,$SEQ,$workload,$mode,$clients,$jobs,$target,pooler-died,,,,,,,,,,,,,,,,,,\"$target exited earlier; see $RUN/logs/$target.log\"" >>"$CSV"
+    echo "$round,$SEQ,$workload,$mode,$clients,$jobs,$target,pooler-died,,,,,,,,,,,,,,,,,,,,,\"$target exited earlier; see $RUN/logs/$target.log\"" >>"$CSV"
     return
   fi
   printf 'bench: run %3d  %-9s %-14s %-8s c=%-4s ' "$SEQ" "$target" "$workload" "$mode" "$clients" >&2
@@ -515,11 +536,19 @@ run_pgbench() {  # round workload mode clients target
     fi
   fi
   # Each snapshot carries the moment it was taken: the window's bounds.
+  # The kernel's count of the pooler's system calls and context switches over the window
+  # (perf stat; counts are stable where times are not).
+  local perf_pid= perf_out=$RUN/pgbench/$name.perf
+  if [ -n "$pid" ] && [ "$PERF" = 1 ]; then
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pid" -o "$perf_out" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   s0=$("$PY" "$TOOLS/bench.py" snap "$POSTMASTER" "${pid:--}" "${bench_pid:--}")
   t0=${s0##* }
   while kill -0 "$bpid" 2>/dev/null && [ $(( $(now_us) - t0 )) -lt $(( SECS * 1000000 - 30000 )) ]; do sleep 0.02; done
   s1=$("$PY" "$TOOLS/bench.py" snap "$POSTMASTER" "${pid:--}" "${bench_pid:--}")
   t1=${s1##* }
+  if [ -n "$perf_pid" ]; then kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" 2>/dev/null || true; fi
   [ -n "$pid" ] && hwm=$(status_kib "$pid" VmHWM)
   # Whatever pgbench still has to run (most of the connect allowance, at many clients) is
   # not measured: stop it once its log has moved well past the window, so the window's
@@ -530,13 +559,19 @@ run_pgbench() {  # round workload mode clients target
   fi
   rc=0
   wait "$bpid" || rc=$?
-  local tps tx failed conn aborted status n lfail avg p50 p99 max cpu_s cpu_us pg_us bench_us busy other window
+  local tps tx failed conn aborted status n lfail avg p50 p99 p999 max cpu_s cpu_us pg_us bench_us busy other window
   tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$log" | head -n1)
   conn=$(sed -n 's/^initial connection time = \([0-9.]*\) ms.*/\1/p' "$log" | head -n1)
   [ -z "$conn" ] && [ "$workload" != select-connect ] && conn=$(( (t0 - tl) / 1000 ))
   aborted=$(grep -c 'aborted in command\|aborted while\|client [0-9]* aborted' "$log" || true)
   local keep=; [ "$KEEP_LOGS" = 1 ] && keep=--keep
-  read -r n lfail avg p50 p99 max < <("$PY" "$TOOLS/bench.py" latency "$prefix" --from "$t0" --to "$t1" $keep)
+  read -r n lfail avg p50 p99 p999 max < <("$PY" "$TOOLS/bench.py" latency "$prefix" --from "$t0" --to "$t1" $keep)
+  local sc_tx= cs_tx=
+  if [ -n "$perf_pid" ] && [ -s "$perf_out" ] && [ "${n:-0}" -gt 0 ]; then
+    read -r sc_tx cs_tx < <(awk -F, -v n="$n" '$3 == "raw_syscalls:sys_enter" {s = $1} $3 == "context-switches" {c = $1}
+      END {if (s != "" && s !~ /not/) printf "%.2f ", s / n; else printf "- "; if (c != "" && c !~ /not/) printf "%.2f\n", c / n; else print "-"}' "$perf_out")
+    [ "$sc_tx" = - ] && sc_tx=; [ "$cs_tx" = - ] && cs_tx=
+  fi
   tx=$n
   window=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", (b - a) / 1e6}')
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
@@ -575,10 +610,10 @@ run_pgbench() {  # round workload mode clients target
       (total > 0 && known ? sprintf("%.0f", 100 * other / total) : "")
   }')
   IFS=, read -r cpu_s cpu_us pg_us bench_us busy other <<<"$split"
-  [ "$avg" = nan ] && avg=; [ "$p50" = nan ] && p50=; [ "$p99" = nan ] && p99=; [ "$max" = nan ] && max=
+  [ "$avg" = nan ] && avg=; [ "$p50" = nan ] && p50=; [ "$p99" = nan ] && p99=; [ "$p999" = nan ] && p999=; [ "$max" = nan ] && max=
   printf '%-7s tps=%-7.0f p99=%-7s pooler %s us/tx, machine busy %s%% (other %s%%)\n' "$status" "${tps:-0}" "${p99:-–}" "${cpu_us:-–}" "$busy" "${other:-?}" >&2
   [ -n "$note" ] && say "         $note"
-  echo "$round,$SEQ,$workload,$mode,$clients,$jobs,$target,$status,$tps,$tx,$lfail,$avg,$p50,$p99,$max,$conn,$window,$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$log" | head -n1),$cpu_s,$cpu_us,$pg_us,$bench_us,$hwm,$busy,$other,\"${note//\"/}\"" >>"$CSV"
+  echo "$round,$SEQ,$workload,$mode,$clients,$jobs,$target,$status,$tps,$tx,$lfail,$avg,$p50,$p99,$p999,$max,$conn,$window,$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$log" | head -n1),$cpu_s,$cpu_us,$pg_us,$bench_us,$hwm,$busy,$other,$sc_tx,$cs_tx,\"${note//\"/}\"" >>"$CSV"
   # A pooler that died takes no further runs; say so now.
   if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
     say "$target (pid $pid) exited during run $SEQ:"; tail -5 "$RUN/logs/$target.log" >&2 || true

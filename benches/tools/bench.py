@@ -69,7 +69,7 @@ def latency(prefix, keep, t_from=None, t_to=None):
         if not keep:
             os.remove(path)
     if not lat:
-        print(f"0 {failed} nan nan nan nan")
+        print(f"0 {failed} nan nan nan nan nan")
         return
     lat.sort()
     n = len(lat)
@@ -78,7 +78,7 @@ def latency(prefix, keep, t_from=None, t_to=None):
         return lat[max(0, math.ceil(p / 100.0 * n) - 1)] / 1000.0
 
     avg = sum(lat) / n / 1000.0
-    print(f"{n} {failed} {avg:.3f} {pct(50):.3f} {pct(99):.3f} {lat[-1] / 1000.0:.3f}")
+    print(f"{n} {failed} {avg:.3f} {pct(50):.3f} {pct(99):.3f} {pct(99.9):.3f} {lat[-1] / 1000.0:.3f}")
 
 
 def proc_stat(pid):
@@ -221,38 +221,110 @@ def report(outdir):
             by[key].setdefault(r["target"], []).append(r)
 
         def stat(rs, field):
-            return med([num(r[field]) for r in rs if r["status"] == "ok"])
+            return med([num(r.get(field)) for r in rs if r["status"] == "ok"])
+
+        def spread(rs, field):
+            vals = [num(r.get(field)) for r in rs if r["status"] == "ok" and num(r.get(field)) is not None]
+            if not vals:
+                return None, None, None
+            return statistics.median(vals), min(vals), max(vals)
+
+        def noisy(rs):
+            """A cell out of the verdict: another process took over 5% of the machine in
+            one of its runs, or its TPS spread (max-min over median) is above 15%."""
+            ok = [r for r in rs if r["status"] == "ok"]
+            if any((num(r.get("other_pct")) or 0) > 5 for r in ok):
+                return True
+            m, lo, hi = spread(ok, "tps")
+            return bool(m) and len(ok) > 1 and (hi - lo) / m > 0.15
+
+        def cell(rs, field, digits=0):
+            m, lo, hi = spread(rs or [], field)
+            if m is None:
+                return (rs[0]["status"] if rs else "–")
+            if lo == hi:
+                return fmt(m, digits)
+            return f"{fmt(m, digits)} ({fmt(lo, digits)}–{fmt(hi, digits)})"
 
         w("## Throughput and pooler cost (pgbench)")
         w("")
-        w("Median over rounds where there is more than one. *vs* columns: pgsilo's TPS divided "
-          "by the other's; CPU is the pooler process's own user+sys time per transaction.")
+        w("Median over rounds, min–max in brackets. *vs*: pgsilo's median divided by the "
+          "other's. CPU: the pooler process's own user+sys time per transaction; syscalls and "
+          "context switches per transaction: `perf stat` on the pooler over the same window. "
+          "*noisy*: another process used over 5% of the machine in a run, or the TPS spread "
+          "is over 15% of the median; such cells stay out of the verdict.")
         w("")
-        w("| workload | clients | PostgreSQL TPS | PgBouncer TPS | pgsilo TPS | pgsilo vs PgBouncer "
-          "| pgsilo vs PostgreSQL | PgBouncer CPU µs/tx | pgsilo CPU µs/tx | pgsilo p99 ms | PgBouncer p99 ms |")
-        w("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        w("| workload | clients | target | TPS | vs PgBouncer | CPU µs/tx | syscalls/tx | ctx sw/tx "
+          "| p99 ms | p99.9 ms | max ms | noisy |")
+        w("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
         for key in configs:
             t = by[key]
-
-            def tps(name):
+            for name in ("postgres", "pgbouncer", "pgsilo"):
                 rs = t.get(name)
                 if not rs:
-                    return None, "–"
-                v = stat(rs, "tps")
-                if v is None:
-                    return None, rs[0]["status"]
-                return v, fmt(v)
-
-            pg, pg_s = tps("postgres")
-            pb, pb_s = tps("pgbouncer")
-            ps, ps_s = tps("pgsilo")
-            cpu_pb = stat(t.get("pgbouncer", []), "cpu_us_per_tx")
-            cpu_ps = stat(t.get("pgsilo", []), "cpu_us_per_tx")
-            p99_ps = stat(t.get("pgsilo", []), "p99_ms")
-            p99_pb = stat(t.get("pgbouncer", []), "p99_ms")
-            w(f"| {workload_label(key[0], key[1])} | {key[2]} | {pg_s} | {pb_s} | {ps_s} | {ratio(ps, pb)} "
-              f"| {ratio(ps, pg)} | {fmt(cpu_pb, 1)} | {fmt(cpu_ps, 1)} | {fmt(p99_ps, 2)} | {fmt(p99_pb, 2)} |")
+                    continue
+                mx = [num(r["max_ms"]) for r in rs if r["status"] == "ok" and num(r["max_ms"]) is not None]
+                w(f"| {workload_label(key[0], key[1])} | {key[2]} | {LABEL.get(name, name)} | {cell(rs, 'tps')} "
+                  f"| {ratio(stat(rs, 'tps'), stat(t.get('pgbouncer', []), 'tps')) if name == 'pgsilo' else ''} "
+                  f"| {cell(rs, 'cpu_us_per_tx', 1) if name != 'postgres' else ''} "
+                  f"| {fmt(stat(rs, 'syscalls_per_tx'), 2) if name != 'postgres' else ''} "
+                  f"| {fmt(stat(rs, 'cs_per_tx'), 2) if name != 'postgres' else ''} "
+                  f"| {fmt(stat(rs, 'p99_ms'), 2)} | {fmt(stat(rs, 'p999_ms'), 2)} | {fmt(max(mx) if mx else None, 0)} "
+                  f"| {'noisy' if noisy(rs) else ''} |")
         w("")
+
+        # The verdict against issue 16's targets, from the cells that are not noisy.
+        verdict = []
+        for key in configs:
+            t = by[key]
+            pb, ps = t.get("pgbouncer", []), t.get("pgsilo", [])
+            if not pb or not ps:
+                continue
+            label = f"{workload_label(key[0], key[1])}, {key[2]} clients"
+            out_of = noisy(pb) or noisy(ps)
+
+            def judge(what, value, target, ok):
+                if value is None:
+                    verdict.append((label, what, "–", target, "no data"))
+                else:
+                    verdict.append((label, what, value, target, "noisy" if out_of else ("met" if ok else "missed")))
+
+            if key[0] == "select":
+                r = None
+                if stat(pb, "tps") and stat(ps, "tps") is not None:
+                    r = stat(ps, "tps") / stat(pb, "tps")
+                judge("TPS vs PgBouncer", r and f"{r:.2f}×", "≥ 1.10×", r is not None and r >= 1.10)
+                c = None
+                if stat(pb, "cpu_us_per_tx") and stat(ps, "cpu_us_per_tx") is not None:
+                    c = stat(ps, "cpu_us_per_tx") / stat(pb, "cpu_us_per_tx")
+                judge("CPU/tx vs PgBouncer", c and f"{c:.2f}×", "≤ 0.85×", c is not None and c <= 0.85)
+                a, b = stat(ps, "p999_ms"), stat(pb, "p999_ms")
+                judge("p99.9", a is not None and b is not None and f"{a:.2f} vs {b:.2f} ms" or None,
+                      "≤ PgBouncer's", a is not None and b is not None and a <= b)
+                am = max([num(r["max_ms"]) or 0 for r in ps if r["status"] == "ok"] or [0])
+                bm = max([num(r["max_ms"]) or 0 for r in pb if r["status"] == "ok"] or [0])
+                judge("max", bm and f"{am:.0f} vs {bm:.0f} ms", "≤ 2× PgBouncer's", bm > 0 and am <= 2 * bm)
+            elif key[0] == "select-connect":
+                a, b = stat(ps, "cpu_us_per_tx"), stat(pb, "cpu_us_per_tx")
+                judge("CPU per login", a is not None and b is not None and f"{a:.0f} vs {b:.0f} µs" or None,
+                      "≤ PgBouncer's", a is not None and b is not None and a <= b)
+        if mem:
+            per = {}
+            for m in mem:
+                before, after, ok = num(m["rss_before_kib"]), num(m["rss_after_kib"]), num(m["ok"])
+                if before is not None and after is not None and ok:
+                    per[m["target"]] = (after - before) / ok
+            if "pgsilo" in per:
+                verdict.append(("idle clients", "RSS per idle client", f"{per['pgsilo']:.2f} KiB",
+                                "≤ 1 KiB", "met" if per["pgsilo"] <= 1.0 else "missed"))
+        if verdict:
+            w("## Verdict (issue 16's targets)")
+            w("")
+            w("| cell | measure | pgsilo (vs PgBouncer) | target | verdict |")
+            w("|---|---|---|---|---|")
+            for v in verdict:
+                w(f"| {v[0]} | {v[1]} | {v[2]} | {v[3]} | {v[4]} |")
+            w("")
         front = [k for k in configs if any(t.endswith(("-tls", "-unix")) for t in by[k])]
         if front:
             w("## The front door: TLS and Unix sockets")
