@@ -56,7 +56,7 @@ fn login_disconnect_and_stats_lines() {
 
         let e = must_fail(p.connect("user_a", "wrong", "tenant_a_db").await, "wrong password");
         assert_eq!(db_error(&e).0, "28P01");
-        p.wait_for_log("login failed", LONG);
+        p.wait_for_log("pooler error: password authentication failed", LONG);
         let e = must_fail(p.connect("user_a", "pass_a", "nope_db").await, "unknown database");
         assert_eq!(db_error(&e).0, "3D000");
 
@@ -105,7 +105,17 @@ fn login_disconnect_and_stats_lines() {
         .find(|l| l.contains(&format!("{client}:")) && l.contains("closing because"))
         .unwrap_or_else(|| panic!("the disconnect line of {client}:\n{log}"));
     assert!(close.contains("closing because: client close request (age="), "{close}");
-    assert!(log.contains("login failed: password authentication failed"), "{log}");
+    // PgBouncer's lines for a refused login: the pooler error, then the disconnect.
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" WARNING C-") && l.contains("pooler error: password authentication failed")),
+        "{log}"
+    );
+    assert!(
+        log.contains("closing because: password authentication failed for user \"user_a\" (age="),
+        "{log}"
+    );
+    assert!(login.contains("user=user_a tls=no "), "{login}");
     assert!(log.contains("no such database: nope_db"), "{log}");
     let stats = log
         .lines()

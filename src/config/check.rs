@@ -8,12 +8,46 @@ use super::general::AuthType;
 use super::load::{Config, Loaded};
 use super::userlist::Userlist;
 
-/// Everything `pgsilo --check CONFIG` reports: the config problems and the auth_file
-/// problems together, one message each. Things that work but are probably unintended
-/// are logged as warnings instead.
+/// A config that can be served, and what its author should still hear about it.
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Config,
+    pub userlist: Userlist,
+    /// Things that work but are probably unintended, and PgBouncer settings pgsilo does
+    /// not implement (each with what it does instead).
+    pub warnings: Vec<String>,
+    /// How a PgBouncer ini reads where pgsilo's TOML would differ, and PgBouncer
+    /// settings that change nothing here.
+    pub notes: Vec<String>,
+}
+
+/// `check_with`, not strict, logging the notes and warnings (as a reload does).
 pub fn check(path: &Path) -> Result<(Config, Userlist), Vec<String>> {
+    let checked = check_with(path, false)?;
+    for note in &checked.notes {
+        log::info!("{note}");
+    }
+    for warning in &checked.warnings {
+        log::warn!("{warning}");
+    }
+    Ok((checked.config, checked.userlist))
+}
+
+/// Everything `pgsilo --check CONFIG` reports: the config problems and the auth_file
+/// problems together, one message each. With `strict`, PgBouncer settings pgsilo does
+/// not implement are problems too, instead of warnings.
+pub fn check_with(path: &Path, strict: bool) -> Result<Checked, Vec<String>> {
     let loaded = Loaded::read(path).map_err(|e| e.messages())?;
     let mut messages: Vec<String> = loaded.problems.iter().map(ToString::to_string).collect();
+    let mut warnings = Vec::new();
+    let mut notes = Vec::new();
+    for notice in &loaded.notices {
+        match (notice.unsupported, strict) {
+            (true, true) => messages.push(format!("{notice} (refused with --strict)")),
+            (true, false) => warnings.push(notice.to_string()),
+            (false, _) => notes.push(notice.to_string()),
+        }
+    }
     // An unreadable auth_file is already reported against the config's auth_file line.
     let userlist = if loaded.auth_file_readable {
         match Userlist::load(&loaded.config.general.auth_file) {
@@ -27,26 +61,32 @@ pub fn check(path: &Path) -> Result<(Config, Userlist), Vec<String>> {
         None
     };
     match userlist {
-        Some(list) if messages.is_empty() => {
-            warn_about_users(&loaded.config, &list);
-            Ok((loaded.config, list))
+        Some(userlist) if messages.is_empty() => {
+            warnings.extend(user_warnings(&loaded.config, &userlist));
+            Ok(Checked {
+                config: loaded.config,
+                userlist,
+                warnings,
+                notes,
+            })
         }
         _ => Err(messages),
     }
 }
 
-fn warn_about_users(config: &Config, list: &Userlist) {
+fn user_warnings(config: &Config, list: &Userlist) -> Vec<String> {
+    let mut warnings = Vec::new();
     let g = &config.general;
     let file = list.path.display();
     if list.is_empty() {
-        log::warn!("auth_file {file} lists no users; nobody can log in");
+        warnings.push(format!("auth_file {file} lists no users; nobody can log in"));
     }
     if g.auth_type == AuthType::ScramSha256 {
         for (user, secret) in list.users() {
             if matches!(secret, Secret::Md5(_)) {
-                log::warn!(
+                warnings.push(format!(
                     "auth_file {file}: user \"{user}\" has an md5 secret, which cannot answer SCRAM-SHA-256 (auth_type); that user cannot log in"
-                );
+                ));
             }
         }
     }
@@ -60,17 +100,20 @@ fn warn_about_users(config: &Config, list: &Userlist) {
     auth_users.dedup();
     for user in auth_users {
         if list.get(user).is_none() {
-            log::warn!(
+            warnings.push(format!(
                 "auth_user \"{user}\" is not in auth_file {file}; auth_query logs in to PostgreSQL as it without a password"
-            );
+            ));
         }
     }
     // Even with trust, PgBouncer only admits users named in the auth_file.
     for user in g.admin_users.iter().chain(&g.stats_users) {
         if list.get(user).is_none() {
-            log::warn!("admin or stats user \"{user}\" is not in auth_file {file}; it cannot log in");
+            warnings.push(format!(
+                "admin or stats user \"{user}\" is not in auth_file {file}; it cannot log in"
+            ));
         }
     }
+    warnings
 }
 
 #[cfg(test)]

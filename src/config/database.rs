@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use super::general::{read_auth_query, read_pool_mode, General, PoolMode};
+use super::load::FALLBACK_DATABASE;
 use super::section::Section;
 
 /// Names clients cannot use for a database: they reach the admin console.
@@ -11,14 +12,16 @@ pub const RESERVED_DATABASE_NAMES: [&str; 2] = ["pgsilo", "pgbouncer"];
 /// A database clients may ask for, and the server database it maps to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Database {
-    /// The name clients ask for: the table's key.
+    /// The name clients ask for: the table's key. `*` serves every name no other entry
+    /// has ([`FALLBACK_DATABASE`]).
     pub name: String,
     /// `host`: a host name or IP address, or an absolute path to the folder holding the
     /// server's Unix socket, as libpq takes it. Required.
     pub host: String,
     /// `port`: also picks the socket file name when `host` is a folder. Default 5432.
     pub port: u16,
-    /// `dbname`: the database on the server. Default: `name`.
+    /// `dbname`: the database on the server. Default: `name` (for `*`: the name the
+    /// client asks for).
     pub dbname: String,
     /// `user`: log in to the server as this user whoever the client is. Default: the
     /// client's user.
@@ -87,6 +90,18 @@ impl Database {
     /// Reads the table. As with `General::read`, the result is only meaningful when the
     /// section reported no problems.
     pub(super) fn read(name: &str, section: &mut Section, general: &General) -> Database {
+        if name == FALLBACK_DATABASE {
+            // Pools made from `*` take these from the instance's settings.
+            for key in ["min_pool_size", "reserve_pool", "max_db_connections"] {
+                if let Some(span) = section.span_of(key) {
+                    section.invalid(
+                        key,
+                        Some(&span),
+                        "is not supported for the \"*\" database: its pools take the instance-wide value",
+                    );
+                }
+            }
+        }
         let host = read_host(section);
         let port = section.uint("port", 5432, 1);
         let dbname = match section.string("dbname") {

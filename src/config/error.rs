@@ -48,6 +48,28 @@ impl fmt::Display for Problem {
     }
 }
 
+/// Something about a config that works, but that its author should know: how a PgBouncer
+/// ini reads, and PgBouncer settings pgsilo does not implement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub file: PathBuf,
+    /// 1-based; `None` when it is about the file as a whole.
+    pub line: Option<usize>,
+    pub message: String,
+    /// A setting pgsilo does not implement: a warning, or a problem with `--strict`.
+    pub unsupported: bool,
+}
+
+impl fmt::Display for Notice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, " line {line}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file could not be read at all.

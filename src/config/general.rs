@@ -1,6 +1,7 @@
-//! The `[pgsilo]` section: listening, authentication, pool sizing and timeouts.
-//! Key names and defaults are PgBouncer's.
+//! The `[pgsilo]` section: listening, authentication, pool sizing and timeouts; and the
+//! per-user settings of `[users]`. Key names and defaults are PgBouncer's.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -92,7 +93,15 @@ impl fmt::Display for PoolMode {
     }
 }
 
-/// The `[pgsilo]` section.
+/// A `[users]` entry: what one user's pools do differently (PgBouncer's `[users]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserSettings {
+    /// `pool_mode`: overrides the database's and the `[pgsilo]` pool_mode for this user's
+    /// pools, as in PgBouncer.
+    pub pool_mode: Option<PoolMode>,
+}
+
+/// The `[pgsilo]` section, and the `[users]` settings that apply instance-wide.
 ///
 /// Timeouts that PgBouncer disables with 0 are `Option<Duration>`, `None` meaning
 /// disabled. Durations where 0 is a real length of time (check every time, retry at
@@ -103,7 +112,8 @@ pub struct General {
     /// `name`: shown in logs and the process title. Default: the config file's stem.
     pub name: String,
     /// `listen_addr`: addresses to accept clients on; `*` expands to 0.0.0.0 and ::.
-    /// Default 127.0.0.1.
+    /// Empty: no TCP, clients connect through the Unix socket only (PgBouncer's default,
+    /// so a PgBouncer ini without listen_addr reads that way). Default 127.0.0.1.
     pub listen_addr: Vec<IpAddr>,
     /// `listen_port`. Default 6432.
     pub listen_port: u16,
@@ -193,6 +203,8 @@ pub struct General {
     pub stats_users: Vec<String>,
     /// `stats_period`: how often averages are computed and logged. Default 60 s.
     pub stats_period: Duration,
+    /// `log_stats`: log the stats line every stats_period. Default true.
+    pub log_stats: bool,
     /// `log_connections`. Default true.
     pub log_connections: bool,
     /// `log_disconnections`. Default true.
@@ -216,6 +228,8 @@ pub struct General {
     /// TLS towards clients and servers, and the Unix socket (`client_tls_*`,
     /// `server_tls_*`, `unix_socket_*`).
     pub front_door: FrontDoor,
+    /// `[users]`: settings by user name; users not listed have none.
+    pub users: BTreeMap<String, UserSettings>,
 }
 
 impl General {
@@ -257,6 +271,7 @@ impl General {
         "admin_users",
         "stats_users",
         "stats_period",
+        "log_stats",
         "log_connections",
         "log_disconnections",
         "log_pooler_errors",
@@ -323,6 +338,7 @@ impl General {
             admin_users: Vec::new(),
             stats_users: Vec::new(),
             stats_period: Duration::from_secs(60),
+            log_stats: true,
             log_connections: true,
             log_disconnections: true,
             log_pooler_errors: true,
@@ -333,6 +349,7 @@ impl General {
             tcp_keepalive: true,
             application_name_add_host: false,
             front_door: FrontDoor::defaults(),
+            users: BTreeMap::new(),
         }
     }
 
@@ -411,6 +428,7 @@ impl General {
             );
             stats_period = d.stats_period;
         }
+        let log_stats = section.bool("log_stats", d.log_stats);
         let log_connections = section.bool("log_connections", d.log_connections);
         let log_disconnections = section.bool("log_disconnections", d.log_disconnections);
         let log_pooler_errors = section.bool("log_pooler_errors", d.log_pooler_errors);
@@ -434,6 +452,14 @@ impl General {
         let tcp_keepalive = section.bool("tcp_keepalive", d.tcp_keepalive);
         let application_name_add_host = section.bool("application_name_add_host", d.application_name_add_host);
         let front_door = FrontDoor::read(section, config_path);
+        if listen_addr.is_empty() && front_door.unix_socket.dir.is_none() {
+            let span = section.span_of("listen_addr");
+            section.invalid(
+                "listen_addr",
+                span.as_ref(),
+                "no address to listen on, and unix_socket_dir is \"\": clients could not connect at all",
+            );
+        }
         if auth_type == AuthType::Cert
             && (front_door.client_tls.sslmode == crate::config::SslMode::Disable
                 || front_door.client_tls.ca_file.is_none())
@@ -483,6 +509,7 @@ impl General {
             admin_users,
             stats_users,
             stats_period,
+            log_stats,
             log_connections,
             log_disconnections,
             log_pooler_errors,
@@ -493,6 +520,7 @@ impl General {
             tcp_keepalive,
             application_name_add_host,
             front_door,
+            users: BTreeMap::new(),
         }
     }
 
@@ -563,6 +591,7 @@ impl General {
             ("admin_users", list(&self.admin_users)),
             ("stats_users", list(&self.stats_users)),
             ("stats_period", seconds_text(self.stats_period)),
+            ("log_stats", self.log_stats.to_string()),
             ("log_connections", self.log_connections.to_string()),
             ("log_disconnections", self.log_disconnections.to_string()),
             ("log_pooler_errors", self.log_pooler_errors.to_string()),
@@ -593,13 +622,9 @@ fn seconds_text(d: Duration) -> String {
 }
 
 /// `listen_addr`: PgBouncer's comma-separated string, or a TOML array; `*` means every
-/// IPv4 and IPv6 address.
+/// IPv4 and IPv6 address. Empty means none: Unix socket clients only, as in PgBouncer.
 fn read_listen_addr(section: &mut Section) -> Option<Vec<IpAddr>> {
     let (items, span) = section.string_list("listen_addr")?;
-    if items.is_empty() {
-        section.invalid("listen_addr", span.as_ref(), "no address to listen on");
-        return None;
-    }
     let mut addrs = Vec::new();
     let mut bad = false;
     for item in items {

@@ -1,13 +1,17 @@
-//! The whole config file: `[pgsilo]` plus `[databases.*]`, read and validated together.
+//! The whole config: `[pgsilo]`, `[databases.*]` and `[users.*]`, read and validated
+//! together, from pgsilo's TOML or from a PgBouncer ini as it is (`ini.rs`). Both become
+//! the same tree of tables, read by the same readers.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::database::{Database, RESERVED_DATABASE_NAMES};
-use super::error::{ConfigError, FileKind, Problem};
-use super::general::General;
-use super::section::{nearest, Report, Section};
-use super::value::{line_of, parse_document, Node, Span, Value};
+use super::error::{ConfigError, FileKind, Notice, Problem};
+use super::general::{read_pool_mode, General, UserSettings};
+use super::ini;
+use super::section::{nearest, Report, Section, Source};
+use super::value::{parse_document, Entries, Node, Span, Value};
 
 /// One instance's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,29 +19,68 @@ pub struct Config {
     /// The config file, absolute.
     pub path: PathBuf,
     pub general: General,
-    /// By the name clients ask for.
+    /// By the name clients ask for; `*` ([`FALLBACK_DATABASE`]) serves the names no
+    /// other entry has.
     pub databases: BTreeMap<String, Database>,
 }
 
-const TABLES: [&str; 2] = ["pgsilo", "databases"];
+/// The `[databases]` entry for databases no other entry names (PgBouncer's `*`): a client
+/// asking for one gets a pool to that entry's server, in the database it asked for
+/// (unless the entry names a dbname).
+pub const FALLBACK_DATABASE: &str = "*";
+
+const TABLES: [&str; 3] = ["pgsilo", "databases", "users"];
 
 impl Config {
-    /// Reads, parses and validates the file, and checks the auth_file can be opened.
+    /// Reads, parses and validates the file (TOML, or a PgBouncer ini), and checks the
+    /// auth_file can be opened.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Loaded::read(path)?.into_result()
     }
 
-    /// Parses and validates `text` as if read from `path`, which names the file in
-    /// messages and anchors a relative auth_file. Touches no files, so unlike `load` it
-    /// does not check that the auth_file exists.
+    /// Parses and validates `text` as pgsilo's TOML, as if read from `path`, which names
+    /// the file in messages and anchors a relative auth_file. Touches no files, so unlike
+    /// `load` it does not check that the auth_file exists.
     pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let parsed = parse(text, path);
+        let parsed = parse_toml(text, path);
         finish(parsed.config, parsed.problems)
     }
 
     /// Every `[pgsilo]` key with its value as text, for SHOW CONFIG.
     pub fn config_items(&self) -> Vec<(&'static str, String)> {
         self.general.config_items()
+    }
+
+    /// The configuration a client of `database` logging in as `user` is served under:
+    /// this one when it lists the database and has no `[users]` settings for the user;
+    /// otherwise a copy whose entry for `database` is made from the `*` entry (dbname =
+    /// the name asked for) and carries the user's pool_mode. None: no such database.
+    pub fn for_login(self: &Arc<Config>, database: &str, user: &str) -> Option<Arc<Config>> {
+        if RESERVED_DATABASE_NAMES.contains(&database) {
+            return None;
+        }
+        let user_mode = self.general.users.get(user).and_then(|u| u.pool_mode);
+        let listed = self.databases.get(database).filter(|_| database != FALLBACK_DATABASE);
+        if listed.is_some() && user_mode.is_none() {
+            return Some(self.clone());
+        }
+        let mut db = match listed {
+            Some(db) => db.clone(),
+            None => {
+                let mut db = self.databases.get(FALLBACK_DATABASE)?.clone();
+                db.name = database.to_string();
+                if db.dbname == FALLBACK_DATABASE {
+                    db.dbname = database.to_string();
+                }
+                db
+            }
+        };
+        if user_mode.is_some() {
+            db.pool_mode = user_mode;
+        }
+        let mut config = Config::clone(self);
+        config.databases.insert(database.to_string(), db);
+        Some(Arc::new(config))
     }
 }
 
@@ -49,51 +92,124 @@ fn finish(config: Config, problems: Vec<Problem>) -> Result<Config, ConfigError>
     }
 }
 
+/// Which syntax a config was written in; decides how messages name its tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Toml,
+    PgBouncer,
+}
+
+impl Dialect {
+    fn general(self) -> &'static str {
+        match self {
+            Dialect::Toml => "[pgsilo]",
+            Dialect::PgBouncer => "[pgbouncer]",
+        }
+    }
+
+    fn database(self, name: &str) -> String {
+        match self {
+            Dialect::Toml => format!("[databases.{}]", toml_key(name)),
+            Dialect::PgBouncer => format!("[databases] {name}"),
+        }
+    }
+
+    fn user(self, name: &str) -> String {
+        match self {
+            Dialect::Toml => format!("[users.{}]", toml_key(name)),
+            Dialect::PgBouncer => format!("[users] {name}"),
+        }
+    }
+}
+
 /// A config as far as it could be read, with its problems; `check` needs this even when
 /// there are problems, to go on to the auth_file.
 pub(super) struct Loaded {
     pub(super) config: Config,
     pub(super) problems: Vec<Problem>,
+    pub(super) notices: Vec<Notice>,
     /// The auth_file is named and opens; false means a problem about it is reported.
     pub(super) auth_file_readable: bool,
+    /// A PgBouncer ini's tables as pgsilo's (what `convert` writes out); None for TOML.
+    pub(super) ini_tables: Option<Entries>,
 }
 
 impl Loaded {
     pub(super) fn read(path: &Path) -> Result<Loaded, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            kind: FileKind::Config,
-            path: path.to_path_buf(),
-            source,
-        })?;
         let Parsed {
             config,
             mut problems,
-            auth_file_line,
-        } = parse(&text, path);
+            notices,
+            auth_file_at,
+            ini_tables,
+        } = Self::parse_file(path)?;
         let auth_file = &config.general.auth_file;
         let mut auth_file_readable = false;
         if !auth_file.as_os_str().is_empty() {
             match readable_file(auth_file) {
                 Ok(()) => auth_file_readable = true,
-                Err(why) => problems.push(Problem {
-                    kind: FileKind::Config,
-                    file: path.to_path_buf(),
-                    line: auth_file_line,
-                    message: format!("auth_file in [pgsilo]: cannot read {}: {why}", auth_file.display()),
-                }),
+                Err(why) => {
+                    let (file, line) = auth_file_at.unwrap_or_else(|| (path.to_path_buf(), None));
+                    let section = if ini_tables.is_some() {
+                        Dialect::PgBouncer
+                    } else {
+                        Dialect::Toml
+                    }
+                    .general();
+                    problems.push(Problem {
+                        kind: FileKind::Config,
+                        file,
+                        line,
+                        message: format!("auth_file in {section}: cannot read {}: {why}", auth_file.display()),
+                    });
+                }
             }
         }
-        sort_by_line(&mut problems);
+        sort_by_line(&mut problems, path);
         Ok(Loaded {
             config,
             problems,
+            notices,
             auth_file_readable,
+            ini_tables,
+        })
+    }
+
+    /// Reads and parses the file without looking at the files it names.
+    fn parse_file(path: &Path) -> Result<Parsed, ConfigError> {
+        let text = read_text(path)?;
+        if ini::is_pgbouncer_config(path, &text) {
+            let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+            Ok(parse_ini(path, text, &cwd, &|p: &Path| std::fs::read_to_string(p)))
+        } else {
+            Ok(parse_toml(&text, path))
+        }
+    }
+
+    /// Reads the config without opening the files it names (for `convert`): the config,
+    /// its problems and notices, and a PgBouncer ini's tables.
+    pub(super) fn read_unchecked(path: &Path) -> Result<Loaded, ConfigError> {
+        let parsed = Self::parse_file(path)?;
+        Ok(Loaded {
+            config: parsed.config,
+            problems: parsed.problems,
+            notices: parsed.notices,
+            auth_file_readable: false,
+            ini_tables: parsed.ini_tables,
         })
     }
 
     pub(super) fn into_result(self) -> Result<Config, ConfigError> {
         finish(self.config, self.problems)
     }
+}
+
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        kind: FileKind::Config,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn readable_file(path: &Path) -> Result<(), String> {
@@ -105,13 +221,20 @@ fn readable_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A file and, where there is one, a line in it.
+type Location = (PathBuf, Option<usize>);
+
 struct Parsed {
     config: Config,
     problems: Vec<Problem>,
-    auth_file_line: Option<usize>,
+    notices: Vec<Notice>,
+    /// Where auth_file is set (file, line), for problems about the file it names.
+    auth_file_at: Option<Location>,
+    ini_tables: Option<Entries>,
 }
 
-fn parse(text: &str, path: &Path) -> Parsed {
+/// The config before its tables are read: the defaults, under the file's name.
+fn empty_config(path: &Path) -> (Config, String) {
     // Messages name the file as the user did; stored paths are absolute.
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let default_name = path
@@ -119,32 +242,107 @@ fn parse(text: &str, path: &Path) -> Parsed {
         .map(|s| s.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "pgsilo".to_string());
-    let mut report = Report::new(FileKind::Config, path, text);
-    let mut config = Config {
-        path: absolute.clone(),
+    let config = Config {
+        path: absolute,
         general: General::defaults(default_name.clone()),
         databases: BTreeMap::new(),
     };
-    let entries = match parse_document(text) {
-        Ok(entries) => entries,
+    (config, default_name)
+}
+
+fn parse_toml(text: &str, path: &Path) -> Parsed {
+    let mut report = Report::new(FileKind::Config, path, text);
+    let (config, default_name) = empty_config(path);
+    let (config, auth_file_at, notices) = match parse_document(text) {
+        Ok(entries) => read_tables(&mut report, entries, config, default_name, Dialect::Toml),
         Err((message, span)) => {
             report.at(span.as_ref(), format!("not valid TOML: {message}"));
-            return Parsed {
-                config,
-                problems: report.problems,
-                auth_file_line: None,
-            };
+            (config, None, Vec::new())
         }
     };
+    let mut problems = report.problems;
+    sort_by_line(&mut problems, path);
+    Parsed {
+        config,
+        problems,
+        notices,
+        auth_file_at,
+        ini_tables: None,
+    }
+}
 
+/// A PgBouncer ini (and what it includes) through the same readers as TOML; `cwd` is
+/// where relative names are taken from, `load` reads included files.
+fn parse_ini(path: &Path, text: String, cwd: &Path, load: &dyn Fn(&Path) -> std::io::Result<String>) -> Parsed {
+    let doc = ini::read(path, text, cwd, load);
+    // Messages name the main file as the user did.
+    let sources = doc
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Source {
+            base: f.base,
+            file: if i == 0 { path } else { &f.path },
+            text: &f.text,
+        })
+        .collect();
+    let mut report = Report::with_sources(FileKind::Config, sources);
+    for (span, message) in &doc.problems {
+        report.at(span.as_ref(), message.clone());
+    }
+    let (config, default_name) = empty_config(path);
+    let (config, auth_file_at, mut notices) = if doc.tables.is_empty() {
+        (config, None, Vec::new())
+    } else {
+        read_tables(
+            &mut report,
+            doc.tables.clone(),
+            config,
+            default_name,
+            Dialect::PgBouncer,
+        )
+    };
+    for n in &doc.notices {
+        let (file, line) = report.locate(n.span.as_ref());
+        notices.push(Notice {
+            file,
+            line,
+            message: n.message.clone(),
+            unsupported: n.unsupported,
+        });
+    }
+    notices.sort_by_key(|n| (n.file != path, n.line.is_none(), n.line));
+    let mut problems = report.problems;
+    sort_by_line(&mut problems, path);
+    Parsed {
+        config,
+        problems,
+        notices,
+        auth_file_at,
+        ini_tables: Some(doc.tables),
+    }
+}
+
+/// The top-level tables into a config: `[pgsilo]`, `[databases]`, `[users]`. Returns
+/// where auth_file is set, and notices about what reads differently in this dialect.
+fn read_tables(
+    report: &mut Report,
+    entries: Entries,
+    mut config: Config,
+    default_name: String,
+    dialect: Dialect,
+) -> (Config, Option<Location>, Vec<Notice>) {
+    let mut notices = Vec::new();
     let mut pgsilo = (Vec::new(), None);
     let mut databases = None;
+    let mut users = None;
     for (key, value) in entries {
         let span = value.span();
         match (key.as_str(), value.into_inner()) {
             ("pgsilo", Value::Table(t)) => pgsilo = (t, span),
             ("databases", Value::Table(t)) => databases = Some((t, span)),
-            (table @ ("pgsilo" | "databases"), other) => {
+            ("users", Value::Table(t)) => users = Some((t, span)),
+            (table @ ("pgsilo" | "databases" | "users"), other) => {
                 let found = other.type_name();
                 report.at(
                     span.as_ref(),
@@ -170,41 +368,35 @@ fn parse(text: &str, path: &Path) -> Parsed {
     }
 
     let (pgsilo_entries, pgsilo_span) = pgsilo;
-    let auth_file_line = pgsilo_entries
+    let auth_file_at = pgsilo_entries
         .iter()
         .find(|(k, _)| k == "auth_file")
         .and_then(|(_, v)| v.span())
-        .map(|span| line_of(text, span.start));
+        .map(|span| report.locate(Some(&span)));
     let auth_dbname_span = pgsilo_entries
         .iter()
         .find(|(k, _)| k == "auth_dbname")
         .and_then(|(_, v)| v.span());
-    let mut section = Section::new(&mut report, "[pgsilo]".to_string(), pgsilo_span, pgsilo_entries);
-    config.general = General::read(&mut section, &absolute, default_name);
+    let mut section = Section::new(report, dialect.general().to_string(), pgsilo_span, pgsilo_entries);
+    config.general = General::read(&mut section, &config.path, default_name);
     section.finish();
-    check_general(&mut report, &config.general);
+    check_general(report, &config.general, dialect);
 
-    match databases {
-        None => report.at(
-            None,
-            "no databases: add a [databases.NAME] table for each database clients may use".to_string(),
-        ),
-        Some((entries, span)) if entries.is_empty() => report.at(
-            span.as_ref(),
-            "[databases] is empty: add a [databases.NAME] table for each database clients may use".to_string(),
-        ),
+    let no_databases = match databases {
+        None => Some((None, "no databases")),
+        Some((entries, span)) if entries.is_empty() => Some((span, "[databases] is empty")),
         Some((entries, _)) => {
             let mut auth_dbnames = Vec::new();
             for (name, value) in entries {
-                if let Some((db, span)) = read_database(&mut report, &config.general, name, value) {
+                if let Some((db, span)) = read_database(report, &config.general, name, value, dialect) {
                     if let Some(auth_dbname) = &db.auth_dbname {
-                        auth_dbnames.push((format!("[databases.{}]", toml_key(&db.name)), auth_dbname.clone(), span));
+                        auth_dbnames.push((dialect.database(&db.name), auth_dbname.clone(), span));
                     }
                     config.databases.insert(db.name.clone(), db);
                 }
             }
             if let Some(auth_dbname) = &config.general.auth_dbname {
-                auth_dbnames.push(("[pgsilo]".to_string(), auth_dbname.clone(), auth_dbname_span));
+                auth_dbnames.push((dialect.general().to_string(), auth_dbname.clone(), auth_dbname_span));
             }
             // The lookup runs on that entry's server, in its dbname.
             for (table, auth_dbname, span) in auth_dbnames {
@@ -215,20 +407,42 @@ fn parse(text: &str, path: &Path) -> Parsed {
                     );
                 }
             }
+            None
+        }
+    };
+    if let Some((span, what)) = no_databases {
+        match dialect {
+            Dialect::Toml => report.at(
+                span.as_ref(),
+                format!("{what}: add a [databases.NAME] table for each database clients may use"),
+            ),
+            // PgBouncer starts without databases; so does pgsilo reading its file.
+            Dialect::PgBouncer => {
+                let (file, line) = report.locate(span.as_ref());
+                notices.push(Notice {
+                    file,
+                    line,
+                    message: format!(
+                        "{what}: every client will get \"no such database\" (add NAME = host=... lines under [databases])"
+                    ),
+                    unsupported: false,
+                });
+            }
         }
     }
 
-    let mut problems = report.problems;
-    sort_by_line(&mut problems);
-    Parsed {
-        config,
-        problems,
-        auth_file_line,
+    if let Some((entries, _)) = users {
+        for (name, value) in entries {
+            if let Some(settings) = read_user(report, &name, value, dialect) {
+                config.general.users.insert(name, settings);
+            }
+        }
     }
+    (config, auth_file_at, notices)
 }
 
 /// Problems that involve more than one key.
-fn check_general(report: &mut Report, g: &General) {
+fn check_general(report: &mut Report, g: &General, dialect: Dialect) {
     if let Some(metrics) = g.metrics_listen {
         let clash = metrics.port() == g.listen_port
             && (metrics.ip().is_unspecified()
@@ -237,7 +451,8 @@ fn check_general(report: &mut Report, g: &General) {
             report.at(
                 None,
                 format!(
-                    "[pgsilo]: metrics_listen {metrics} uses listen_port {} on an address clients connect to",
+                    "{}: metrics_listen {metrics} uses listen_port {} on an address clients connect to",
+                    dialect.general(),
                     g.listen_port
                 ),
             );
@@ -252,15 +467,14 @@ fn read_database(
     general: &General,
     name: String,
     value: Node,
+    dialect: Dialect,
 ) -> Option<(Database, Option<Span>)> {
     let span = value.span();
-    let table_name = format!("[databases.{}]", toml_key(&name));
+    let table_name = dialect.database(&name);
     let name_problem = if name.is_empty() {
         Some("a database name must not be empty".to_string())
     } else if RESERVED_DATABASE_NAMES.contains(&name.as_str()) {
         Some(format!("the name \"{name}\" is reserved for the admin console"))
-    } else if name == "*" {
-        Some("the \"*\" fallback database is not supported; list each database".to_string())
     } else {
         None
     };
@@ -281,8 +495,25 @@ fn read_database(
     Some((db, auth_dbname_span))
 }
 
+/// One `[users.NAME]` table.
+fn read_user(report: &mut Report, name: &str, value: Node, dialect: Dialect) -> Option<UserSettings> {
+    let span = value.span();
+    let table_name = dialect.user(name);
+    let Value::Table(entries) = value.into_inner() else {
+        report.at(
+            span.as_ref(),
+            format!("{table_name}: expected a table of settings such as pool_mode"),
+        );
+        return None;
+    };
+    let mut section = Section::new(report, table_name, span, entries);
+    let pool_mode = read_pool_mode(&mut section, "pool_mode");
+    section.finish();
+    Some(UserSettings { pool_mode })
+}
+
 /// A table key as it would be written in TOML: bare when it can be, quoted otherwise.
-fn toml_key(key: &str) -> String {
+pub(super) fn toml_key(key: &str) -> String {
     let bare = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if bare {
         key.to_string()
@@ -291,10 +522,13 @@ fn toml_key(key: &str) -> String {
     }
 }
 
-/// File order, with whole-file problems last; the sort is stable so a line's problems
-/// keep the order they were found in.
-fn sort_by_line(problems: &mut [Problem]) {
-    problems.sort_by_key(|p| (p.line.is_none(), p.line));
+/// File order (the main file, then included files), with whole-file problems last; the
+/// sort is stable so a line's problems keep the order they were found in.
+fn sort_by_line(problems: &mut [Problem], main: &Path) {
+    problems.sort_by(|a, b| {
+        let key = |p: &Problem| (p.line.is_none(), p.file != main, p.file.clone(), p.line);
+        key(a).cmp(&key(b))
+    });
 }
 
 #[cfg(test)]
@@ -724,8 +958,12 @@ pool_size = 0
         let m = messages(&with_general("listen_addr = [\"10.0.0.1\", \"nope\", 3]"));
         assert!(find(&m, "nope").contains("\"nope\" is not an IP address"));
         assert!(find(&m, "found an integer").contains("listen_addr in [pgsilo]"));
-        let m = messages(&with_general("listen_addr = \"\""));
-        assert!(find(&m, "listen_addr").contains("no address to listen on"));
+        // Empty: the Unix socket only, as PgBouncer without listen_addr; with no Unix
+        // socket either, nobody could connect.
+        assert!(parse("\"\"").is_empty());
+        assert!(parse("[]").is_empty());
+        let m = messages(&with_general("listen_addr = \"\"\nunix_socket_dir = \"\""));
+        assert!(find(&m, "listen_addr").contains("no address to listen on, and unix_socket_dir is \"\""));
     }
 
     #[test]
@@ -757,10 +995,11 @@ pool_size = 0
 
     #[test]
     fn database_names_that_need_quotes_are_quoted_in_messages() {
-        let text = "[pgsilo]\nauth_file = \"u\"\n[databases.\"my db\"]\nhost = \"db\"\nsize = 1\n[databases.\"*\"]\nhost = \"db\"\n";
+        let text = "[pgsilo]\nauth_file = \"u\"\n[databases.\"my db\"]\nhost = \"db\"\nsize = 1\n[databases.\"*\"]\nhost = \"db\"\nreserve_pool = 2\n";
         let m = messages(text);
-        assert!(find(&m, "size").contains("unknown key \"size\" in [databases.\"my db\"]"));
-        assert!(find(&m, "fallback").contains("[databases.\"*\"]"));
+        assert!(find(&m, "unknown key").contains("unknown key \"size\" in [databases.\"my db\"]"));
+        assert!(find(&m, "reserve_pool")
+            .contains("reserve_pool in [databases.\"*\"]: is not supported for the \"*\" database"));
         let m = messages("[pgsilo]\nauth_file = \"u\"\n[databases]\napp = \"host=db\"\n");
         assert!(find(&m, "app").contains("[databases.app]: expected a table of settings"));
     }
@@ -816,5 +1055,157 @@ pool_size = 0
         assert!(find(&m, "listen_port").ends_with("expected an integer from 1 to 65535, found a datetime"));
         assert!(find(&m, "auth_type").ends_with("auth_type in [pgsilo]: expected a string, found a table"));
         assert_eq!(m.len(), 2, "{m:#?}");
+    }
+
+    /// An ini read through the readers, with `files` (name, text) as what %include finds
+    /// in the current directory /cwd.
+    fn ini(text: &str, files: &[(&str, &str)]) -> Parsed {
+        let files: Vec<(PathBuf, String)> = files
+            .iter()
+            .map(|(n, t)| (Path::new("/cwd").join(n), t.to_string()))
+            .collect();
+        let load = move |p: &Path| {
+            files
+                .iter()
+                .find(|(n, _)| n == p)
+                .map(|(_, t)| t.clone())
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"))
+        };
+        parse_ini(
+            Path::new("/etc/pgbouncer/pgbouncer_tenant_a.ini"),
+            text.to_string(),
+            Path::new("/cwd"),
+            &load,
+        )
+    }
+
+    const SEED_A: &str = "[pgbouncer]\nlisten_port = 6432\nauth_file = /etc/pgbouncer/userlist_tenant_a.txt\nmax_client_conn = 100\n\n[databases]\ntenant_a_db = host=127.0.0.1 port=5432 dbname=tenant_a_db\n";
+
+    #[test]
+    fn the_seed_ini_reads_as_pgbouncer_reads_it() {
+        let parsed = ini(SEED_A, &[]);
+        assert!(parsed.problems.is_empty(), "{:#?}", parsed.problems);
+        let c = parsed.config;
+        let g = &c.general;
+        assert_eq!(c.path, Path::new("/etc/pgbouncer/pgbouncer_tenant_a.ini"));
+        assert_eq!(g.name, "pgbouncer_tenant_a");
+        assert_eq!(g.listen_port, 6432);
+        assert_eq!(g.max_client_conn, 100);
+        assert_eq!(g.auth_file, Path::new("/etc/pgbouncer/userlist_tenant_a.txt"));
+        // PgBouncer without listen_addr: the Unix socket only.
+        assert!(g.listen_addr.is_empty());
+        assert_eq!(g.front_door.unix_socket.dir.as_deref(), Some(Path::new("/tmp")));
+        // Everything else is PgBouncer's default, which is pgsilo's.
+        let mut expected = General::defaults("pgbouncer_tenant_a".into());
+        expected.listen_addr = Vec::new();
+        expected.auth_file = g.auth_file.clone();
+        assert_eq!(g, &expected);
+        let db = &c.databases["tenant_a_db"];
+        assert_eq!(
+            (db.host.as_str(), db.port, db.dbname.as_str()),
+            ("127.0.0.1", 5432, "tenant_a_db")
+        );
+        assert_eq!(parsed.notices.len(), 1, "{:#?}", parsed.notices);
+        assert!(parsed.notices[0].message.contains("/tmp/.s.PGSQL.6432 only"));
+        assert_eq!(
+            parsed.auth_file_at,
+            Some((PathBuf::from("/etc/pgbouncer/pgbouncer_tenant_a.ini"), Some(3)))
+        );
+    }
+
+    #[test]
+    fn ini_problems_name_the_ini_section_and_the_file_they_are_in() {
+        let parsed = ini(
+            "[pgbouncer]\nauth_file = u\npool_mode = statement\nmax_client_con = 5\n%include extra.ini\n",
+            &[(
+                "extra.ini",
+                "listen_port = many\n[databases]\npgbouncer = host=x\nb = host=y auth_dbname=nope\n",
+            )],
+        );
+        let m: Vec<String> = parsed.problems.iter().map(ToString::to_string).collect();
+        let main = "/etc/pgbouncer/pgbouncer_tenant_a.ini";
+        let expected = [
+            format!("{main} line 3: pool_mode in [pgbouncer]: \"statement\" is not supported"),
+            format!("{main} line 4: unknown key \"max_client_con\" in [pgbouncer] (did you mean \"max_client_conn\"?)"),
+            "/cwd/extra.ini line 1: listen_port in [pgbouncer]: \"many\" is not an integer".to_string(),
+            "/cwd/extra.ini line 3: [databases] pgbouncer: the name \"pgbouncer\" is reserved".to_string(),
+            "/cwd/extra.ini line 4: auth_dbname in [databases] b: \"nope\" is not a database".to_string(),
+        ];
+        assert_eq!(m.len(), expected.len(), "{m:#?}");
+        for (got, want) in m.iter().zip(&expected) {
+            assert!(got.starts_with(want.as_str()), "{got:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn an_ini_without_databases_starts_as_pgbouncer_does() {
+        let parsed = ini("[pgbouncer]\nauth_file = u\nlisten_addr = 127.0.0.1\n", &[]);
+        assert!(parsed.problems.is_empty(), "{:#?}", parsed.problems);
+        assert!(parsed.config.databases.is_empty());
+        assert_eq!(parsed.notices.len(), 1);
+        assert!(parsed.notices[0]
+            .message
+            .starts_with("no databases: every client will get \"no such database\""));
+    }
+
+    #[test]
+    fn users_set_their_pool_mode_in_toml_and_ini() {
+        let c = parse_ok(&format!(
+            "{}[users.bob]\npool_mode = \"transaction\"\n",
+            with_general("")
+        ));
+        assert_eq!(c.general.users["bob"].pool_mode, Some(PoolMode::Transaction));
+        let m = messages(&format!(
+            "{}[users.bob]\npool_mode = \"x\"\nmax_user_connections = 1\n",
+            with_general("")
+        ));
+        assert!(find(&m, "pool_mode in [users.bob]").contains("\"x\" is not supported"));
+        assert!(find(&m, "max_user_connections").contains("unknown key \"max_user_connections\" in [users.bob]"));
+
+        let parsed = ini(&format!("{SEED_A}[users]\nbob = pool_mode=transaction\n"), &[]);
+        assert!(parsed.problems.is_empty(), "{:#?}", parsed.problems);
+        assert_eq!(
+            parsed.config.general.users["bob"].pool_mode,
+            Some(PoolMode::Transaction)
+        );
+    }
+
+    #[test]
+    fn a_login_sees_the_fallback_database_and_its_user_settings() {
+        let c = Arc::new(parse_ok(&format!(
+            "{}pool_size = 3\n[databases.\"*\"]\nhost = \"fallback\"\npool_mode = \"transaction\"\n[users.bob]\npool_mode = \"session\"\n",
+            with_general("")
+        )));
+        // Listed, no user settings: the same config.
+        let same = c.for_login("app", "alice").unwrap();
+        assert!(Arc::ptr_eq(&same, &c));
+        // Unlisted: made from `*`, in the database asked for.
+        let other = c.for_login("reports", "alice").unwrap();
+        let db = &other.databases["reports"];
+        assert_eq!(
+            (db.name.as_str(), db.host.as_str(), db.dbname.as_str()),
+            ("reports", "fallback", "reports")
+        );
+        assert_eq!(db.effective_pool_mode(&other.general), PoolMode::Transaction);
+        // A user's pool_mode wins over the database's.
+        let bob = c.for_login("reports", "bob").unwrap();
+        assert_eq!(
+            bob.databases["reports"].effective_pool_mode(&bob.general),
+            PoolMode::Session
+        );
+        let bob = c.for_login("app", "bob").unwrap();
+        assert_eq!(bob.databases["app"].pool_mode, Some(PoolMode::Session));
+        assert_eq!(bob.databases["app"].pool_size, Some(3));
+        // The console's names are never databases.
+        assert!(c.for_login("pgbouncer", "alice").is_none());
+
+        let without = Arc::new(parse_ok(MINIMAL));
+        assert!(without.for_login("reports", "alice").is_none());
+        assert!(without.for_login("*", "alice").is_none());
+        // A `*` with its own dbname sends every name there.
+        let fixed = Arc::new(parse_ok(&format!(
+            "{MINIMAL}[databases.\"*\"]\nhost = \"h\"\ndbname = \"common\"\n"
+        )));
+        assert_eq!(fixed.for_login("x", "u").unwrap().databases["x"].dbname, "common");
     }
 }

@@ -1,35 +1,68 @@
-//! Reading one TOML table key by key: typed getters that report, rather than stop at,
-//! every missing, mistyped, out-of-range or unknown key.
+//! Reading one table (of pgsilo's TOML, or of a PgBouncer ini) key by key: typed getters
+//! that report, rather than stop at, every missing, mistyped, out-of-range or unknown key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::error::{FileKind, Problem};
 use super::value::{line_of, Entries, Node, Span, Value};
 
-/// Collects the problems found in one file.
+/// Collects the problems found in one config: one file, or a PgBouncer ini and the files
+/// it includes.
 pub(super) struct Report<'a> {
     kind: FileKind,
-    file: &'a Path,
-    text: &'a str,
+    /// The files read, in the order of their `base`: spans are offsets into one space in
+    /// which each file's text starts at its base.
+    sources: Vec<Source<'a>>,
     pub(super) problems: Vec<Problem>,
+}
+
+/// One file of a report: where its text starts in the span space.
+#[derive(Clone, Copy)]
+pub(super) struct Source<'a> {
+    pub(super) base: usize,
+    pub(super) file: &'a Path,
+    pub(super) text: &'a str,
 }
 
 impl<'a> Report<'a> {
     pub(super) fn new(kind: FileKind, file: &'a Path, text: &'a str) -> Report<'a> {
+        Report::with_sources(kind, vec![Source { base: 0, file, text }])
+    }
+
+    /// `sources` in order of their base; the first is the main file, which problems
+    /// without a position name.
+    pub(super) fn with_sources(kind: FileKind, sources: Vec<Source<'a>>) -> Report<'a> {
+        debug_assert!(!sources.is_empty() && sources.windows(2).all(|w| w[0].base <= w[1].base));
         Report {
             kind,
-            file,
-            text,
+            sources,
             problems: Vec::new(),
         }
     }
 
+    /// The file and line a span starts at; the main file alone without a span.
+    pub(super) fn locate(&self, span: Option<&Span>) -> (PathBuf, Option<usize>) {
+        match span {
+            Some(span) => {
+                let source = self
+                    .sources
+                    .iter()
+                    .rev()
+                    .find(|s| s.base <= span.start)
+                    .unwrap_or(&self.sources[0]);
+                let line = line_of(source.text, span.start - source.base);
+                (source.file.to_path_buf(), Some(line))
+            }
+            None => (self.sources[0].file.to_path_buf(), None),
+        }
+    }
+
     pub(super) fn at(&mut self, span: Option<&Span>, message: String) {
-        let line = span.map(|s| line_of(self.text, s.start));
+        let (file, line) = self.locate(span);
         self.problems.push(Problem {
             kind: self.kind,
-            file: self.file.to_path_buf(),
+            file,
             line,
             message,
         });

@@ -28,6 +28,11 @@ pub(super) struct Node {
 }
 
 impl Node {
+    /// A value made by another reader (the PgBouncer ini reader), located at `span`.
+    pub(super) fn new(value: Value, span: Option<Span>) -> Node {
+        Node { value, span }
+    }
+
     pub(super) fn get_ref(&self) -> &Value {
         &self.value
     }

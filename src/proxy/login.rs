@@ -200,18 +200,24 @@ pub async fn login(
     }
     let application_name = startup.get("application_name").unwrap_or("").to_string();
     if general.log_connections {
+        // PgBouncer's words (tls=no, or the protocol and cipher), so log alerts keep working.
+        let tls_info = stream
+            .tls()
+            .map_or_else(|| "no".to_string(), |t| crate::tls::describe(t.connection()));
         log::info!(
-            "C-{id}: {database}/{user}@{peer} login attempt: db={database} user={user} application_name={application_name}"
+            "C-{id}: {database}/{user}@{peer} login attempt: db={database} user={user} tls={tls_info} application_name={application_name}"
         );
     }
 
     let is_admin = ADMIN_DATABASES.contains(&database.as_str());
-    if !is_admin && !config.databases.contains_key(&database) {
-        return Err(SessionError::refused(
-            SqlState::INVALID_CATALOG_NAME,
-            format!("no such database: {database}"),
-        ));
-    }
+    // The `*` database and [users] settings make this client's view of the config.
+    let config = if is_admin {
+        config.clone()
+    } else {
+        config.for_login(&database, &user).ok_or_else(|| {
+            SessionError::refused(SqlState::INVALID_CATALOG_NAME, format!("no such database: {database}"))
+        })?
+    };
 
     let userlist = ctx.instance.userlist();
     let mut secret = userlist.get(&user).cloned();

@@ -1,5 +1,6 @@
 //! Every stats_period: per-database averages for SHOW STATS, and PgBouncer's stats log
-//! line. Runs on its own thread, away from the workers.
+//! line (in PgBouncer's words; off with log_stats = 0). Runs on its own thread, away from
+//! the workers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,6 +65,10 @@ pub fn spawn(instance: Arc<Instance>) {
                 all = average(&all_now, &all_before, secs);
             }
             instance.set_averages(averages);
+            if !instance.config().general.log_stats {
+                before = now;
+                continue;
+            }
             log::info!(
                 "stats: {} xacts/s, {} queries/s, in {} B/s, out {} B/s, xact {} us, query {} us, wait {} us",
                 all.xact_count,

@@ -13,6 +13,7 @@ use crate::context::control::ControlMsg;
 use crate::context::{Instance, Phase, WorkerCtx, WorkerInfo};
 use crate::net::{Peer, Stream};
 use crate::pool::{PoolMsg, Postman};
+use crate::protocol::io::WireError;
 use crate::proxy::login::{login, send_fatal, Opening};
 use crate::proxy::session::serve;
 
@@ -235,6 +236,8 @@ async fn client(ctx: Rc<WorkerCtx>, stream: Stream, peer: Peer) {
     let log_disconnections = config.general.log_disconnections;
     let log_pooler_errors = config.general.log_pooler_errors;
     drop(config);
+    // PgBouncer's age=: from the connection, login included.
+    let started = std::time::Instant::now();
     let mut slot = Some(stream);
     let opening = match login_timeout {
         // Boxed: the login's state (and its timer) is large and needed only once.
@@ -259,12 +262,15 @@ async fn client(ctx: Rc<WorkerCtx>, stream: Stream, peer: Peer) {
         Ok(Opening::Session(who)) => {
             let cancel_pid = who.cancel_pid;
             let label = format!("{}/{}@{}", who.database, who.user, who.peer);
-            let started = std::time::Instant::now();
             let result = serve(ctx.clone(), stream, who).await;
             ctx.instance.cancels.unregister(cancel_pid);
             if log_disconnections {
+                // PgBouncer's reasons where it has the same event.
                 let why = match &result {
                     Ok(()) => "client close request".to_string(),
+                    Err(crate::proxy::SessionError::ClientGone(WireError::Closed)) => {
+                        "client unexpected eof".to_string()
+                    }
                     Err(e) => e.to_string(),
                 };
                 log::info!(
@@ -275,8 +281,15 @@ async fn client(ctx: Rc<WorkerCtx>, stream: Stream, peer: Peer) {
         }
         Err(e) => {
             if let Some((code, message)) = e.client_error() {
+                // PgBouncer's two lines for a refused login.
                 if log_pooler_errors {
-                    log::info!("C-{id}: {peer} login failed: {message}");
+                    log::warn!("C-{id}: {peer} pooler error: {message}");
+                }
+                if log_disconnections {
+                    log::info!(
+                        "C-{id}: {peer} closing because: {message} (age={}s)",
+                        started.elapsed().as_secs()
+                    );
                 }
                 Box::pin(send_fatal(&mut stream, code, &message)).await;
             }
