@@ -633,13 +633,29 @@ fn read_listen_addr(section: &mut Section) -> Option<Vec<IpAddr>> {
         } else if let Ok(addr) = item.parse::<IpAddr>() {
             vec![addr]
         } else {
-            section.invalid(
-                "listen_addr",
-                span.as_ref(),
-                format!("\"{item}\" is not an IP address (or \"*\" for all addresses)"),
-            );
-            bad = true;
-            continue;
+            // A host name, as PgBouncer allows ("localhost" in Debian's stock config):
+            // every address it resolves to, resolved once at start and on reload.
+            use std::net::ToSocketAddrs;
+            match (item.as_str(), 0u16).to_socket_addrs() {
+                Ok(found) => {
+                    let ips: Vec<IpAddr> = found.map(|a| a.ip()).collect();
+                    if ips.is_empty() {
+                        section.invalid("listen_addr", span.as_ref(), format!("\"{item}\" resolves to no address"));
+                        bad = true;
+                        continue;
+                    }
+                    ips
+                }
+                Err(e) => {
+                    section.invalid(
+                        "listen_addr",
+                        span.as_ref(),
+                        format!("\"{item}\" is neither an IP address, \"*\", nor a host name that resolves: {e}"),
+                    );
+                    bad = true;
+                    continue;
+                }
+            }
         };
         for addr in parsed {
             if !addrs.contains(&addr) {

@@ -858,7 +858,7 @@ max_db_connections = 8
     fn every_problem_is_reported_in_file_order() {
         let text = r#"
 [pgsilo]
-listen_addr = "localhost"
+listen_addr = "no-such-host.invalid"
 listen_port = 0
 default_pool_size = 0
 pkt_buf = 512
@@ -884,7 +884,7 @@ pool_size = 0
         let m = messages(text);
         let expected = [
             "line 2: [pgsilo]: auth_file is required",
-            "line 3: listen_addr in [pgsilo]: \"localhost\" is not an IP address",
+            "line 3: listen_addr in [pgsilo]: \"no-such-host.invalid\" is neither an IP address",
             "line 4: listen_port in [pgsilo]: must be at least 1, found 0",
             "line 5: default_pool_size in [pgsilo]: must be at least 1, found 0",
             "line 6: pkt_buf in [pgsilo]: must be at least 1024, found 512",
@@ -956,7 +956,9 @@ pool_size = 0
         assert_eq!(parse("[\"*\", \"0.0.0.0\"]"), all);
 
         let m = messages(&with_general("listen_addr = [\"10.0.0.1\", \"nope\", 3]"));
-        assert!(find(&m, "nope").contains("\"nope\" is not an IP address"));
+        assert!(find(&m, "nope").contains("\"nope\" is neither an IP address"));
+        // A name that resolves is taken, as PgBouncer does (Debian's stock config says localhost).
+        assert!(parse("\"localhost\"").contains(&v4(127, 0, 0, 1)));
         assert!(find(&m, "found an integer").contains("listen_addr in [pgsilo]"));
         // Empty: the Unix socket only, as PgBouncer without listen_addr; with no Unix
         // socket either, nobody could connect.
