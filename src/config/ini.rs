@@ -409,8 +409,37 @@ impl Scanner<'_> {
                 continue;
             }
             let key_start = p;
-            while p < b.len() && is_key_byte(b[p]) {
-                p += 1;
+            // A name with other characters is a double-quoted SQL identifier ("" for a
+            // quote), as PgBouncer's [databases] and [users] allow.
+            let mut quoted: Option<String> = None;
+            if b.get(p) == Some(&b'"') {
+                let mut name = String::new();
+                let mut q = p + 1;
+                let mut closed = false;
+                while q < b.len() && b[q] != b'\n' {
+                    if b[q] == b'"' {
+                        if b.get(q + 1) == Some(&b'"') {
+                            name.push('"');
+                            q += 2;
+                            continue;
+                        }
+                        closed = true;
+                        q += 1;
+                        break;
+                    }
+                    let ch = text[q..].chars().next().unwrap_or('?');
+                    name.push(ch);
+                    q += ch.len_utf8();
+                }
+                if closed && !name.is_empty() {
+                    quoted = Some(name);
+                    p = q;
+                }
+            }
+            if quoted.is_none() {
+                while p < b.len() && is_key_byte(b[p]) {
+                    p += 1;
+                }
             }
             let key_end = p;
             while p < b.len() && (b[p] == b' ' || b[p] == b'\t') {
@@ -433,7 +462,7 @@ impl Scanner<'_> {
             }
             let (value, end) = rest_of_line(text, p);
             self.lines.push(Line::Pair {
-                key: text[key_start..key_end].to_string(),
+                key: quoted.unwrap_or_else(|| text[key_start..key_end].to_string()),
                 key_span: at(key_start, key_end),
                 value: value.to_string(),
                 value_span: at(p, p + value.len()),
@@ -1149,6 +1178,18 @@ mod tests {
             "{:?}",
             doc.problems
         );
+    }
+
+    #[test]
+    fn quoted_names_are_sql_identifiers() {
+        let doc = read_with(&[(
+            "q.ini",
+            "[databases]\n\"my db\" = host=localhost dbname='my db'\n\"say \"\"hi\"\"\" = host=h\n[pgbouncer]\n",
+        )]);
+        assert!(doc.problems.is_empty(), "{:?}", doc.problems);
+        let dbs = table(&doc, "databases");
+        let names: Vec<&str> = dbs.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["my db", "say \"hi\""]);
     }
 
     #[test]
