@@ -640,7 +640,11 @@ fn read_listen_addr(section: &mut Section) -> Option<Vec<IpAddr>> {
                 Ok(found) => {
                     let ips: Vec<IpAddr> = found.map(|a| a.ip()).collect();
                     if ips.is_empty() {
-                        section.invalid("listen_addr", span.as_ref(), format!("\"{item}\" resolves to no address"));
+                        section.invalid(
+                            "listen_addr",
+                            span.as_ref(),
+                            format!("\"{item}\" resolves to no address"),
+                        );
                         bad = true;
                         continue;
                     }

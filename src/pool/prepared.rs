@@ -122,6 +122,27 @@ impl PreparedCache {
         evicted
     }
 
+    /// Makes room for `room` new copies within `capacity` (0: no limit) by evicting the
+    /// least recently used ones, never one of `keep` (the copies one request uses may
+    /// exceed the capacity for a while). Returns the evicted hashes, which the caller
+    /// must Close on the server.
+    pub fn evict_for(&mut self, room: usize, capacity: usize, keep: &[StmtHash]) -> Vec<StmtHash> {
+        let mut evicted = Vec::new();
+        while capacity > 0 && self.copies.len() + room > capacity {
+            let Some((&old, _)) = self
+                .copies
+                .iter()
+                .filter(|(h, _)| !keep.contains(h))
+                .min_by_key(|(_, c)| c.used)
+            else {
+                break;
+            };
+            self.copies.remove(&old);
+            evicted.push(old);
+        }
+        evicted
+    }
+
     /// The server may still hold this statement, but it must not be used: a Parse or
     /// Close of it did not run, or the transaction it was made in did not commit.
     pub fn spoil(&mut self, hash: StmtHash) {
@@ -190,6 +211,20 @@ mod tests {
         assert_eq!(c.insert(3, 5, 2), Some(2));
         assert!(c.contains(1) && c.contains(3) && !c.contains(2));
         assert_eq!(c.insert(3, 6, 2), None);
+    }
+
+    #[test]
+    fn room_is_made_without_evicting_what_a_request_uses() {
+        let mut c = PreparedCache::default();
+        for h in 1..=3 {
+            c.insert(h, 5, 3);
+        }
+        assert!(c.fresh(1, 0));
+        assert_eq!(c.evict_for(2, 3, &[2]), vec![3, 1]);
+        assert!(c.contains(2));
+        // What is kept may leave the cache over its capacity.
+        assert!(c.evict_for(5, 3, &[2]).is_empty());
+        assert!(c.evict_for(9, 0, &[]).is_empty(), "no limit");
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct ServerMeta {
     /// Numbers the throwaway statements pgsilo prepares on this server (see
     /// `proxy::upstream`'s DEALLOCATE rewrite), so no two ever share a name.
     pub scratch_seq: u32,
+    /// The server holds `pgsilo_dup`, the statement whose name pgsilo prepares again to
+    /// have PostgreSQL report a client's duplicate PREPARE (see `proxy::upstream`).
+    pub dup_probe: bool,
     /// This connection's row in SHOW SERVERS; removed when the connection is dropped.
     pub entry: Option<Registered>,
 }
@@ -82,6 +85,7 @@ impl ServerMeta {
             prepared: PreparedCache::default(),
             unnamed_stmt: None,
             scratch_seq: 0,
+            dup_probe: false,
             entry: None,
         }
     }
@@ -101,9 +105,13 @@ impl ServerMeta {
         match tag {
             b"DISCARD ALL" => {
                 self.prepared.clear();
+                self.dup_probe = false;
                 self.forget_unreported();
             }
-            b"DEALLOCATE ALL" => self.prepared.clear(),
+            b"DEALLOCATE ALL" => {
+                self.prepared.clear();
+                self.dup_probe = false;
+            }
             b"RESET" => self.forget_unreported(),
             // ROLLBACK, ROLLBACK TO SAVEPOINT, or COMMIT of a failed transaction.
             b"ROLLBACK" => self.prepared.tx_failed(),

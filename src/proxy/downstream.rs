@@ -182,13 +182,18 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
         h.validate(SERVER_MESSAGE_LIMIT)?;
         let have = data.len() - at;
         let whole = have >= h.total();
-        // These are read whole (all small); anything else may stream through.
-        if !whole && matches!(h.tag, b'Z' | b'S' | b'C' | b'1' | b'2' | b'3' | b'n' | b'G') {
+        // These are read whole (all small); anything else may stream through, except an
+        // error pgsilo tells in the client's terms.
+        if !whole
+            && (matches!(h.tag, b'Z' | b'S' | b'C' | b'1' | b'2' | b'3' | b'n' | b'G')
+                || (h.tag == b'E' && st.queue.errors_rewritten()))
+        {
             res.want = h.total();
             break;
         }
         let body = &data[at + HEADER_LEN..at + h.total().min(have)];
         let mut stale: Option<crate::pool::prepared::StmtHash> = None;
+        let mut client_error: Option<Vec<u8>> = None;
         if h.tag == b'D' && whole && st.queue.capturing() {
             if let Some(row) = text_pair(body) {
                 st.captured.push(row);
@@ -214,7 +219,11 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
             b'S' => st.parameter_status(body),
             b'C' => st.command_complete(body.strip_suffix(&[0]).unwrap_or(body)),
             b'E' => {
-                if let Some(code) = whole.then(|| ErrorFields::code_of(body)).flatten() {
+                let code = whole.then(|| ErrorFields::code_of(body)).flatten();
+                if whole {
+                    client_error = st.queue.planned_error(code, body, st.server);
+                }
+                if let Some(code) = code {
                     ERRORS.count(code);
                     if let Some(hash) = st.queue.bind_in_flight() {
                         if let Some((code, message)) = stale_statement(&code, body) {
@@ -236,6 +245,10 @@ pub fn process(data: &[u8], st: &mut DownState, out: &mut Vec<u8>) -> Result<Dow
         }
         st.synth.clear();
         let mut disposition = st.queue.server_message(h.tag, st.statements, st.server, st.synth);
+        if let Some(error) = client_error {
+            st.synth.extend_from_slice(&error);
+            disposition = Disposition::Swallow;
+        }
         // A request that failed only on a stale copy, with nothing else in flight: the
         // error and its ReadyForQuery are pgsilo's business; the request goes again.
         if let Some(hash) = stale {
@@ -460,6 +473,7 @@ mod tests {
         f.queue.push(Expect::SynthClose {
             client_name: b"x".to_vec().into(),
             def: None,
+            sql: None,
         });
         f.queue.push(Expect::Forward(Kind::Sync));
         let mut data = msg(b'1', b"");

@@ -1,7 +1,9 @@
 //! Just enough of PostgreSQL's lexer to find the statements of a simple Query and to
-//! recognise `DEALLOCATE [PREPARE] name | ALL`, the one statement pgsilo must act on
-//! under transaction pooling (a client's protocol-level statement names mean nothing to
-//! the server it lands on).
+//! recognise the few pgsilo must act on under transaction pooling, where a client's
+//! statement names mean nothing to the server it lands on: `PREPARE name … AS …`,
+//! `EXECUTE name …` (also under `EXPLAIN`), `DEALLOCATE [PREPARE] name | ALL`, and
+//! `DISCARD ALL`. Only the first keyword of each statement is looked at (and for these,
+//! the name after it); the server still judges every statement itself.
 //!
 //! The splitter follows the server's own rules where they decide where a statement ends:
 //! '…' strings ('' inside), E'…' strings (backslash escapes), "…" identifiers, $tag$…$tag$
@@ -133,6 +135,185 @@ pub fn split_statements(sql: &[u8], backslash_quotes: bool) -> Option<Vec<Range<
     Some(out)
 }
 
+/// A statement name as written (its token, quotes included) and as PostgreSQL resolves it
+/// (unquoted names folded to lower case).
+#[derive(Debug, PartialEq, Eq)]
+pub struct StmtName {
+    pub at: Range<usize>,
+    pub name: Vec<u8>,
+}
+
+/// A statement of a simple Query that pgsilo acts on under transaction pooling.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SqlCommand {
+    /// `PREPARE name [ ( types ) ] AS statement`: the definition is the text after the name.
+    Prepare(StmtName),
+    /// `EXECUTE name [ ( args ) ]`, alone or under `EXPLAIN [ options ]`.
+    Execute(StmtName),
+    /// `DEALLOCATE [ PREPARE ] name`.
+    Deallocate(StmtName),
+    /// `DEALLOCATE [ PREPARE ] ALL` or `DISCARD ALL`: every prepared statement goes.
+    DropAll,
+}
+
+/// What one statement is, to pgsilo.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Classified {
+    Command(SqlCommand),
+    /// Any other statement (or one of these in a form this module does not resolve, such
+    /// as a `U&"…"` name): it goes to the server as it is.
+    Other,
+    /// One of these with a reserved word for a name: PostgreSQL rejects the whole query
+    /// as a syntax error, which only the text as the client wrote it reproduces exactly.
+    SyntaxError,
+}
+
+/// Looks at the first keyword of a statement (and, for the commands above, at the name
+/// after it); everything else is the server's to judge.
+pub fn classify(stmt: &[u8]) -> Classified {
+    let mut t = Tokens { sql: stmt, at: 0 };
+    let Some((Token::Word(first), _)) = t.next_token() else {
+        return Classified::Other;
+    };
+    let word = |w: &[u8], kw: &[u8]| w.eq_ignore_ascii_case(kw);
+    if word(&first, b"prepare") {
+        let Some(name) = t.name() else {
+            return Classified::Other;
+        };
+        // `PREPARE TRANSACTION 'gid'` (two-phase commit) is another statement; a statement
+        // may still be called "transaction" (`PREPARE transaction AS …`).
+        if name.name == b"transaction" && stmt[name.at.start] != b'"' {
+            let mut after = Tokens { sql: stmt, at: t.at };
+            after.skip_blank();
+            let is_definition = match stmt.get(after.at) {
+                Some(b'(') => true,
+                _ => matches!(after.next_token(), Some((Token::Word(w), _)) if word(&w, b"as")),
+            };
+            if !is_definition {
+                return Classified::Other;
+            }
+        }
+        return checked(stmt, SqlCommand::Prepare(name));
+    }
+    if word(&first, b"execute") {
+        return match t.name() {
+            Some(name) => checked(stmt, SqlCommand::Execute(name)),
+            None => Classified::Other,
+        };
+    }
+    if word(&first, b"explain") {
+        return explain(t);
+    }
+    if word(&first, b"deallocate") {
+        let Some((mut tok, mut at)) = t.next_token() else {
+            return Classified::Other;
+        };
+        if matches!(&tok, Token::Word(w) if word(w, b"prepare")) {
+            // `DEALLOCATE prepare` alone deallocates a statement called "prepare".
+            if let Some(next) = t.next_token() {
+                (tok, at) = next;
+            }
+        }
+        if t.next_token().is_some() {
+            // More after the name: a syntax error the server reports as it is.
+            return Classified::Other;
+        }
+        return match tok {
+            Token::Word(w) if word(&w, b"all") => Classified::Command(SqlCommand::DropAll),
+            Token::Word(w) => checked(
+                stmt,
+                SqlCommand::Deallocate(StmtName {
+                    at,
+                    name: w.to_ascii_lowercase(),
+                }),
+            ),
+            Token::Quoted(name) if !name.is_empty() => {
+                Classified::Command(SqlCommand::Deallocate(StmtName { at, name }))
+            }
+            _ => Classified::Other,
+        };
+    }
+    if word(&first, b"discard") {
+        if let Some((Token::Word(w), _)) = t.next_token() {
+            if word(&w, b"all") && t.next_token().is_none() {
+                return Classified::Command(SqlCommand::DropAll);
+            }
+        }
+    }
+    Classified::Other
+}
+
+/// `EXPLAIN [ ( options ) ] | [ ANALYZE ] [ VERBOSE ]` followed by EXECUTE.
+fn explain(mut t: Tokens) -> Classified {
+    t.skip_blank();
+    if t.sql.get(t.at) == Some(&b'(') {
+        let mut depth = 0usize;
+        while let Some(&c) = t.sql.get(t.at) {
+            match c {
+                b'(' => depth += 1,
+                b')' => depth -= 1,
+                b'\'' | b'"' => {
+                    t.at = skip_quoted(t.sql, t.at + 1, c, false);
+                    continue;
+                }
+                _ => {}
+            }
+            t.at += 1;
+            if depth == 0 {
+                break;
+            }
+        }
+    }
+    loop {
+        let Some((Token::Word(w), _)) = t.next_token() else {
+            return Classified::Other;
+        };
+        if w.eq_ignore_ascii_case(b"execute") {
+            return match t.name() {
+                Some(name) => checked(t.sql, SqlCommand::Execute(name)),
+                None => Classified::Other,
+            };
+        }
+        if !(w.eq_ignore_ascii_case(b"analyze")
+            || w.eq_ignore_ascii_case(b"analyse")
+            || w.eq_ignore_ascii_case(b"verbose"))
+        {
+            return Classified::Other;
+        }
+    }
+}
+
+/// A command whose name is an unquoted reserved word is a syntax error.
+fn checked(stmt: &[u8], cmd: SqlCommand) -> Classified {
+    let name = match &cmd {
+        SqlCommand::Prepare(n) | SqlCommand::Execute(n) | SqlCommand::Deallocate(n) => n,
+        SqlCommand::DropAll => return Classified::Command(cmd),
+    };
+    if stmt[name.at.start] != b'"' && RESERVED.binary_search(&name.name.as_slice()).is_ok() {
+        return Classified::SyntaxError;
+    }
+    Classified::Command(cmd)
+}
+
+/// PostgreSQL's reserved and type/function-name keywords (`pg_get_keywords()`, catcode R
+/// and T): none of them can name a prepared statement unquoted. Sorted.
+#[rustfmt::skip]
+const RESERVED: &[&[u8]] = &[
+    b"all", b"analyse", b"analyze", b"and", b"any", b"array", b"as", b"asc", b"asymmetric",
+    b"authorization", b"binary", b"both", b"case", b"cast", b"check", b"collate", b"collation",
+    b"column", b"concurrently", b"constraint", b"create", b"cross", b"current_catalog",
+    b"current_date", b"current_role", b"current_schema", b"current_time", b"current_timestamp",
+    b"current_user", b"default", b"deferrable", b"desc", b"distinct", b"do", b"else", b"end",
+    b"except", b"false", b"fetch", b"for", b"foreign", b"freeze", b"from", b"full", b"grant",
+    b"group", b"having", b"ilike", b"in", b"initially", b"inner", b"intersect", b"into", b"is",
+    b"isnull", b"join", b"lateral", b"leading", b"left", b"like", b"limit", b"localtime",
+    b"localtimestamp", b"natural", b"not", b"notnull", b"null", b"offset", b"on", b"only", b"or",
+    b"order", b"outer", b"overlaps", b"placing", b"primary", b"references", b"returning", b"right",
+    b"select", b"session_user", b"similar", b"some", b"symmetric", b"system_user", b"table",
+    b"tablesample", b"then", b"to", b"trailing", b"true", b"union", b"unique", b"user", b"using",
+    b"variadic", b"verbose", b"when", b"where", b"window", b"with",
+];
+
 /// What a `DEALLOCATE` statement names.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Deallocate {
@@ -145,38 +326,29 @@ pub enum Deallocate {
 /// comments and whitespace anywhere, the name quoted or not).
 pub fn parse_deallocate(stmt: &[u8]) -> Option<Deallocate> {
     let mut t = Tokens { sql: stmt, at: 0 };
-    if !t.next_word()?.eq_ignore_ascii_case(b"deallocate") {
+    if !matches!(t.next_token(), Some((Token::Word(w), _)) if w.eq_ignore_ascii_case(b"deallocate")) {
         return None;
     }
-    let mut tok = t.next_token()?;
-    if let Token::Word(w) = &tok {
-        if w.eq_ignore_ascii_case(b"prepare") {
-            // `DEALLOCATE prepare` alone deallocates a statement called "prepare".
-            match t.next_token() {
-                Some(next) => tok = next,
-                None => return Some(Deallocate::Name(b"prepare".to_vec())),
-            }
-        }
-    }
-    if t.next_token().is_some() {
-        return None;
-    }
-    match tok {
-        Token::Word(w) if w.eq_ignore_ascii_case(b"all") => Some(Deallocate::All),
-        Token::Word(w) => Some(Deallocate::Name(w.to_ascii_lowercase())),
-        Token::Quoted(name) if !name.is_empty() => Some(Deallocate::Name(name)),
-        Token::Quoted(_) => None,
+    match classify(stmt) {
+        Classified::Command(SqlCommand::Deallocate(n)) => Some(Deallocate::Name(n.name)),
+        Classified::Command(SqlCommand::DropAll) => Some(Deallocate::All),
+        _ => None,
     }
 }
 
-/// Whether `sql` may hold a DEALLOCATE: a cheap test before any splitting.
-pub fn mentions_deallocate(sql: &[u8]) -> bool {
-    const WORD: &[u8] = b"deallocate";
-    let Some(last) = sql.len().checked_sub(WORD.len()) else {
-        return false;
-    };
-    // One comparison per byte on every simple Query of transaction pooling.
-    (0..=last).any(|i| sql[i] | 0x20 == b'd' && sql[i..i + WORD.len()].eq_ignore_ascii_case(WORD))
+/// Whether `sql` may hold a PREPARE, EXECUTE or DEALLOCATE: the cheap test every simple
+/// Query of transaction pooling passes through before any splitting (one comparison per
+/// byte, a word comparison only at a p, e or d).
+pub fn mentions_prepared_statements(sql: &[u8]) -> bool {
+    sql.iter().enumerate().any(|(i, &c)| {
+        let word: &[u8] = match c | 0x20 {
+            b'p' => b"prepare",
+            b'e' => b"execute",
+            b'd' => b"deallocate",
+            _ => return false,
+        };
+        sql.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word))
+    })
 }
 
 enum Token {
@@ -222,15 +394,22 @@ impl Tokens<'_> {
         }
     }
 
-    fn next_word(&mut self) -> Option<Vec<u8>> {
+    /// The next statement name, if the next token is one.
+    fn name(&mut self) -> Option<StmtName> {
         match self.next_token()? {
-            Token::Word(w) => Some(w),
-            Token::Quoted(_) => None,
+            (Token::Word(w), at) => Some(StmtName {
+                at,
+                name: w.to_ascii_lowercase(),
+            }),
+            (Token::Quoted(name), at) if !name.is_empty() => Some(StmtName { at, name }),
+            _ => None,
         }
     }
 
-    fn next_token(&mut self) -> Option<Token> {
+    /// The next word or quoted identifier and where it is; None for anything else.
+    fn next_token(&mut self) -> Option<(Token, Range<usize>)> {
         self.skip_blank();
+        let start = self.at;
         let c = *self.sql.get(self.at)?;
         if c == b'"' {
             let mut name = Vec::new();
@@ -243,7 +422,7 @@ impl Tokens<'_> {
                     }
                     Some(b'"') => {
                         self.at = i + 1;
-                        return Some(Token::Quoted(name));
+                        return Some((Token::Quoted(name), start..self.at));
                     }
                     Some(&b) => {
                         name.push(b);
@@ -254,15 +433,14 @@ impl Tokens<'_> {
             }
         }
         if is_ident_start(c) {
-            let w = self.at;
             while self.at < self.sql.len() && is_ident_byte(self.sql[self.at]) {
                 self.at += 1;
             }
-            // U&"…" and the like are not names this module resolves.
+            // U&"…", E'…' and the like are not names this module resolves.
             if self.sql.get(self.at).is_some_and(|b| matches!(b, b'"' | b'\'' | b'&')) {
                 return None;
             }
-            return Some(Token::Word(self.sql[w..self.at].to_vec()));
+            return Some((Token::Word(self.sql[start..self.at].to_vec()), start..self.at));
         }
         None
     }
@@ -391,8 +569,76 @@ mod tests {
         assert_eq!(parse_deallocate(b"deallocate"), None);
         assert_eq!(parse_deallocate(b"select 1"), None);
         assert_eq!(parse_deallocate(b"deallocate U&\"x\""), None);
-        assert!(mentions_deallocate(b"select 1; DeAlLoCaTe x"));
-        assert!(!mentions_deallocate(b"select 1"));
+        assert!(mentions_prepared_statements(b"select 1; DeAlLoCaTe x"));
+    }
+
+    fn command(sql: &str) -> Classified {
+        classify(sql.as_bytes())
+    }
+
+    fn named(at: Range<usize>, name: &str) -> StmtName {
+        StmtName {
+            at,
+            name: name.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn recognises_prepared_statement_commands_by_their_first_keyword() {
+        use Classified::*;
+        use SqlCommand::*;
+        assert_eq!(command("PREPARE p AS SELECT 1"), Command(Prepare(named(8..9, "p"))));
+        assert_eq!(
+            command(" prepare /* c */ \"My P\"(int) as select $1"),
+            Command(Prepare(named(17..23, "My P")))
+        );
+        assert_eq!(command("Prepare Q1 AS select 1"), Command(Prepare(named(8..10, "q1"))));
+        assert_eq!(command("EXECUTE p"), Command(Execute(named(8..9, "p"))));
+        assert_eq!(command("execute P(1, 'x')"), Command(Execute(named(8..9, "p"))));
+        assert_eq!(
+            command("EXPLAIN (ANALYZE, COSTS off) EXECUTE p(1)"),
+            Command(Execute(named(37..38, "p")))
+        );
+        assert_eq!(
+            command("explain analyze verbose execute p"),
+            Command(Execute(named(32..33, "p")))
+        );
+        assert_eq!(command("DEALLOCATE PREPARE p"), Command(Deallocate(named(19..20, "p"))));
+        assert_eq!(command("deallocate \"P\""), Command(Deallocate(named(11..14, "P"))));
+        assert_eq!(command("DEALLOCATE ALL"), Command(DropAll));
+        assert_eq!(command("discard all"), Command(DropAll));
+        // Not these commands.
+        assert_eq!(command("PREPARE TRANSACTION 'x'"), Other);
+        assert_eq!(
+            command("prepare transaction as select 1"),
+            Command(Prepare(named(8..19, "transaction")))
+        );
+        assert_eq!(
+            command("prepare transaction(int) as select 1"),
+            Command(Prepare(named(8..19, "transaction")))
+        );
+        assert_eq!(command("select 'PREPARE p AS x'"), Other);
+        assert_eq!(command("explain select 1"), Other);
+        assert_eq!(command("discard plans"), Other);
+        assert_eq!(command("create table t as execute p"), Other);
+        assert_eq!(command("execute U&\"p\""), Other);
+        assert_eq!(command("EXECUTE"), Other);
+        // A reserved word as a name: the server's syntax error, from the text as it is.
+        assert_eq!(command("PREPARE select AS SELECT 1"), SyntaxError);
+        assert_eq!(command("execute left"), SyntaxError);
+        assert_eq!(command("execute \"left\""), Command(Execute(named(8..14, "left"))));
+        assert!(RESERVED.windows(2).all(|w| w[0] < w[1]), "sorted, for binary search");
+    }
+
+    #[test]
+    fn finds_the_keywords_cheaply() {
+        assert!(mentions_prepared_statements(b"PREPARE p AS SELECT 1"));
+        assert!(mentions_prepared_statements(b"select 1; eXeCuTe p"));
+        assert!(mentions_prepared_statements(b"DEALLOCATE p"));
+        // Only a first filter: the statements are then classified.
+        assert!(mentions_prepared_statements(b"select prepared from t"));
+        assert!(!mentions_prepared_statements(b"select 1"));
+        assert!(!mentions_prepared_statements(b"prepar"));
     }
 
     /// Client bytes of any kind: never a panic, ranges always inside the text and in order.
@@ -416,6 +662,11 @@ mod tests {
             b"\\",
             b"deallocate",
             b"DEALLOCATE ",
+            b"execute ",
+            b"EXPLAIN (",
+            b"PREPARE ",
+            b"transaction",
+            b"select",
             b"prepare",
             b"all",
             b"begin atomic",
@@ -442,12 +693,14 @@ mod tests {
                     for r in ranges {
                         assert!(r.start >= end && r.end <= sql.len() && r.start <= r.end, "{sql:?}");
                         end = r.end;
-                        let _ = parse_deallocate(&sql[r]);
+                        let _ = parse_deallocate(&sql[r.clone()]);
+                        let _ = classify(&sql[r]);
                     }
                 }
             }
             let _ = parse_deallocate(&sql);
-            let _ = mentions_deallocate(&sql);
+            let _ = mentions_prepared_statements(&sql);
+            let _ = classify(&sql);
         }
     }
 }
