@@ -503,3 +503,29 @@ fn a_certificate_that_does_not_load_fails_the_check_and_the_start() {
     let failed = builder.expect_failure();
     assert!(failed.stderr.contains("client_tls_cert_file"), "{}", failed.stderr);
 }
+
+#[test]
+fn client_tls_protocols_and_ciphers_limit_what_is_negotiated() {
+    let cluster = PgCluster::start();
+    let certs = TestCerts::temp();
+    let silo = tls_pgsilo(&cluster, &certs, "require")
+        .set_str("client_tls_protocols", "tlsv1.3")
+        .set_str("client_tls_ciphers", "TLS13_CHACHA20_POLY1305_SHA256")
+        .set("admin_users", "[\"trust_user\"]")
+        .start();
+    let port = silo.port();
+    // libpq capped at TLS 1.2 cannot agree with a TLS 1.3-only pgsilo.
+    let err = psql_conninfo(
+        &conninfo("127.0.0.1", port, "trust_user", "sslmode=require ssl_max_protocol_version=TLSv1.2"),
+        "SELECT 1",
+    )
+    .unwrap_err();
+    assert!(err.to_lowercase().contains("ssl") || err.contains("protocol"), "{err}");
+    // TLS 1.3 with the one suite allowed.
+    let clients = psql_conninfo(
+        &format!("host=127.0.0.1 port={port} user=trust_user dbname=pgbouncer sslmode=require"),
+        "SHOW CLIENTS",
+    )
+    .unwrap();
+    assert!(clients.contains("TLSv1.3/TLS13_CHACHA20_POLY1305_SHA256"), "{clients}");
+}
