@@ -35,7 +35,7 @@ impl WorkerCtx {
         if let Some(p) = self.pools.borrow().get(&shared.id) {
             return p.clone();
         }
-        let pool = Rc::new(LocalPool::new(shared.clone(), self.id, self.postman.clone()));
+        let pool = LocalPool::new(shared.clone(), self.id, self.postman.clone());
         self.apply_timeouts(&pool);
         self.pools.borrow_mut().insert(shared.id, pool.clone());
         pool

@@ -93,9 +93,15 @@ struct Waiter {
 
 /// Idle servers younger than this are handed out without a liveness peek.
 const RECENTLY_USED: Duration = Duration::from_millis(100);
+/// How long a closed server's backend may take to exit before its slot is given back
+/// anyway (a backend stuck in the kernel must not keep the slot forever).
+const BACKEND_EXIT_WAIT: Duration = Duration::from_millis(500);
 
 pub struct LocalPool {
     pub shared: Arc<SharedPool>,
+    /// This pool itself, for the tasks that close a server and give its slot back only
+    /// once PostgreSQL has let the backend go.
+    me: std::rc::Weak<LocalPool>,
     worker: usize,
     postman: Postman,
     /// LIFO, like PgBouncer's default: the most recently used server is warmest.
@@ -117,8 +123,9 @@ pub struct LocalPool {
 }
 
 impl LocalPool {
-    pub fn new(shared: Arc<SharedPool>, worker: usize, postman: Postman) -> LocalPool {
-        LocalPool {
+    pub fn new(shared: Arc<SharedPool>, worker: usize, postman: Postman) -> Rc<LocalPool> {
+        Rc::new_cyclic(|me| LocalPool {
+            me: me.clone(),
             shared,
             worker,
             postman,
@@ -133,7 +140,20 @@ impl LocalPool {
             reserve_size: Cell::new(0),
             reserve_timeout: Cell::new(Some(Duration::from_secs(5))),
             min_size: Cell::new(0),
-        }
+        })
+    }
+
+    /// Closes a server and frees its slot once PostgreSQL has closed its end (bounded):
+    /// the caps (pool size, max_db_connections) then hold as PostgreSQL counts
+    /// backends, not only as pgsilo counts sockets. `then` gives the slot back.
+    fn close_then(&self, conn: ServerConn, then: fn(&LocalPool)) {
+        let me = self.me.clone();
+        monoio::spawn(async move {
+            conn.terminate_and_wait(BACKEND_EXIT_WAIT).await;
+            if let Some(pool) = me.upgrade() {
+                then(&pool);
+            }
+        });
     }
 
     /// Takes the pool's settings from the configuration (at creation and on reload).
@@ -642,8 +662,7 @@ impl LocalPool {
             self.shared.database,
             self.shared.user
         );
-        drop(conn);
-        self.slot_freed();
+        self.close_then(conn, LocalPool::slot_freed);
     }
 
     /// A usable server: closed to make room if an older client of another pool of the
@@ -706,9 +725,10 @@ impl LocalPool {
             self.shared.database,
             self.shared.user
         );
-        drop(conn);
-        self.shared.unreserve();
-        self.slot_released();
+        self.close_then(conn, |pool| {
+            pool.shared.unreserve();
+            pool.slot_released();
+        });
     }
 
     /// Another pool's client needs room in the database: close the least recently used

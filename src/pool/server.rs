@@ -246,4 +246,29 @@ impl ServerConn {
         frontend::terminate(&mut out);
         let _ = write_out(&mut self.wr, out).await;
     }
+
+    /// Terminate, then wait (at most `limit`) until PostgreSQL has closed its end: its
+    /// backend has exited, so a connection opened in its place never makes PostgreSQL
+    /// see one more than the caps allow.
+    pub async fn terminate_and_wait(mut self, limit: std::time::Duration) {
+        let mut out = Vec::with_capacity(5);
+        frontend::terminate(&mut out);
+        let (res, _) = write_out(&mut self.wr, out).await;
+        if res.is_err() {
+            return;
+        }
+        let _ = monoio::time::timeout(limit, async {
+            let mut buf = Vec::with_capacity(64);
+            loop {
+                let (res, back) = monoio::io::AsyncReadRent::read(&mut self.rd, buf).await;
+                buf = back;
+                buf.clear();
+                match res {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
 }
