@@ -516,7 +516,12 @@ fn client_tls_protocols_and_ciphers_limit_what_is_negotiated() {
     let port = silo.port();
     // libpq capped at TLS 1.2 cannot agree with a TLS 1.3-only pgsilo.
     let err = psql_conninfo(
-        &conninfo("127.0.0.1", port, "trust_user", "sslmode=require ssl_max_protocol_version=TLSv1.2"),
+        &conninfo(
+            "127.0.0.1",
+            port,
+            "trust_user",
+            "sslmode=require ssl_max_protocol_version=TLSv1.2",
+        ),
         "SELECT 1",
     )
     .unwrap_err();
