@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use support::txpool::{fe, run_py, runtime, within, Msg, Pgsilo, Wire};
+use support::txpool::{fe, password, run_py, runtime, within, Msg, Pgsilo, Wire};
 use support::PgCluster;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Config, NoTls, SimpleQueryMessage};
@@ -395,6 +395,42 @@ fn psycopg_notifies_under_a_pool_of_one() {
     let silo = Pgsilo::start(&cluster, &[("default_pool_size", "1")]);
     let out = run_py("listen_notify.py", &[&silo.conninfo(USER, DB)], 120);
     assert_eq!(out.trim(), "p0,p1,p2,p3,p4\n42");
+}
+
+/// psql itself: a script that LISTENs and notifies its own channel sees psql's
+/// "Asynchronous notification" line, with the listener connection's pid, under a pool of one.
+#[test]
+fn psql_prints_notifications_under_a_pool_of_one() {
+    use std::io::Write;
+    let cluster = PgCluster::start();
+    let silo = Pgsilo::start(&cluster, &[("default_pool_size", "1")]);
+    let mut child = std::process::Command::new(cluster.bin("psql"))
+        .args(["-X", "-A", "-t", "-h", "127.0.0.1", "-p"])
+        .arg(silo.port().to_string())
+        .args(["-U", USER, "-d", DB])
+        .env("PGPASSWORD", password(USER))
+        .env_remove("PGOPTIONS")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    let script = "LISTEN psql_ch;\nSELECT pg_notify('psql_ch', 'from psql');\nSELECT pg_sleep(0.5);\nSELECT 'done';\n";
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "Asynchronous notification \"psql_ch\" with payload \"from psql\" received from server process with PID"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("done"), "{stdout}");
 }
 
 /// The fallback: a LISTEN pgsilo does not answer itself (here inside a transaction
