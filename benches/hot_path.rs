@@ -229,6 +229,7 @@ impl Session {
             server: &mut self.server,
             max_prepared: 200,
             retry: &mut self.retry,
+            listen_here: true,
         };
         upstream::process(data, &mut st, &mut self.up_out).expect("upstream::process")
     }

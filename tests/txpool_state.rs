@@ -1,7 +1,8 @@
 //! Client matrix, session state: under transaction pooling each client must keep its own
 //! session settings (TimeZone, application_name, DateStyle, startup `options`) whatever
-//! server it lands on and whoever used that server before; LISTEN keeps a client on its
-//! server and nothing leaks to the next; server failures surface as errors, never hangs.
+//! server it lands on and whoever used that server before; a LISTEN pgsilo does not
+//! answer itself keeps a client on its server and nothing leaks to the next; server
+//! failures surface as errors, never hangs.
 
 mod support;
 
@@ -406,15 +407,17 @@ fn listen_notify_in_session_mode() {
     });
 }
 
-/// Under transaction pooling a client that LISTENs keeps its server until it leaves;
-/// then the server forgets its channels before anyone else gets it.
+/// Under transaction pooling a client whose LISTEN pgsilo does not answer itself (here:
+/// inside a transaction block; a plain LISTEN goes through the pool's listener
+/// connection, see tests/txpool_listen.rs) keeps its server until it leaves; then the
+/// server forgets its channels before anyone else gets it.
 #[test]
 fn listen_notify_in_transaction_mode() {
     let cluster = PgCluster::start();
     let silo = Pgsilo::start(&cluster, &[("default_pool_size", "2")]);
     runtime().block_on(async {
         let (l, mut rx) = listener(silo.pg_config(USER, DB)).await;
-        l.batch_execute("LISTEN ch").await.unwrap();
+        l.batch_execute("BEGIN; LISTEN ch; COMMIT").await.unwrap();
         let n = silo.connect(USER, DB).await;
         n.batch_execute("NOTIFY ch, 'one'").await.unwrap();
         expect_notification(&mut rx, "one").await;

@@ -18,6 +18,9 @@ pub enum ControlMsg {
     Kick,
     /// The configuration was reloaded: re-read per-worker settings.
     Reload,
+    /// A NotificationResponse (or NoticeResponse) of a pool's LISTEN connection for
+    /// these clients (by client id) of the worker.
+    Notify { to: Vec<u64>, msg: std::sync::Arc<[u8]> },
 }
 
 /// Shutdown phases, in order. Workers poll this; signals and the admin console set it.
@@ -47,6 +50,10 @@ pub struct SessionSignal {
     /// Bumped by the session on client activity; the worker's tick compares it.
     activity: Cell<u64>,
     seen_activity: Cell<u64>,
+    /// Notifications for the client, whole messages, written between its transactions.
+    notes: RefCell<Vec<u8>>,
+    /// Bumped with each notification queued.
+    noted: Cell<u64>,
     waker: Cell<Option<Waker>>,
 }
 
@@ -56,6 +63,7 @@ pub struct Seen {
     kill: bool,
     drain: bool,
     shrink: bool,
+    noted: u64,
 }
 
 impl SessionSignal {
@@ -68,6 +76,8 @@ impl SessionSignal {
             shrink: Cell::new(false),
             activity: Cell::new(0),
             seen_activity: Cell::new(0),
+            notes: RefCell::new(Vec::new()),
+            noted: Cell::new(0),
             waker: Cell::new(None),
         }
     }
@@ -75,6 +85,31 @@ impl SessionSignal {
     pub fn kill(&self, why: &'static str) {
         self.kill.set(Some(why));
         self.wake();
+    }
+
+    /// Queues a notification for the client and wakes the session.
+    pub fn note(&self, msg: &[u8]) {
+        let mut notes = self.notes.borrow_mut();
+        if notes.len() + msg.len() > NOTE_QUEUE_LIMIT {
+            // A client that does not take its notifications would hold memory without
+            // bound; PostgreSQL's own queue is bounded too.
+            drop(notes);
+            self.kill(NOTES_OVERFLOW);
+            return;
+        }
+        notes.extend_from_slice(msg);
+        drop(notes);
+        self.noted.set(self.noted.get().wrapping_add(1));
+        self.wake();
+    }
+
+    pub fn has_notes(&self) -> bool {
+        !self.notes.borrow().is_empty()
+    }
+
+    /// The queued notifications, in order; the queue is left empty.
+    pub fn take_notes(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.notes.borrow_mut())
     }
 
     pub fn drain(&self) {
@@ -108,6 +143,7 @@ impl SessionSignal {
             kill: self.kill.get().is_some(),
             drain: self.drain.get(),
             shrink: self.shrink.get(),
+            noted: self.noted.get(),
         }
     }
 
@@ -137,6 +173,7 @@ impl SessionSignal {
             kill: self.kill.get().is_some(),
             drain: self.drain.get(),
             shrink: self.shrink.get(),
+            noted: self.noted.get(),
         };
         if now != *seen {
             *seen = now;
@@ -155,7 +192,41 @@ pub struct Sessions {
     /// (a client accepted before the shutdown that finished logging in after it) gets
     /// the same treatment as those that were there.
     shutdown: Cell<Option<Phase>>,
+    /// Sessions that LISTEN through the pool's listener, by client id.
+    pub subscribers: Rc<Subscribers>,
 }
+
+/// A worker's listening sessions, by client id, for [`ControlMsg::Notify`].
+#[derive(Default)]
+pub struct Subscribers(RefCell<std::collections::HashMap<u64, Weak<SessionSignal>>>);
+
+impl Subscribers {
+    pub fn add(&self, client: u64, signal: &Rc<SessionSignal>) {
+        self.0.borrow_mut().insert(client, Rc::downgrade(signal));
+    }
+
+    pub fn remove(&self, client: u64) {
+        self.0.borrow_mut().remove(&client);
+    }
+
+    /// Queues `msg` for each of `to` still here.
+    pub fn notify(&self, to: &[u64], msg: &[u8]) {
+        let mut map = self.0.borrow_mut();
+        for c in to {
+            match map.get(c).and_then(|w| w.upgrade()) {
+                Some(s) => s.note(msg),
+                None => {
+                    map.remove(c);
+                }
+            }
+        }
+    }
+}
+
+/// Notifications queued for one client and not yet written, at most.
+pub const NOTE_QUEUE_LIMIT: usize = 16 << 20;
+/// Why a client whose queue of notifications overflowed is closed.
+pub const NOTES_OVERFLOW: &str = "the client did not read its notifications (16 MiB queued)";
 
 /// What a session is told in each shutdown phase.
 pub const SHUTTING_DOWN: &str = "pgsilo is shutting down";

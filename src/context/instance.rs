@@ -34,6 +34,8 @@ pub struct Instance {
     tls: RwLock<Arc<TlsContext>>,
     pub pools: PoolRegistry,
     pub cancels: CancelRegistry,
+    /// LISTEN/NOTIFY under transaction pooling: who listens to what, per pool.
+    pub listens: super::listen::ListenHub,
     pub postman: OnceLock<Postman>,
     /// Each worker's control inbox.
     pub control: OnceLock<Vec<UnboundedSender<ControlMsg>>>,
@@ -75,6 +77,7 @@ impl Instance {
             tls: RwLock::new(Arc::new(tls)),
             pools: PoolRegistry::new(worker_count),
             cancels: CancelRegistry::default(),
+            listens: Default::default(),
             postman: OnceLock::new(),
             control: OnceLock::new(),
             clients: AtomicUsize::new(0),

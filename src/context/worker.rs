@@ -113,6 +113,7 @@ impl WorkerCtx {
                     pool.kick();
                 }
             }
+            ControlMsg::Notify { to, msg } => self.sessions.subscribers.notify(&to, &msg),
             ControlMsg::Reload => {
                 self.auth_lookups.reset();
                 for pool in self.local_pools() {

@@ -351,6 +351,71 @@ pub fn mentions_prepared_statements(sql: &[u8]) -> bool {
     })
 }
 
+/// A LISTEN or UNLISTEN statement, its channel as PostgreSQL resolves it (unquoted names
+/// folded to lower case).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ListenStmt {
+    Listen(Vec<u8>),
+    Unlisten(Vec<u8>),
+    UnlistenAll,
+}
+
+/// The statements of a simple Query made only of `LISTEN ch`, `UNLISTEN ch` and
+/// `UNLISTEN *`; None when anything else is in it (or a channel this module does not
+/// resolve, such as a `U&"…"` name), and for an empty query. pgsilo answers such a query
+/// itself under transaction pooling; anything else goes to the server as it is.
+pub fn listen_only(sql: &[u8]) -> Option<Vec<ListenStmt>> {
+    let ranges = split_statements(sql, false)?;
+    if ranges.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let stmt = &sql[r];
+        let mut t = Tokens { sql: stmt, at: 0 };
+        let Some((Token::Word(first), _)) = t.next_token() else {
+            return None;
+        };
+        let listen = if first.eq_ignore_ascii_case(b"listen") {
+            true
+        } else if first.eq_ignore_ascii_case(b"unlisten") {
+            false
+        } else {
+            return None;
+        };
+        t.skip_blank();
+        if !listen && stmt.get(t.at) == Some(&b'*') {
+            t.at += 1;
+            t.skip_blank();
+            if t.at != stmt.len() {
+                return None;
+            }
+            out.push(ListenStmt::UnlistenAll);
+            continue;
+        }
+        let name = t.name()?;
+        t.skip_blank();
+        if t.at != stmt.len() {
+            return None;
+        }
+        if stmt[name.at.start] != b'"' && RESERVED.binary_search(&name.name.as_slice()).is_ok() {
+            // A syntax error: the server says so in its own words.
+            return None;
+        }
+        out.push(if listen {
+            ListenStmt::Listen(name.name)
+        } else {
+            ListenStmt::Unlisten(name.name)
+        });
+    }
+    Some(out)
+}
+
+/// Whether `sql` may hold a LISTEN or UNLISTEN: the cheap test before [`listen_only`].
+pub fn mentions_listen(sql: &[u8]) -> bool {
+    sql.windows(6).any(|w| w.eq_ignore_ascii_case(b"listen"))
+}
+
 enum Token {
     Word(Vec<u8>),
     Quoted(Vec<u8>),
@@ -702,5 +767,22 @@ mod tests {
             let _ = mentions_prepared_statements(&sql);
             let _ = classify(&sql);
         }
+    }
+
+    #[test]
+    fn a_query_of_only_listen_and_unlisten_is_recognised_with_postgres_names() {
+        use ListenStmt::*;
+        assert_eq!(
+            listen_only(b"LISTEN Foo; unlisten \"Bar\"\"x\"; /* c */ UNLISTEN * ;"),
+            Some(vec![Listen(b"foo".to_vec()), Unlisten(b"Bar\"x".to_vec()), UnlistenAll])
+        );
+        assert_eq!(listen_only(b"listen a -- why\n"), Some(vec![Listen(b"a".to_vec())]));
+        assert_eq!(listen_only(b"LISTEN a; SELECT 1"), None, "mixed: to the server");
+        assert_eq!(listen_only(b"LISTEN select"), None, "a syntax error is the server's");
+        assert_eq!(listen_only(b"LISTEN a b"), None);
+        assert_eq!(listen_only(b"LISTEN"), None);
+        assert_eq!(listen_only(b"NOTIFY a"), None);
+        assert_eq!(listen_only(b""), None);
+        assert!(mentions_listen(b"select 1; Listen x") && !mentions_listen(b"select 1"));
     }
 }

@@ -15,7 +15,8 @@ use super::prepared::{
 };
 use super::retry::StaleRetry;
 use super::sql_scan::{
-    classify, mentions_prepared_statements, parse_deallocate, split_statements, Classified, Deallocate, SqlCommand,
+    classify, listen_only, mentions_listen, mentions_prepared_statements, parse_deallocate, split_statements,
+    Classified, Deallocate, SqlCommand,
 };
 use super::tx_tracker::TxTracker;
 use crate::pool::prepared::{invalidation, stamp, Stamp, StmtHash};
@@ -85,6 +86,9 @@ pub struct UpState<'a> {
     pub server: &'a mut ServerMeta,
     pub max_prepared: usize,
     pub retry: &'a mut StaleRetry,
+    /// Transaction pooling with no LISTEN on the server: pgsilo answers LISTEN/UNLISTEN
+    /// queries itself (`session/listen.rs`).
+    pub listen_here: bool,
 }
 
 /// The outcome of processing a chunk.
@@ -355,8 +359,19 @@ pub fn process(data: &[u8], st: &mut UpState, out: &mut Vec<u8>) -> Result<UpRes
                     st.queue.push(Expect::Forward(Kind::Close));
                 }
             }
-            b'Q' if ps && !whole && h.total() <= QUERY_SCAN_LIMIT => {
+            b'Q' if (ps || st.listen_here) && !whole && h.total() <= QUERY_SCAN_LIMIT => {
                 res.want = h.total();
+                break;
+            }
+            b'Q' if st.listen_here
+                && whole
+                && st.tracker.status() == b'I'
+                && is_listen_query(&data[at + HEADER_LEN..end]) =>
+            {
+                // The session answers it once everything sent before it is answered, if
+                // that leaves the client outside a transaction block; inside one it goes
+                // on to the server (and the client keeps that server).
+                wait_for_answers(&mut e, at, &mut res);
                 break;
             }
             b'Q' if ps && whole && mentions_prepared_statements(&data[at + HEADER_LEN..end]) => {
@@ -441,6 +456,12 @@ fn wait_for_answers(e: &mut Emit, at: usize, res: &mut UpResult) {
     e.start_copying(at);
     e.out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
     res.blocked = true;
+}
+
+/// A simple Query's body made only of LISTEN/UNLISTEN statements.
+pub fn is_listen_query(body: &[u8]) -> bool {
+    let text = body.strip_suffix(&[0]).unwrap_or(body);
+    mentions_listen(text) && listen_only(text).is_some()
 }
 
 /// A simple query destroys the unnamed statement, the client's and the server's.
@@ -1233,6 +1254,7 @@ mod tests {
                 server: &mut self.server,
                 max_prepared: self.max_prepared,
                 retry: &mut self.retry,
+                listen_here: ps,
             };
             let r = process(data, &mut st, &mut out).unwrap();
             (r, out)
@@ -1506,6 +1528,27 @@ mod tests {
         assert!(r.blocked);
         assert_eq!(r.consumed, first);
         assert_eq!(tags(&out), b"QH");
+    }
+
+    #[test]
+    fn a_listen_query_stops_for_the_session_to_answer_but_not_inside_a_transaction() {
+        let mut f = Fixture::new();
+        let mut data = msg(b'Q', b"select 1\0");
+        let first = data.len();
+        data.extend(msg(b'Q', b"LISTEN ch\0"));
+        let (r, out) = f.run(&data, true);
+        assert!(r.blocked);
+        assert_eq!(r.consumed, first);
+        assert_eq!(tags(&out), b"QH");
+        // Inside a transaction block it goes to the server as it is.
+        let mut f = Fixture::new();
+        f.tracker.server_message(b'Z', Some(b'T'));
+        let (r, _) = f.run(&msg(b'Q', b"LISTEN ch\0"), true);
+        assert!(!r.blocked && r.zero_copy);
+        // Mixed with other statements, too.
+        let mut f = Fixture::new();
+        let (r, _) = f.run(&msg(b'Q', b"LISTEN ch; SELECT 1\0"), true);
+        assert!(!r.blocked && r.zero_copy);
     }
 
     #[test]

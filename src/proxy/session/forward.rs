@@ -49,6 +49,13 @@ impl Flow {
         let mut signal_seen = Seen::default();
 
         loop {
+            // A LISTEN/UNLISTEN query pgsilo answers itself (listen.rs).
+            if swr.is_none() && crd.is_none() && acq.is_none() {
+                if let Some((len, stmts)) = self.listen_query() {
+                    Box::pin(self.answer_listen(len, stmts)).await;
+                    continue;
+                }
+            }
             // Client -> server: what is processed goes out; more is read when needed.
             if swr.is_none() {
                 match self.next_server_write() {
@@ -92,6 +99,7 @@ impl Flow {
                 }
             }
             // Server -> client.
+            self.flush_notes(cli.is_some());
             if cli.is_none() {
                 if let Some(op) = self.next_client_write() {
                     cli.set(Some(write_op(op.0, op.1, op.2)));

@@ -6,6 +6,8 @@ use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::task::Poll;
 
+use monoio::io::AsyncWriteRentExt;
+
 use super::ops::readable_op;
 use super::{ClientRd, Flow, SessionError};
 use crate::net::stream_of;
@@ -20,6 +22,8 @@ enum Woke {
     Ready(ClientRd, std::io::Result<()>),
     Timeout,
     Signal,
+    /// Notifications for the client (LISTEN through the pool's listener).
+    Notes,
 }
 
 impl Flow {
@@ -76,6 +80,9 @@ impl Flow {
                         return Poll::Ready(Woke::Signal);
                     }
                 }
+                if signal.has_notes() {
+                    return Poll::Ready(Woke::Notes);
+                }
                 Poll::Pending
             })
             .await;
@@ -110,6 +117,13 @@ impl Flow {
                         "client_idle_timeout",
                     ))
                 }
+                // Dropping the readiness wait takes nothing from the socket.
+                Woke::Notes => {
+                    if !self.write_notes().await? {
+                        self.client.gone = true;
+                        return Ok(());
+                    }
+                }
                 Woke::Signal => {
                     if let Some(why) = self.signal.killed() {
                         return Err(SessionError::Killed(why));
@@ -119,6 +133,41 @@ impl Flow {
                 }
             }
         }
+    }
+
+    /// Writes the notifications queued for an idle client; false if the client is gone.
+    /// A client that does not read is given up on when KILL or shutdown comes: the write
+    /// is dropped with the session.
+    async fn write_notes(&mut self) -> Result<bool, SessionError> {
+        let Some(mut wr) = self.client.wr.take() else {
+            return Ok(false);
+        };
+        let notes = self.signal.take_notes();
+        let n = notes.len();
+        let signal = self.signal.clone();
+        let mut seen = signal.seen_now();
+        let mut write = pin!(async move {
+            let (res, _) = wr.write_all(notes).await;
+            (wr, res)
+        });
+        let done = poll_fn(|cx| {
+            if let Poll::Ready(r) = write.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            while signal.poll_changed(cx, &mut seen).is_ready() {
+                if signal.killed().is_some() {
+                    return Poll::Ready(None);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some((wr, res)) = done else {
+            return Err(SessionError::Killed(self.signal.killed().unwrap_or("killed")));
+        };
+        self.client.wr = Some(wr);
+        self.tally.bytes_out += n as u64;
+        Ok(res.is_ok())
     }
 
     /// A non-blocking receive of what the client sent, into a pooled buffer. None when

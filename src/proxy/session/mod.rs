@@ -16,6 +16,8 @@
 //! - `events.rs`: one handler per event kind;
 //! - `up.rs` (client to server) and `down.rs` (server to client): the two paths' buffers;
 //! - `attach.rs`: getting a server, and handing it back;
+//! - `listen.rs`: LISTEN/UNLISTEN answered by pgsilo, notifications written between
+//!   transactions;
 //! - `settings.rs`: pgsilo's own queries that carry the client's settings across servers;
 //! - `departure.rs`: a client or a server that leaves while the other is still there;
 //! - `deadline.rs`: the session's timeouts; `tally.rs`: its counts for the pool's stats;
@@ -29,6 +31,7 @@ mod down;
 mod events;
 mod forward;
 mod idle;
+mod listen;
 mod ops;
 mod settings;
 mod tally;
@@ -89,8 +92,10 @@ struct Flow {
     unnamed: UnnamedStmt,
     /// A request that failed on a stale shared statement, to be sent again.
     retry: StaleRetry,
-    /// The client LISTENs: it keeps its server until it leaves, whatever the pool mode.
+    /// The client LISTENed on a server (a LISTEN pgsilo did not answer itself, see
+    /// `listen.rs`): it keeps its server until it leaves, whatever the pool mode.
     pinned: bool,
+    listen: Listen,
     params: Params,
 
     signal: Rc<SessionSignal>,
@@ -102,6 +107,15 @@ struct Flow {
     rollback_sent: bool,
     timing: Timing,
     tally: Tally,
+}
+
+/// The client's LISTENs through the pool's listener connection (`context::listen`).
+struct Listen {
+    instance: Arc<crate::context::Instance>,
+    worker: usize,
+    subscribers: Rc<crate::context::control::Subscribers>,
+    /// Set at the client's first LISTEN; dropped with the session, which unsubscribes it.
+    subscription: Option<crate::context::listen::Subscription>,
 }
 
 /// The configuration as the session began; a reload applies to sessions that begin
@@ -293,6 +307,12 @@ impl Flow {
             unnamed: UnnamedStmt::default(),
             retry: StaleRetry::default(),
             pinned: false,
+            listen: Listen {
+                instance: ctx.instance.clone(),
+                worker: ctx.id,
+                subscribers: ctx.sessions.subscribers.clone(),
+                subscription: None,
+            },
             params: Params {
                 welcome,
                 initial: who.settings.clone(),

@@ -239,6 +239,7 @@ impl Flow {
             server: &mut server.meta,
             max_prepared: self.conf.max_prepared,
             retry: &mut self.retry,
+            listen_here: self.conf.mode == crate::config::PoolMode::Transaction && !self.pinned,
         };
         Ok(upstream::process(data, &mut st, out)?)
     }
