@@ -233,6 +233,11 @@ pub(super) fn peek_fd(fd: RawFd) -> Option<bool> {
     }
 }
 
+/// pgsilo never reads vectored; a TLS stream has no use for it.
+fn no_vectored_tls() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::Unsupported, "vectored read on TLS")
+}
+
 impl AsyncReadRent for Stream {
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
@@ -246,14 +251,7 @@ impl AsyncReadRent for Stream {
         match self {
             Stream::Tcp(s) => s.readv(buf).await,
             Stream::Unix(s) => s.readv(buf).await,
-            // pgsilo never reads vectored; a TLS stream has no use for it.
-            Stream::Tls(_) => (
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "vectored read on TLS",
-                )),
-                buf,
-            ),
+            Stream::Tls(_) => (Err(no_vectored_tls()), buf),
         }
     }
 }
@@ -271,13 +269,7 @@ impl CancelableAsyncReadRent for Stream {
         match self {
             Stream::Tcp(s) => s.cancelable_readv(buf, c).await,
             Stream::Unix(s) => s.cancelable_readv(buf, c).await,
-            Stream::Tls(_) => (
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "vectored read on TLS",
-                )),
-                buf,
-            ),
+            Stream::Tls(_) => (Err(no_vectored_tls()), buf),
         }
     }
 }

@@ -72,7 +72,7 @@ impl TlsStream {
                         "connection closed during the TLS handshake",
                     ));
                 }
-                s.fill().await?;
+                s.fill(None).await?;
             }
         }
         s.wr = Vec::new();
@@ -109,15 +109,19 @@ impl TlsStream {
         Ok(taken > 0)
     }
 
-    /// Reads more ciphertext from the socket (only called with none buffered).
-    async fn fill(&mut self) -> std::io::Result<()> {
+    /// Reads more ciphertext from the socket (only called with none buffered). With a
+    /// cancel handle the socket wait can be called off; whatever it took stays buffered.
+    async fn fill(&mut self, cancel: Option<&CancelHandle>) -> std::io::Result<()> {
         let mut v = std::mem::take(&mut self.rd);
         v.clear();
         self.rpos = 0;
         if v.capacity() < CIPHER_READ {
             v.reserve(CIPHER_READ);
         }
-        let (res, v) = self.tcp.read(v).await;
+        let (res, v) = match cancel {
+            Some(c) => self.tcp.cancelable_read(v, c.clone()).await,
+            None => self.tcp.read(v).await,
+        };
         self.rd = v;
         self.take_read(res)
     }
@@ -296,7 +300,17 @@ impl TlsStream {
         })
     }
 
-    pub async fn read<T: IoBufMut>(&mut self, mut buf: T) -> BufResult<usize, T> {
+    pub async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        self.read_with(buf, None).await
+    }
+
+    /// A read whose socket wait can be called off: the ciphertext it took, if any,
+    /// stays buffered for the next read, so nothing is lost.
+    pub async fn cancelable_read<T: IoBufMut>(&mut self, buf: T, c: CancelHandle) -> BufResult<usize, T> {
+        self.read_with(buf, Some(&c)).await
+    }
+
+    async fn read_with<T: IoBufMut>(&mut self, mut buf: T, cancel: Option<&CancelHandle>) -> BufResult<usize, T> {
         loop {
             match self.take_plaintext(&mut buf) {
                 Ok(Some(n)) => return (Ok(n), buf),
@@ -313,38 +327,7 @@ impl TlsStream {
             if self.eof {
                 return (Ok(0), buf);
             }
-            if let Err(e) = self.fill().await {
-                return (Err(e), buf);
-            }
-        }
-    }
-
-    /// A read whose socket wait can be called off: the ciphertext it took, if any,
-    /// stays buffered for the next read, so nothing is lost.
-    pub async fn cancelable_read<T: IoBufMut>(&mut self, mut buf: T, c: CancelHandle) -> BufResult<usize, T> {
-        loop {
-            match self.take_plaintext(&mut buf) {
-                Ok(Some(n)) => return (Ok(n), buf),
-                Ok(None) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            match self.feed_pending() {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            if self.eof {
-                return (Ok(0), buf);
-            }
-            let mut v = std::mem::take(&mut self.rd);
-            v.clear();
-            self.rpos = 0;
-            if v.capacity() < CIPHER_READ {
-                v.reserve(CIPHER_READ);
-            }
-            let (res, v) = self.tcp.cancelable_read(v, c.clone()).await;
-            self.rd = v;
-            if let Err(e) = self.take_read(res) {
+            if let Err(e) = self.fill(cancel).await {
                 return (Err(e), buf);
             }
         }
