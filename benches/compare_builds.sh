@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Two pgsilo builds side by side, as deployed: each in a session of its own (setsid), in
 # front of one throwaway PostgreSQL 15 (scale 10, fsync off), transaction mode, pool 20.
-# Alternating rounds of pgbench (20 clients, 2 threads) per workload; per round: TPS and
+# Alternating rounds of pgbench (CLIENTS clients, default 20; 2 threads) per workload; per round: TPS and
 # the pooler's CPU per transaction (utime+stime from /proc). Prints the load average
 # before and after: run it on a quiet machine (no build, test or benchmark meanwhile).
 #
 #   benches/compare_builds.sh OLD_BINARY NEW_BINARY
-#   ROUNDS=5 DUR=8 WORKLOADS="prepared simple set set-startup" benches/compare_builds.sh ...
+#   ROUNDS=5 DUR=8 CLIENTS=20 WORKLOADS="prepared simple set set-startup" benches/compare_builds.sh ...
 #
 # Workloads: prepared (pgbench -S -M prepared), simple (-S -M simple), set (a transaction
 # of one `SET datestyle TO iso`), set-startup (the same from a client that connected with
@@ -14,7 +14,7 @@
 # Run as root (the cluster runs as postgres).
 set -euo pipefail
 OLD=$(realpath "$1") NEW=$(realpath "$2")
-ROUNDS=${ROUNDS:-5} DUR=${DUR:-8} WORKLOADS=${WORKLOADS:-"prepared simple set set-startup"}
+ROUNDS=${ROUNDS:-5} DUR=${DUR:-8} CLIENTS=${CLIENTS:-20} WORKLOADS=${WORKLOADS:-"prepared simple set set-startup"}
 BIN=/usr/lib/postgresql/15/bin
 W=$(mktemp -d /tmp/pgsilo-compare.XXXX)
 chown postgres "$W"
@@ -53,7 +53,7 @@ auth_type = "trust"
 auth_file = "$W/users.txt"
 pool_mode = "transaction"
 default_pool_size = 20
-max_client_conn = 400
+max_client_conn = $((CLIENTS + 100))
 takeover_socket = ""
 log_connections = false
 log_disconnections = false
@@ -88,7 +88,7 @@ round() {
   esac
   local c0 c1 out
   c0=$(cpu_ticks "$1")
-  out=$(PGOPTIONS="$opts" $BIN/pgbench -h 127.0.0.1 -p "$(port_of "$1")" -U postgres -n -c 20 -j 2 -T "$DUR" "${args[@]}" postgres 2>&1)
+  out=$(PGOPTIONS="$opts" $BIN/pgbench -h 127.0.0.1 -p "$(port_of "$1")" -U postgres -n -c "$CLIENTS" -j 2 -T "$DUR" "${args[@]}" postgres 2>&1)
   c1=$(cpu_ticks "$1")
   awk -v t="$1" -v w="$2" -v c=$((c1 - c0)) -v k="$(getconf CLK_TCK)" '
     /^tps = / { tps = $3 }
