@@ -86,6 +86,8 @@ enum Grant {
 struct Waiter {
     grant: RefCell<Option<Grant>>,
     waker: Cell<Option<Waker>>,
+    /// In the pool's queue: taking a served waiter out again needs no search.
+    queued: Cell<bool>,
     /// When the client began waiting for this server (kept if it has to wait again): its
     /// place in the queue, its claim on the reserve pool, and its turn in the database.
     since: Instant,
@@ -250,12 +252,16 @@ impl LocalPool {
         if self.paused() || !self.waiters.borrow().is_empty() {
             return None;
         }
-        {
-            let idle = self.idle.borrow();
-            let last = idle.last()?;
-            if self.check_query.borrow().is_some() && last.meta.last_used.elapsed() >= self.check_delay.get() {
-                return None;
-            }
+        // One clock read decides both: whether the server needs server_check_query, and
+        // whether it sat long enough to need the liveness peek.
+        let age = self.idle.borrow().last()?.meta.last_used.elapsed();
+        if self.check_query.borrow().is_some() && age >= self.check_delay.get() {
+            return None;
+        }
+        if age < RECENTLY_USED {
+            let conn = self.idle.borrow_mut().pop()?;
+            self.shared.idle_add(self.worker, -1);
+            return Some(conn);
         }
         self.pop_idle()
     }
@@ -383,6 +389,7 @@ impl LocalPool {
         let waiter = Rc::new(Waiter {
             grant: RefCell::new(None),
             waker: Cell::new(None),
+            queued: Cell::new(false),
             since,
         });
         self.enqueue(&waiter);
@@ -407,6 +414,7 @@ impl LocalPool {
         let mut q = self.waiters.borrow_mut();
         let at = q.iter().rposition(|w| w.since <= waiter.since).map_or(0, |i| i + 1);
         q.insert(at, waiter.clone());
+        waiter.queued.set(true);
         self.shared.waiting_add(self.worker, 1);
         self.shared.set_oldest(self.worker, q.front().map(|w| w.since));
     }
@@ -436,11 +444,16 @@ impl LocalPool {
 
     /// Takes a waiter out of the queue; false if it was not in it.
     fn remove_waiter(&self, waiter: &Rc<Waiter>) -> bool {
+        if !waiter.queued.get() {
+            return false;
+        }
         let mut q = self.waiters.borrow_mut();
+        // Served waiters are mostly at the front.
         let Some(i) = q.iter().position(|w| Rc::ptr_eq(w, waiter)) else {
             return false;
         };
         q.remove(i);
+        waiter.queued.set(false);
         self.shared.waiting_add(self.worker, -1);
         self.shared.set_oldest(self.worker, q.front().map(|w| w.since));
         true
@@ -1029,7 +1042,13 @@ impl Future for WaitForGrant<'_> {
             if let Some(g) = this.waiter.grant.borrow_mut().take() {
                 return Poll::Ready(g);
             }
-            this.waiter.waker.set(Some(cx.waker().clone()));
+            // The session polls its wait at each of its wake-ups: keep the waker it has
+            // unless it changed (a clone is an atomic increment and a decrement later).
+            let waker = match this.waiter.waker.take() {
+                Some(w) if w.will_wake(cx.waker()) => w,
+                _ => cx.waker().clone(),
+            };
+            this.waiter.waker.set(Some(waker));
             let at = if this.pool.is_front(&this.waiter) {
                 this.pool.recheck_at.get()
             } else {

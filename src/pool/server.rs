@@ -50,6 +50,10 @@ pub struct ServerMeta {
     /// Lowercase names of settings pgsilo set that ParameterStatus never reports; they
     /// must be RESET for a client that did not ask for them.
     pub unreported: BTreeSet<String>,
+    /// The generations (client's, then this server's; see `Settings::generation`) that
+    /// last compared as matching, when the server had no unreported settings: the next
+    /// client with the same settings skips the comparison (`proxy::params::sync_statement`).
+    pub in_sync: std::cell::Cell<Option<(u64, u64)>>,
     pub created: Instant,
     pub last_used: Instant,
     /// The transaction status of the last ReadyForQuery.
@@ -79,6 +83,7 @@ impl ServerMeta {
             backend_secret: None,
             settings: Settings::default(),
             unreported: BTreeSet::new(),
+            in_sync: std::cell::Cell::new(None),
             created: now,
             last_used: now,
             tx_status: b'I',

@@ -2,12 +2,30 @@
 //! what a client expects. Names compare case-insensitively, as PostgreSQL's do.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Settings {
     /// lowercase name -> (name as PostgreSQL reports it, value)
     map: BTreeMap<String, (String, String)>,
+    /// Changes with every change of `map`, to a number no other Settings ever had; a
+    /// clone keeps it. Two Settings with the same generation hold the same entries, which
+    /// lets the per-transaction comparison of a client's settings with a server's be
+    /// skipped when neither changed since they last matched (`proxy::params`). 0: empty,
+    /// never changed.
+    generation: u64,
 }
+
+/// Generations are handed out process-wide, so no two histories share one.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+impl PartialEq for Settings {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl Eq for Settings {}
 
 /// Settings PostgreSQL reports with ParameterStatus that a session may also change, so a
 /// pooler must carry them from server to server for each client. The other reported ones
@@ -39,16 +57,30 @@ impl Settings {
                 if entry.1 != value {
                     entry.1.clear();
                     entry.1.push_str(value);
+                    self.changed();
                 }
             }
             None => {
                 self.map.insert(lower, (name.to_string(), value.to_string()));
+                self.changed();
             }
         }
     }
 
     pub fn remove(&mut self, name: &str) {
-        self.map.remove(&name.to_ascii_lowercase());
+        if self.map.remove(&name.to_ascii_lowercase()).is_some() {
+            self.changed();
+        }
+    }
+
+    fn changed(&mut self) {
+        self.generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// See the field: equal generations mean equal entries.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -102,6 +134,32 @@ mod tests {
         assert_eq!(s.iter().next(), Some(("TimeZone", "Europe/Paris")));
         s.remove("TimeZone");
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_generation_changes_with_every_change_and_is_kept_by_a_clone() {
+        let mut a = Settings::default();
+        assert_eq!(a.generation(), 0);
+        a.set("TimeZone", "UTC");
+        let g1 = a.generation();
+        assert_ne!(g1, 0);
+        let mut b = a.clone();
+        assert_eq!(b.generation(), g1);
+        // The same value again changes nothing.
+        b.set("timezone", "UTC");
+        assert_eq!(b.generation(), g1);
+        b.set("timezone", "Europe/Paris");
+        assert_ne!(b.generation(), g1);
+        // Another history reaching the same entries gets its own number, yet compares equal.
+        let mut c = Settings::default();
+        c.set("TimeZone", "UTC");
+        assert_ne!(c.generation(), g1);
+        assert_eq!(c, a);
+        let g = c.generation();
+        c.remove("nothing");
+        assert_eq!(c.generation(), g);
+        c.remove("timezone");
+        assert_ne!(c.generation(), g);
     }
 
     #[test]

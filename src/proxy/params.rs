@@ -38,6 +38,12 @@ pub fn initial_settings(
 /// The statement that turns the server's settings into the client's, or None when they
 /// already match (the common case, which must cost nothing but a comparison).
 pub fn sync_statement(desired: &Settings, server: &ServerMeta) -> Option<String> {
+    // Unreported settings are left out of the generations: with any, compare in full.
+    let generations = (desired.generation(), server.settings.generation());
+    let cacheable = server.unreported.is_empty();
+    if cacheable && server.in_sync.get() == Some(generations) {
+        return None;
+    }
     let mut sets: Vec<(&str, &str)> = Vec::new();
     for (lower, name, value) in desired.entries() {
         if server.settings.get_lower(lower) != Some(value) {
@@ -50,6 +56,9 @@ pub fn sync_statement(desired: &Settings, server: &ServerMeta) -> Option<String>
         .filter(|n| desired.get_lower(n).is_none())
         .collect();
     if sets.is_empty() && resets.is_empty() {
+        if cacheable {
+            server.in_sync.set(Some(generations));
+        }
         return None;
     }
     let mut sql = String::new();
@@ -218,6 +227,34 @@ mod tests {
         let mut desired = Settings::default();
         desired.set("TimeZone", "UTC");
         assert_eq!(sync_statement(&desired, &server), None);
+    }
+
+    #[test]
+    fn a_remembered_match_holds_only_while_neither_side_changes() {
+        let mut server = meta();
+        server.settings.set("TimeZone", "UTC");
+        let mut desired = Settings::default();
+        desired.set("TimeZone", "UTC");
+        assert_eq!(sync_statement(&desired, &server), None);
+        assert!(server.in_sync.get().is_some(), "the match is remembered");
+        // Another client with the same settings (a clone): still nothing to do.
+        assert_eq!(sync_statement(&desired.clone(), &server), None);
+        // The client changed: compared again.
+        desired.set("TimeZone", "Europe/Paris");
+        assert!(sync_statement(&desired, &server).unwrap().contains("Europe/Paris"));
+        // The server changed (a ParameterStatus): compared again.
+        desired.set("TimeZone", "UTC");
+        assert_eq!(sync_statement(&desired, &server), None);
+        server.settings.set("TimeZone", "Asia/Tokyo");
+        assert!(sync_statement(&desired, &server).unwrap().contains("'UTC'"));
+        // Unreported settings on the server: always compared in full.
+        server.settings.set("TimeZone", "UTC");
+        server.settings.set("statement_timeout", "5s");
+        server.unreported.insert("statement_timeout".into());
+        server
+            .in_sync
+            .set(Some((desired.generation(), server.settings.generation())));
+        assert!(sync_statement(&desired, &server).unwrap().contains("RESET"));
     }
 
     #[test]

@@ -83,16 +83,20 @@ fn build_runtime() -> std::io::Result<Runtime> {
             .build()?;
         return Ok(monoio::FusionRuntime::Legacy(rt));
     }
-    let tuned = {
+    let with = |defer: bool| {
         let mut urb = io_uring::IoUring::builder();
         urb.setup_coop_taskrun().setup_single_issuer();
+        if defer {
+            urb.setup_defer_taskrun();
+        }
         monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
             .enable_timer()
             .with_entries(1024)
             .uring_builder(urb)
             .build()
     };
-    tuned.or_else(|_| {
+    let defer = !std::env::var("PGSILO_IO_DEFER").is_ok_and(|v| v == "0");
+    with(defer).or_else(|_| with(false)).or_else(|_| {
         monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
             .enable_timer()
             .with_entries(1024)

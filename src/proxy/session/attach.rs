@@ -40,11 +40,13 @@ impl Flow {
                 .is_some_and(|b| upstream::peek(b.data()).is_ok_and(|p| p.needs_server))
     }
 
-    /// Starts waiting in the pool (no idle server on this worker).
+    /// Starts waiting in the pool (no idle server on this worker). query_wait_timeout is
+    /// the session timer's (`deadline.rs`), not the pool's.
     pub(super) fn wait_for_server(&mut self) -> Acquire {
         self.timing.wait_started = Some(Instant::now());
+        self.timing.probing = false;
         self.who.entry.entry.set_state(ConnState::Waiting);
-        acquire(self.who.pool.clone(), self.conf.wait_timeout)
+        acquire(self.who.pool.clone(), None)
     }
 
     /// A server for the client's pending request: attaches it when its settings already
@@ -122,7 +124,11 @@ impl Flow {
         self.rollback_sent = false;
         self.timing.rollback_deadline = None;
         self.timing.quiet_since = None;
-        self.timing.last_activity = Instant::now();
+        // As in `client_sent`: only client_idle_timeout reads it, and a clock read per
+        // transaction is worth saving.
+        if self.timing.timeouts.client_idle.is_some() {
+            self.timing.last_activity = Instant::now();
+        }
         match (s.rd, s.wr) {
             (Some(rd), Some(wr)) => ServerConn::reunite(rd, wr, s.meta),
             _ => None,

@@ -1,6 +1,11 @@
 //! The session's timeouts (PgBouncer's client_idle_timeout, idle_transaction_timeout,
-//! query_timeout) and the ROLLBACK of a departed client: which one the session timer is
-//! armed for, and what the client is told when it passes.
+//! query_timeout, query_wait_timeout) and the ROLLBACK of a departed client: which one the
+//! session timer is armed for, and what the client is told when it passes.
+//!
+//! A wait for a server has two: query_wait_timeout, and the moment to start watching the
+//! client for a hang-up ([`PROBE_AFTER`]). Both ride on the session's one timer, so a
+//! wait costs no timer of the pool's and, when it is short (the common case under a
+//! saturated pool), no readiness operation in the kernel either.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +17,15 @@ pub(super) struct Timeouts {
     pub(super) client_idle: Option<Duration>,
     pub(super) idle_transaction: Option<Duration>,
     pub(super) query: Option<Duration>,
+    pub(super) query_wait: Option<Duration>,
 }
+
+/// How long a client waits for a server before pgsilo watches its socket for a hang-up.
+/// Most waits under a saturated pool last a few milliseconds: arming a readiness poll for
+/// each and calling it off again cost more than the rest of the wait's bookkeeping. A
+/// client that hangs up is noticed this much later, and a server granted to it meanwhile
+/// goes back to the pool once its read sees the end.
+pub(super) const PROBE_AFTER: Duration = Duration::from_millis(100);
 
 /// Which deadline the session timer is armed for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +35,10 @@ pub(super) enum Deadline {
     ClientIdle,
     IdleTransaction,
     Query,
+    /// query_wait_timeout: the client waited too long for a server.
+    QueryWait,
+    /// Not an error: time to watch a waiting client's socket for a hang-up.
+    WaitProbe,
 }
 
 impl Deadline {
@@ -29,10 +46,11 @@ impl Deadline {
     /// None for a departed client's ROLLBACK, which only closes the server.
     pub(super) fn client_error(self) -> Option<(SqlState, &'static str)> {
         match self {
-            Deadline::Rollback => None,
+            Deadline::Rollback | Deadline::WaitProbe => None,
             Deadline::ClientIdle => Some((SqlState::IDLE_SESSION_TIMEOUT, "client_idle_timeout")),
             Deadline::IdleTransaction => Some((SqlState::IDLE_IN_TRANSACTION_TIMEOUT, "idle_transaction_timeout")),
             Deadline::Query => Some((SqlState::QUERY_CANCELED, "query_timeout")),
+            Deadline::QueryWait => Some((SqlState::PROTOCOL_VIOLATION, "query_wait_timeout")),
         }
     }
 }
@@ -57,9 +75,13 @@ impl Timing {
             return None;
         }
         let t = &self.timeouts;
-        if self.wait_started.is_some() {
-            // Waiting for a server is query_wait_timeout's business.
-            return None;
+        if let Some(since) = self.wait_started {
+            let give_up = t.query_wait.map(|d| (since + d, Deadline::QueryWait));
+            if self.probing {
+                return give_up;
+            }
+            let probe = (since + PROBE_AFTER, Deadline::WaitProbe);
+            return Some(give_up.filter(|g| g.0 <= probe.0).unwrap_or(probe));
         }
         if now.between_requests {
             return t.client_idle.map(|d| (self.last_activity + d, Deadline::ClientIdle));
@@ -102,12 +124,14 @@ mod tests {
                 client_idle: on(client_idle),
                 idle_transaction: on(idle_transaction),
                 query: on(query),
+                query_wait: None,
             },
             last_activity: Instant::now(),
             quiet_since: None,
             req_started: None,
             xact_started: None,
             wait_started: None,
+            probing: false,
             rollback_deadline: None,
         }
     }
@@ -182,11 +206,31 @@ mod tests {
     }
 
     #[test]
-    fn waiting_for_a_server_is_left_to_query_wait_timeout() {
+    fn a_wait_for_a_server_first_arms_the_hang_up_watch_then_query_wait_timeout() {
         let mut t = timing(30, 5, 7);
-        t.wait_started = Some(t.last_activity);
-        t.req_started = Some(t.last_activity);
-        assert_eq!(t.next_deadline(BETWEEN), None);
+        t.timeouts.query_wait = Some(120 * SEC);
+        let since = t.last_activity;
+        t.wait_started = Some(since);
+        t.req_started = Some(since);
+        // Neither client_idle_timeout nor query_timeout counts while waiting.
+        assert_eq!(
+            t.next_deadline(BETWEEN),
+            Some((since + PROBE_AFTER, Deadline::WaitProbe))
+        );
+        assert_eq!(t.next_deadline(BUSY), Some((since + PROBE_AFTER, Deadline::WaitProbe)));
+        t.probing = true;
+        assert_eq!(t.next_deadline(BUSY), Some((since + 120 * SEC, Deadline::QueryWait)));
+        // A query_wait_timeout shorter than the watch's delay comes first.
+        t.probing = false;
+        t.timeouts.query_wait = Some(Duration::from_millis(50));
+        assert_eq!(
+            t.next_deadline(BUSY),
+            Some((since + Duration::from_millis(50), Deadline::QueryWait))
+        );
+        // query_wait_timeout = 0: the wait has no end, only the watch.
+        t.timeouts.query_wait = None;
+        assert_eq!(t.next_deadline(BUSY), Some((since + PROBE_AFTER, Deadline::WaitProbe)));
+        t.probing = true;
         assert_eq!(t.next_deadline(BUSY), None);
     }
 
@@ -216,5 +260,11 @@ mod tests {
             Deadline::Query.client_error(),
             Some((SqlState::QUERY_CANCELED, "query_timeout"))
         );
+        // As the pool's own wait timeout said it (PgBouncer: 08P01).
+        assert_eq!(
+            Deadline::QueryWait.client_error(),
+            Some((SqlState::PROTOCOL_VIOLATION, "query_wait_timeout"))
+        );
+        assert_eq!(Deadline::WaitProbe.client_error(), None);
     }
 }

@@ -150,6 +150,15 @@ impl Flow {
         if Instant::now() < at {
             return Then::Go;
         }
+        match which {
+            Deadline::WaitProbe => {
+                self.timing.probing = true;
+                return Then::Go;
+            }
+            // As when the pool gave up: the same error, the wait recorded.
+            Deadline::QueryWait => return self.on_acquired(Err(PoolError::WaitTimeout)),
+            _ => {}
+        }
         let Some((code, setting)) = which.client_error() else {
             log::info!(
                 "C-{}: rollback after client left took too long; closing server",

@@ -92,8 +92,9 @@ impl Flow {
                     }
                 }
             }
-            // While waiting for a server, notice a client that hangs up.
-            if acq.is_some() && probe.is_none() && !probe_done && !self.client.gone {
+            // While waiting for a server (past the first moments), notice a client that
+            // hangs up.
+            if acq.is_some() && self.timing.probing && probe.is_none() && !probe_done && !self.client.gone {
                 if let Some(rd) = self.client.rd.as_ref() {
                     probe.set(Some(client_readiness(rd)));
                 }

@@ -44,7 +44,7 @@ mod testkit;
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use monoio::io::{AsyncWriteRentExt, Canceller, Splitable};
 
@@ -123,8 +123,6 @@ struct Listen {
 struct Conf {
     mode: PoolMode,
     pkt_buf: usize,
-    /// query_wait_timeout.
-    wait_timeout: Option<Duration>,
     /// server_reset_query ("" for none).
     reset_query: String,
     reset_always: bool,
@@ -213,6 +211,9 @@ struct Timing {
     req_started: Option<Instant>,
     xact_started: Option<Instant>,
     wait_started: Option<Instant>,
+    /// The client waiting for a server is watched for a hang-up (see
+    /// `deadline::PROBE_AFTER`).
+    probing: bool,
     /// A departed client's ROLLBACK is given up on (and the server closed) at this time.
     rollback_deadline: Option<Instant>,
 }
@@ -268,7 +269,6 @@ impl Flow {
             conf: Conf {
                 mode,
                 pkt_buf: g.pkt_buf.max(1024),
-                wait_timeout: g.query_wait_timeout,
                 reset_query: g.server_reset_query.clone().unwrap_or_default(),
                 reset_always: g.server_reset_query_always,
                 track_statements: mode == PoolMode::Transaction && g.max_prepared_statements > 0,
@@ -332,12 +332,14 @@ impl Flow {
                     client_idle: g.client_idle_timeout,
                     idle_transaction: g.idle_transaction_timeout,
                     query: g.query_timeout,
+                    query_wait: g.query_wait_timeout,
                 },
                 last_activity: Instant::now(),
                 quiet_since: None,
                 req_started: None,
                 xact_started: None,
                 wait_started: None,
+                probing: false,
                 rollback_deadline: None,
             },
             tally: Tally::default(),

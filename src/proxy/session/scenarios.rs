@@ -198,3 +198,80 @@ fn a_server_that_closes_under_its_client_is_reported_to_the_client() {
         assert_eq!(kit.pool.shared.total(), 0, "its slot is free");
     })
 }
+
+/// A pool of four with every server taken (the test holds them, and plays their
+/// PostgreSQL): the next client has to wait.
+fn with_full_pool(tune: impl FnOnce(&mut crate::config::General)) -> (Kit, Vec<(crate::pool::ServerConn, UnixStream)>) {
+    let kit = Kit::new(PoolMode::Transaction, tune);
+    let taken = (0..4).map(|_| kit.server()).collect();
+    (kit, taken)
+}
+
+/// Waits (up to two seconds) until `n` clients wait in the pool.
+async fn waiting_clients(pool: &LocalPool, n: usize) {
+    for _ in 0..400 {
+        if pool.waiting_len() == n {
+            return;
+        }
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{} clients wait, not {n}", pool.waiting_len());
+}
+
+#[test]
+fn a_client_that_hangs_up_while_waiting_for_a_server_leaves_the_queue() {
+    block_on(async {
+        let (kit, _taken) = with_full_pool(|_| {});
+        let (mut client, session) = start(&kit);
+        send(&mut client, &query("SELECT 1")).await;
+        waiting_clients(&kit.pool, 1).await;
+        drop(client);
+        // Noticed once the wait is old enough to be watched (deadline::PROBE_AFTER), not
+        // when a server comes free, nor at query_wait_timeout (120 s).
+        assert!(ended(session).await.is_ok());
+        assert_eq!(kit.pool.waiting_len(), 0);
+    })
+}
+
+#[test]
+fn query_wait_timeout_ends_a_waiting_client_with_08p01() {
+    block_on(async {
+        let (kit, _taken) = with_full_pool(|g| g.query_wait_timeout = Some(Duration::from_millis(50)));
+        let (mut client, session) = start(&kit);
+        send(&mut client, &query("SELECT 1")).await;
+        assert!(matches!(
+            ended(session).await,
+            Err(SessionError::Pool(crate::pool::PoolError::WaitTimeout))
+        ));
+        let said = recv_to_end(&mut client).await;
+        assert!(contains(&said, b"C08P01\0"), "{said:?}");
+        assert!(contains(&said, b"query_wait_timeout"), "{said:?}");
+        assert_eq!(kit.pool.waiting_len(), 0, "the wait was taken back");
+    })
+}
+
+#[test]
+fn a_client_still_waiting_when_it_is_watched_gets_the_next_released_server() {
+    block_on(async {
+        let (kit, mut taken) = with_full_pool(|_| {});
+        let (mut client, session) = start(&kit);
+        let q = query("SELECT 1");
+        send(&mut client, &q).await;
+        waiting_clients(&kit.pool, 1).await;
+        // Past the moment the client is watched for a hang-up: it is still there.
+        monoio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(kit.pool.waiting_len(), 1);
+        let (conn, mut server) = taken.pop().expect("a server");
+        kit.pool.release(conn, true);
+        assert_eq!(
+            recv(&mut server, q.len()).await,
+            q,
+            "the query went to the released server"
+        );
+        let answer = [msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")].concat();
+        send(&mut server, &answer).await;
+        assert_eq!(recv(&mut client, answer.len()).await, answer);
+        send(&mut client, TERMINATE).await;
+        assert!(ended(session).await.is_ok());
+    })
+}
