@@ -1,9 +1,11 @@
 //! One worker: a pinned thread running its own monoio runtime, accepting on its own
 //! listeners and serving its clients with its own share of the server pool.
 
+use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_channel::mpsc::UnboundedReceiver;
@@ -14,8 +16,11 @@ use crate::context::{Instance, Phase, WorkerCtx, WorkerInfo};
 use crate::net::{Peer, Stream};
 use crate::pool::{PoolMsg, Postman};
 use crate::protocol::io::WireError;
+use crate::context::logins::{Admission, Cut, LoginKey, LoginLimits};
+use crate::protocol::SqlState;
 use crate::proxy::login::{login, send_fatal, Opening};
 use crate::proxy::session::serve;
+use crate::proxy::SessionError;
 
 /// Everything a worker thread needs, built on the main thread.
 pub struct WorkerSpec {
@@ -140,6 +145,18 @@ async fn run(
         ctx.sessions.drain_due();
         let open_new = instance.phase() == Phase::Running;
         ctx.sessions.each(|s| s.tick());
+        if let Some(t) = ctx.logins.report_due(std::time::Instant::now()) {
+            log::warn!(
+                "logins in progress (max_pending_logins, max_pending_logins_per_addr): \
+                 {} new connection(s) closed at an address's cap, {} closed with the budget full, \
+                 {} evicted, {} without a startup packet within startup_packet_timeout; {} in progress on this worker",
+                t.refused_addr,
+                t.refused_full,
+                t.evicted,
+                t.startup_timeouts,
+                ctx.logins.len()
+            );
+        }
         for pool in ctx.local_pools() {
             pool.maintain(open_new);
         }
@@ -177,18 +194,21 @@ enum Listener {
 }
 
 impl Listener {
-    async fn accept(&self, handle: monoio::io::CancelHandle) -> std::io::Result<(Stream, Peer)> {
+    /// A new connection, who it is from, and whose share of the logins in progress it
+    /// counts against.
+    async fn accept(&self, handle: monoio::io::CancelHandle) -> std::io::Result<(Stream, Peer, LoginKey)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.cancelable_accept(handle).await?;
                 let _ = s.set_nodelay(true);
-                Ok((Stream::Tcp(s), Peer::Tcp(peer)))
+                Ok((Stream::Tcp(s), Peer::Tcp(peer), LoginKey::of_ip(peer.ip())))
             }
             Listener::Unix(l) => {
                 let (s, _) = l.cancelable_accept(handle).await?;
                 let stream = Stream::Unix(s);
                 let peer = stream.unix_peer();
-                Ok((stream, peer))
+                let key = LoginKey::Local(stream.unix_uid());
+                Ok((stream, peer, key))
             }
         }
     }
@@ -205,9 +225,22 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: Listener) {
         // A cancelled accept still completes with the connection if one raced in, so
         // stopping never drops a client the kernel already handed over.
         match listener.accept(handle).await {
-            Ok((stream, peer)) => {
-                ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
-                monoio::spawn(client(ctx.clone(), stream, peer));
+            Ok((stream, peer, key)) => {
+                let limits = {
+                    let config = ctx.instance.config();
+                    let g = &config.general;
+                    LoginLimits::share(
+                        g.max_pending_logins,
+                        g.max_pending_logins_per_addr,
+                        ctx.instance.worker_count,
+                    )
+                };
+                // Turned away: closed before a byte is read (the worker's periodic
+                // report counts them).
+                if let Ok(admission) = ctx.logins.admit(key, limits, std::time::Instant::now()) {
+                    ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
+                    monoio::spawn(client(ctx.clone(), stream, peer, admission));
+                }
             }
             Err(_) if ctx.stopped_accepting() => return,
             Err(e) => {
@@ -228,25 +261,60 @@ impl Drop for ClientCount {
     }
 }
 
-async fn client(ctx: Rc<WorkerCtx>, stream: Stream, peer: Peer) {
+/// Runs the login, cut short by client_login_timeout or by the logins-in-progress
+/// budget (evicted, or no startup packet within startup_packet_timeout).
+async fn login_within(
+    ctx: &Rc<WorkerCtx>,
+    slot: &mut Option<Stream>,
+    peer: Peer,
+    id: u64,
+    admission: &Admission,
+    limits: (Option<Duration>, Option<Duration>),
+) -> Result<Opening, SessionError> {
+    let (login_timeout, startup_timeout) = limits;
+    // Boxed: the login's state (and its timer) is large and needed only once.
+    let mut running = Box::pin(async {
+        match login_timeout {
+            Some(t) => monoio::time::timeout(t, login(ctx, slot, peer, id, admission))
+                .await
+                .unwrap_or(Err(SessionError::LoginTimeout)),
+            None => login(ctx, slot, peer, id, admission).await,
+        }
+    });
+    let mut cut = std::pin::pin!(admission.cut(startup_timeout));
+    let cut = poll_fn(|cx| {
+        if let Poll::Ready(r) = running.as_mut().poll(cx) {
+            return Poll::Ready(Ok(r));
+        }
+        cut.as_mut().poll(cx).map(Err)
+    })
+    .await;
+    match cut {
+        Ok(r) => r,
+        Err(Cut::Evicted) if admission.has_startup() => Err(SessionError::refused(
+            SqlState::TOO_MANY_CONNECTIONS,
+            "too many logins in progress (max_pending_logins)",
+        )),
+        Err(Cut::Evicted) => Err(SessionError::LoginCut("evicted (max_pending_logins)")),
+        Err(Cut::StartupTimeout) => Err(SessionError::LoginCut("startup_packet_timeout")),
+    }
+}
+
+async fn client(ctx: Rc<WorkerCtx>, stream: Stream, peer: Peer, admission: Admission) {
     let _count = ClientCount(ctx.instance.clone());
     let id = ctx.instance.next_client_id();
     let config = ctx.instance.config();
-    let login_timeout = config.general.client_login_timeout;
+    let timeouts = (
+        config.general.client_login_timeout,
+        config.general.startup_packet_timeout,
+    );
     let log_disconnections = config.general.log_disconnections;
     let log_pooler_errors = config.general.log_pooler_errors;
     drop(config);
     // PgBouncer's age=: from the connection, login included.
     let started = std::time::Instant::now();
     let mut slot = Some(stream);
-    let opening = match login_timeout {
-        // Boxed: the login's state (and its timer) is large and needed only once.
-        Some(t) => match Box::pin(monoio::time::timeout(t, login(&ctx, &mut slot, peer, id))).await {
-            Ok(r) => r,
-            Err(_) => Err(crate::proxy::SessionError::LoginTimeout),
-        },
-        None => Box::pin(login(&ctx, &mut slot, peer, id)).await,
-    };
+    let opening = login_within(&ctx, &mut slot, peer, id, &admission, timeouts).await;
     let Some(mut stream) = slot else {
         // A TLS handshake failed half-way: nothing more can be said.
         if let Err(e) = opening {
