@@ -71,7 +71,10 @@ impl Flood {
             if open <= n {
                 return;
             }
-            assert!(Instant::now() < deadline, "{open} flood sockets still open, expected at most {n}");
+            assert!(
+                Instant::now() < deadline,
+                "{open} flood sockets still open, expected at most {n}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -109,7 +112,10 @@ async fn login_from(p: &Pgsilo, from: Ipv4Addr) -> Result<(tokio_postgres::Clien
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let row = client.query_one("SELECT 40 + 2", &[]).await.map_err(|e| e.to_string())?;
+    let row = client
+        .query_one("SELECT 40 + 2", &[])
+        .await
+        .map_err(|e| e.to_string())?;
     assert_eq!(row.get::<_, i32>(0), 42);
     Ok((client, started.elapsed()))
 }
@@ -203,10 +209,9 @@ fn max_client_conn_still_refuses_logged_in_clients_beyond_it_with_53300() {
     runtime().block_on(async {
         let (first, _) = login_from(&p, OTHER).await.expect("first client");
         let (_second, _) = login_from(&p, OTHER).await.expect("second client");
-        let refused = login_from(&p, OTHER)
-            .await
-            .err()
-            .expect("a third client is beyond max_client_conn = 2");
+        let Err(refused) = login_from(&p, OTHER).await else {
+            panic!("a third client is beyond max_client_conn = 2");
+        };
         assert_eq!(refused, "53300: no more connections allowed (max_client_conn)");
         // A client that leaves gives its place back.
         drop(first);

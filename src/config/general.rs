@@ -404,8 +404,7 @@ impl General {
         let pool_mode = read_pool_mode(section, "pool_mode").unwrap_or(d.pool_mode);
         let max_client_conn = section.uint("max_client_conn", d.max_client_conn, 1);
         let max_pending_logins = section.uint("max_pending_logins", d.max_pending_logins, 1);
-        let max_pending_logins_per_addr =
-            section.uint("max_pending_logins_per_addr", d.max_pending_logins_per_addr, 0);
+        let max_pending_logins_per_addr = section.uint("max_pending_logins_per_addr", d.max_pending_logins_per_addr, 0);
         let default_pool_size = section.uint("default_pool_size", d.default_pool_size, 1);
         let min_pool_size = section.uint("min_pool_size", d.min_pool_size, 0);
         let reserve_pool_size = section.uint("reserve_pool_size", d.reserve_pool_size, 0);

@@ -432,7 +432,10 @@ mod tests {
         let late = t0 + STARTUP_GRACE;
         let newcomer = logins.admit(v4(1), l, late).unwrap();
         assert!(silent.pending.evicted.get());
-        assert!(!talker.pending.evicted.get(), "a login that sent its startup packet stays");
+        assert!(
+            !talker.pending.evicted.get(),
+            "a login that sent its startup packet stays"
+        );
         newcomer.startup_received();
         assert_eq!(
             logins.admit(v4(1), l, late + STARTUP_GRACE).err(),
@@ -448,7 +451,11 @@ mod tests {
         let second = logins.admit(v4(2), l, t0).unwrap();
         assert!(first.pending.evicted.get());
         drop(first);
-        assert_eq!(logins.len(), 1, "dropping the evicted one does not free another's place");
+        assert_eq!(
+            logins.len(),
+            1,
+            "dropping the evicted one does not free another's place"
+        );
         drop(second);
         assert!(logins.is_empty());
         assert!(logins.table.borrow().by_count.is_empty());

@@ -109,7 +109,11 @@ impl ExpectedFds {
 /// what the configuration may need, as PgBouncer's "kernel file descriptor limit" line;
 /// at start and on reload, warns when the limit is short.
 pub fn check(config: &Config, userlist: &Userlist, raise: bool) {
-    let limit = if raise { raise_to_hard() } else { current().map(|l| (l, None)) };
+    let limit = if raise {
+        raise_to_hard()
+    } else {
+        current().map(|l| (l, None))
+    };
     let (limit, raised_from) = match limit {
         Ok(l) => l,
         Err(e) => {
@@ -119,7 +123,10 @@ pub fn check(config: &Config, userlist: &Userlist, raise: bool) {
     };
     let expected = ExpectedFds::of(config, userlist);
     if let Some(from) = raised_from {
-        log::info!("file descriptor limit raised from {from} to the hard limit {}", limit.hard);
+        log::info!(
+            "file descriptor limit raised from {from} to the hard limit {}",
+            limit.hard
+        );
     }
     if raise {
         log::info!(
@@ -154,7 +161,10 @@ mod tests {
         assert_eq!(e.total(), 1172);
         let low = FdLimit { soft: 1024, hard: 4096 };
         let warning = e.shortfall(low).unwrap();
-        assert!(warning.starts_with("file descriptor limit 1024 (hard: 4096) is below the 1172"), "{warning}");
+        assert!(
+            warning.starts_with("file descriptor limit 1024 (hard: 4096) is below the 1172"),
+            "{warning}"
+        );
         assert_eq!(e.shortfall(FdLimit { soft: 4096, hard: 4096 }), None);
     }
 

@@ -12,11 +12,11 @@ use futures_channel::mpsc::UnboundedReceiver;
 use monoio::net::{TcpListener, UnixListener};
 
 use crate::context::control::ControlMsg;
+use crate::context::logins::{Admission, Cut, LoginKey, LoginLimits};
 use crate::context::{Instance, Phase, WorkerCtx, WorkerInfo};
 use crate::net::{Peer, Stream};
 use crate::pool::{PoolMsg, Postman};
 use crate::protocol::io::WireError;
-use crate::context::logins::{Admission, Cut, LoginKey, LoginLimits};
 use crate::protocol::SqlState;
 use crate::proxy::login::{login, send_fatal, Opening};
 use crate::proxy::session::serve;
