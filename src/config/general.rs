@@ -149,7 +149,8 @@ pub struct General {
     pub max_pending_logins: usize,
     /// `max_pending_logins_per_addr` (pgsilo's own): connections not yet authenticated
     /// from one client address (an IPv6 /64; one local user on the Unix socket); more
-    /// are closed at once. 0 = no cap of its own. Default 100.
+    /// are closed at once. 0 = no cap of its own. Default 500: one app host may start
+    /// hundreds of logins at once (and auth_query lookups queue them).
     pub max_pending_logins_per_addr: usize,
     /// `default_pool_size`: server connections per (database, user) pool. Default 20.
     pub default_pool_size: usize,
@@ -332,7 +333,7 @@ impl General {
             pool_mode: PoolMode::Session,
             max_client_conn: 100,
             max_pending_logins: 1000,
-            max_pending_logins_per_addr: 100,
+            max_pending_logins_per_addr: 500,
             default_pool_size: 20,
             min_pool_size: 0,
             reserve_pool_size: 0,
