@@ -20,7 +20,8 @@ set -euo pipefail
 SILO=$(realpath "${1:-${CARGO_TARGET_DIR:-target}/release/pgsilo}")
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
 FLOOD=${FLOOD:-10000} ATTEMPTS=${ATTEMPTS:-20}
-BIN=/usr/lib/postgresql/15/bin
+# shellcheck source=tools/throwaway_pg.sh
+. "$(dirname "$0")/tools/throwaway_pg.sh"
 # The flood, the poolers and this script's sockets: as many descriptors as allowed.
 ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" -gt $((FLOOD + 200)) ] || {
@@ -28,25 +29,8 @@ ulimit -n "$(ulimit -Hn)"
   exit 1
 }
 W=$(mktemp -d /tmp/pgsilo-login-flood.XXXX)
-chown postgres "$W"
 PGP=$((20000 + RANDOM % 5000)) SILO_PORT=$((PGP + 1)) PGB_PORT=$((PGP + 2))
-cleanup() {
-  for f in "$W"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
-  su postgres -c "$BIN/pg_ctl -D $W/data -m immediate stop" >/dev/null 2>&1 || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-su postgres -c "$BIN/initdb -D $W/data -U postgres --auth=trust" >/dev/null
-cat >>"$W/data/postgresql.conf" <<C
-port = $PGP
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$W'
-fsync = off
-C
-su postgres -c "setsid -w $BIN/pg_ctl -D $W/data -l $W/pg.log -w start" >/dev/null || {
-  cat "$W/pg.log" >&2
-  exit 1
-}
+throwaway_pg "$W" $PGP
 echo '"postgres" "secret"' >"$W/users.txt"
 mkdir "$W/silo" "$W/pgb" && chown postgres "$W/pgb"
 cat >"$W/silo.toml" <<T
