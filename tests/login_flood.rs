@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use support::wire::startup_message;
-use support::{psql_conninfo, runtime, PgCluster, Pgsilo, PgsiloBuilder};
+use support::{db_error, psql_conninfo, runtime, PgCluster, Pgsilo, PgsiloBuilder};
 
 const FLOOD_FROM: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const OTHER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -80,13 +80,16 @@ impl Flood {
     }
 }
 
+/// Reads (and drops) what is waiting: nothing more yet is open; EOF or a reset is closed.
 fn is_open(s: &TcpStream) -> bool {
     s.set_nonblocking(true).unwrap();
-    let mut byte = [0u8; 1];
-    // Bytes waiting (a password request) or nothing yet: open; EOF or a reset: closed.
-    let open = match s.peek(&mut byte) {
-        Ok(n) => n > 0,
-        Err(e) => e.kind() == ErrorKind::WouldBlock,
+    let mut buf = [0u8; 512];
+    let open = loop {
+        match (&*s).read(&mut buf) {
+            Ok(0) => break false,
+            Ok(_) => continue,
+            Err(e) => break e.kind() == ErrorKind::WouldBlock,
+        }
     };
     s.set_nonblocking(false).unwrap();
     open
@@ -180,6 +183,34 @@ fn an_address_over_its_cap_has_its_extra_sockets_closed_while_others_get_in() {
     others_get_in(&p, &dir);
     assert!(flood.open() <= 20);
     p.wait_for_log("closed at an address's cap", Duration::from_secs(15));
+}
+
+#[test]
+fn a_client_turned_away_at_its_address_cap_is_told_53300() {
+    let cluster = PgCluster::start();
+    let dir = socket_dir();
+    let p = builder(&cluster, &dir)
+        .set("max_pending_logins_per_addr", "20")
+        .set("startup_packet_timeout", "0")
+        .start();
+    // Logins that sent their startup packet and never answer the password request:
+    // nothing tells them from real clients, so they keep their places.
+    let startup = startup_message(&[("user", "trust_user"), ("database", "app_db")]);
+    let talkers = Flood::start(FLOOD_FROM, p.port(), 100, &startup);
+    talkers.wait_open_at_most(20, PROMPTLY);
+    runtime().block_on(async {
+        let Err(e) = p.connect("trust_user", "tpass", "app_db").await else {
+            panic!("a client from an address at its cap got in");
+        };
+        assert_eq!(
+            db_error(&e),
+            (
+                "53300".to_string(),
+                "too many logins in progress from this address (max_pending_logins_per_addr)".to_string()
+            )
+        );
+    });
+    others_get_in(&p, &dir);
 }
 
 #[test]

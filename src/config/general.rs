@@ -149,7 +149,7 @@ pub struct General {
     pub max_pending_logins: usize,
     /// `max_pending_logins_per_addr` (pgsilo's own): connections not yet authenticated
     /// from one client address (an IPv6 /64; one local user on the Unix socket); more
-    /// are closed at once. 0 = no cap of its own. Default 500: one app host may start
+    /// are turned away at once (FATAL 53300). 0 = no cap of its own. Default 500: one app host may start
     /// hundreds of logins at once (and auth_query lookups queue them).
     pub max_pending_logins_per_addr: usize,
     /// `default_pool_size`: server connections per (database, user) pool. Default 20.

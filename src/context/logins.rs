@@ -11,7 +11,8 @@
 //!   else its oldest;
 //! - else evicts its own address's oldest login that has not sent a startup packet
 //!   [`STARTUP_GRACE`] after connecting (every real client sends one at once);
-//! - else is closed.
+//! - else is turned away (told FATAL 53300 by the accept loop, before anything is
+//!   read, while few are being told; else closed without a word).
 //!
 //! So one address cannot keep another out: a flood fills at most the budget, and every
 //! other address takes places back from it; and sockets that connect and say nothing do
@@ -116,6 +117,18 @@ pub struct PendingLogins {
     table: RefCell<Table>,
     turned_away: Cell<TurnedAway>,
     last_report: Cell<Option<Instant>>,
+    /// Connections turned away that are being told why (see [`Refusing`]).
+    refusing: Rc<Cell<usize>>,
+}
+
+/// A turned-away connection being told why, counted so that a flood cannot make the
+/// telling cost more descriptors than the budget itself.
+pub struct Refusing(Rc<Cell<usize>>);
+
+impl Drop for Refusing {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 /// What the budget turned away since the last report.
@@ -267,6 +280,16 @@ impl PendingLogins {
             waker.wake();
         }
         Ok(admission)
+    }
+
+    /// A place to tell a turned-away connection why, when fewer than `max` are being
+    /// told; None: close it without a word.
+    pub fn refusing(&self, max: usize) -> Option<Refusing> {
+        let n = self.refusing.get();
+        (n < max).then(|| {
+            self.refusing.set(n + 1);
+            Refusing(self.refusing.clone())
+        })
     }
 
     /// Logins in progress on this worker.
@@ -459,6 +482,16 @@ mod tests {
         drop(second);
         assert!(logins.is_empty());
         assert!(logins.table.borrow().by_count.is_empty());
+    }
+
+    #[test]
+    fn refusals_being_told_are_bounded() {
+        let logins = PendingLogins::default();
+        let first = logins.refusing(2).unwrap();
+        let _second = logins.refusing(2).unwrap();
+        assert!(logins.refusing(2).is_none());
+        drop(first);
+        assert!(logins.refusing(2).is_some());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use futures_channel::mpsc::UnboundedReceiver;
 use monoio::net::{TcpListener, UnixListener};
 
 use crate::context::control::ControlMsg;
-use crate::context::logins::{Admission, Cut, LoginKey, LoginLimits};
+use crate::context::logins::{Admission, Cut, LoginKey, LoginLimits, Refused, Refusing};
 use crate::context::{Instance, Phase, WorkerCtx, WorkerInfo};
 use crate::net::{Peer, Stream};
 use crate::pool::{PoolMsg, Postman};
@@ -235,11 +235,18 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: Listener) {
                         ctx.instance.worker_count,
                     )
                 };
-                // Turned away: closed before a byte is read (the worker's periodic
-                // report counts them).
-                if let Ok(admission) = ctx.logins.admit(key, limits, std::time::Instant::now()) {
-                    ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
-                    monoio::spawn(client(ctx.clone(), stream, peer, admission));
+                match ctx.logins.admit(key, limits, std::time::Instant::now()) {
+                    Ok(admission) => {
+                        ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
+                        monoio::spawn(client(ctx.clone(), stream, peer, admission));
+                    }
+                    // Told why while few are being told, else closed at once (the
+                    // worker's periodic report counts them either way).
+                    Err(refused) => {
+                        if let Some(telling) = ctx.logins.refusing(limits.total) {
+                            monoio::spawn(refuse(stream, refused, telling));
+                        }
+                    }
                 }
             }
             Err(_) if ctx.stopped_accepting() => return,
@@ -250,6 +257,39 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: Listener) {
             }
         }
     }
+}
+
+/// How long a turned-away connection is given to read why and hang up.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Tells a connection the login budget turned away why, as PostgreSQL tells a client it
+/// cannot serve before reading its startup packet (libpq reports an ErrorResponse in
+/// place of the answer to its startup packet or SSLRequest). What the client sends
+/// meanwhile is read and dropped until it hangs up, for at most [`REFUSAL_LINGER`]:
+/// closing with unread bytes would reset the connection and could lose the error.
+async fn refuse(mut stream: Stream, why: Refused, _telling: Refusing) {
+    use monoio::io::AsyncReadRent;
+    let message = match why {
+        Refused::AddrFull => "too many logins in progress from this address (max_pending_logins_per_addr)",
+        Refused::Full => "too many logins in progress (max_pending_logins)",
+    };
+    send_fatal(&mut stream, SqlState::TOO_MANY_CONNECTIONS, message).await;
+    let drain = async {
+        let mut buf = Vec::with_capacity(1024);
+        let mut taken = 0;
+        while taken < 64 * 1024 {
+            let (res, back) = stream.read(buf).await;
+            buf = back;
+            match res {
+                Ok(n) if n > 0 => {
+                    taken += n;
+                    buf.clear();
+                }
+                _ => return,
+            }
+        }
+    };
+    let _ = monoio::time::timeout(REFUSAL_LINGER, drain).await;
 }
 
 /// Decrements the client count however the client's task ends.
