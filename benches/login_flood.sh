@@ -101,11 +101,14 @@ def flood(port):
     return socks
 
 def still_open(socks):
+    """Sockets the pooler has not closed: what is waiting (an error it sent) is read and
+    dropped; nothing more yet is open, EOF or a reset is closed."""
     n = 0
     for s in socks:
         s.setblocking(False)
         try:
-            n += len(s.recv(1, socket.MSG_PEEK)) > 0
+            while s.recv(4096):
+                pass
         except BlockingIOError:
             n += 1
         except OSError:
@@ -147,16 +150,12 @@ def psql_login(host, port):
                        env=env, capture_output=True, text=True)
     return r.returncode == 0 and r.stdout.strip() == "1", r.stderr.strip()
 
-for name, port, sockdir in targets:
-    socks = flood(int(port))
-    time.sleep(2)  # let the pooler take them all in
-    held = still_open(socks)
+def measure(port, sockdir):
     kinds = {
         "psql -h 127.0.0.2": lambda: psql_login("127.0.0.2", port),
         "raw 127.0.0.2": lambda: raw_login(int(port), "127.0.0.2"),
         "psql unix": lambda: psql_login(sockdir, port),
     }
-    print(f"{name}: {flood_n} flood sockets from 127.0.0.1, {held} still open after 2 s")
     for kind, attempt in kinds.items():
         oks, times, why = 0, [], ""
         for _ in range(attempts):
@@ -169,8 +168,16 @@ for name, port, sockdir in targets:
             oks += ok
             if not ok:
                 why = err.splitlines()[-1] if err else "closed"
-        print(f"  {kind:18} ok {oks:2}/{attempts}  median {statistics.median(times):.3f} s  max {max(times):.3f} s"
-              + (f"  (failure: {why})" if oks < attempts else ""))
+        print(f"  {kind:18} ok {oks:2}/{attempts}  median {1000 * statistics.median(times):7.1f} ms"
+              f"  max {1000 * max(times):7.1f} ms" + (f"  (failure: {why})" if oks < attempts else ""))
+
+for name, port, sockdir in targets:
+    print(f"{name}, no flood:")
+    measure(port, sockdir)
+    socks = flood(int(port))
+    time.sleep(2)  # let the pooler take them all in
+    print(f"{name}, {flood_n} flood sockets from 127.0.0.1 ({still_open(socks)} still open after 2 s):")
+    measure(port, sockdir)
     print(f"  flood sockets still open at the end: {still_open(socks)}")
     for s in socks:
         s.close()
