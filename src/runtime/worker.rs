@@ -148,7 +148,7 @@ async fn run(
         if let Some(t) = ctx.logins.report_due(std::time::Instant::now()) {
             log::warn!(
                 "logins in progress (max_pending_logins, max_pending_logins_per_addr): \
-                 {} new connection(s) closed at an address's cap, {} closed with the budget full, \
+                 {} new connection(s) turned away at an address's cap, {} with the budget full, \
                  {} evicted, {} without a startup packet within startup_packet_timeout; {} in progress on this worker",
                 t.refused_addr,
                 t.refused_full,
