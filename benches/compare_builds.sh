@@ -21,30 +21,11 @@
 set -euo pipefail
 OLD=$(realpath "$1") NEW=$(realpath "$2")
 ROUNDS=${ROUNDS:-5} DUR=${DUR:-8} CLIENTS=${CLIENTS:-20} WORKLOADS=${WORKLOADS:-"prepared simple set set-startup"}
-BIN=/usr/lib/postgresql/15/bin
+# shellcheck source=tools/throwaway_pg.sh
+. "$(dirname "$0")/tools/throwaway_pg.sh"
 W=$(mktemp -d /tmp/pgsilo-compare.XXXX)
-chown postgres "$W"
 PGP=$((20000 + RANDOM % 5000))
-cleanup() {
-  [ -f "$W/old.pid" ] && kill "$(cat "$W/old.pid")" 2>/dev/null || true
-  [ -f "$W/new.pid" ] && kill "$(cat "$W/new.pid")" 2>/dev/null || true
-  su postgres -c "$BIN/pg_ctl -D $W/data -m immediate stop" >/dev/null 2>&1 || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-su postgres -c "$BIN/initdb -D $W/data -U postgres --auth=trust" >/dev/null
-cat >>"$W/data/postgresql.conf" <<C
-port = $PGP
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$W'
-fsync = off
-max_connections = 200
-shared_buffers = 256MB
-C
-su postgres -c "setsid -w $BIN/pg_ctl -D $W/data -l $W/pg.log -w start" >/dev/null || {
-  cat "$W/pg.log" >&2
-  exit 1
-}
+throwaway_pg "$W" $PGP "max_connections = 200" "shared_buffers = 256MB"
 $BIN/pgbench -h 127.0.0.1 -p $PGP -U postgres -i -s 10 -q postgres >/dev/null 2>&1
 echo '"postgres" ""' >"$W/users.txt"
 echo "SET datestyle TO iso;" >"$W/set.sql"

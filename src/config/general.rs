@@ -139,8 +139,19 @@ pub struct General {
     pub auth_dbname: Option<String>,
     /// `pool_mode`: for databases that do not set their own. Default session.
     pub pool_mode: PoolMode,
-    /// `max_client_conn`: client connections accepted in all. Default 100.
+    /// `max_client_conn`: clients logged in at once (past authentication); logins in
+    /// progress have their own budget below. Default 100.
     pub max_client_conn: usize,
+    /// `max_pending_logins` (pgsilo's own): connections not yet authenticated, in all
+    /// (each worker holds its share). When they are all taken, a connection from an
+    /// address holding fewer evicts the oldest login of the address holding the most.
+    /// Default 1000.
+    pub max_pending_logins: usize,
+    /// `max_pending_logins_per_addr` (pgsilo's own): connections not yet authenticated
+    /// from one client address (an IPv6 /64; one local user on the Unix socket); more
+    /// are turned away at once (FATAL 53300). 0 = no cap of its own. Default 500: one app host may start
+    /// hundreds of logins at once (and auth_query lookups queue them).
+    pub max_pending_logins_per_addr: usize,
     /// `default_pool_size`: server connections per (database, user) pool. Default 20.
     pub default_pool_size: usize,
     /// `min_pool_size`: server connections kept open even when idle. Default 0.
@@ -179,6 +190,10 @@ pub struct General {
     pub query_timeout: Option<Duration>,
     /// `client_login_timeout`: time a client has to log in; `None` = no limit. Default 60 s.
     pub client_login_timeout: Option<Duration>,
+    /// `startup_packet_timeout` (pgsilo's own): time a new connection has to send its
+    /// startup packet (TLS handshake included); `None` = only client_login_timeout.
+    /// Default 10 s.
+    pub startup_packet_timeout: Option<Duration>,
     /// `client_idle_timeout`: idle clients are dropped after this; `None` = never (default).
     pub client_idle_timeout: Option<Duration>,
     /// `idle_transaction_timeout`: clients idle inside a transaction are dropped after
@@ -247,6 +262,8 @@ impl General {
         "auth_dbname",
         "pool_mode",
         "max_client_conn",
+        "max_pending_logins",
+        "max_pending_logins_per_addr",
         "default_pool_size",
         "min_pool_size",
         "reserve_pool_size",
@@ -262,6 +279,7 @@ impl General {
         "query_wait_timeout",
         "query_timeout",
         "client_login_timeout",
+        "startup_packet_timeout",
         "client_idle_timeout",
         "idle_transaction_timeout",
         "server_idle_timeout",
@@ -314,6 +332,8 @@ impl General {
             auth_dbname: None,
             pool_mode: PoolMode::Session,
             max_client_conn: 100,
+            max_pending_logins: 1000,
+            max_pending_logins_per_addr: 500,
             default_pool_size: 20,
             min_pool_size: 0,
             reserve_pool_size: 0,
@@ -329,6 +349,7 @@ impl General {
             query_wait_timeout: Some(Duration::from_secs(120)),
             query_timeout: None,
             client_login_timeout: Some(Duration::from_secs(60)),
+            startup_packet_timeout: Some(Duration::from_secs(10)),
             client_idle_timeout: None,
             idle_transaction_timeout: None,
             server_idle_timeout: Some(Duration::from_secs(600)),
@@ -383,6 +404,8 @@ impl General {
         let auth_dbname = section.string("auth_dbname").map(|(d, _)| d).filter(|d| !d.is_empty());
         let pool_mode = read_pool_mode(section, "pool_mode").unwrap_or(d.pool_mode);
         let max_client_conn = section.uint("max_client_conn", d.max_client_conn, 1);
+        let max_pending_logins = section.uint("max_pending_logins", d.max_pending_logins, 1);
+        let max_pending_logins_per_addr = section.uint("max_pending_logins_per_addr", d.max_pending_logins_per_addr, 0);
         let default_pool_size = section.uint("default_pool_size", d.default_pool_size, 1);
         let min_pool_size = section.uint("min_pool_size", d.min_pool_size, 0);
         let reserve_pool_size = section.uint("reserve_pool_size", d.reserve_pool_size, 0);
@@ -406,6 +429,7 @@ impl General {
         let query_wait_timeout = section.timeout("query_wait_timeout", d.query_wait_timeout);
         let query_timeout = section.timeout("query_timeout", d.query_timeout);
         let client_login_timeout = section.timeout("client_login_timeout", d.client_login_timeout);
+        let startup_packet_timeout = section.timeout("startup_packet_timeout", d.startup_packet_timeout);
         let client_idle_timeout = section.timeout("client_idle_timeout", d.client_idle_timeout);
         let idle_transaction_timeout = section.timeout("idle_transaction_timeout", d.idle_transaction_timeout);
         let server_idle_timeout = section.timeout("server_idle_timeout", d.server_idle_timeout);
@@ -485,6 +509,8 @@ impl General {
             auth_dbname,
             pool_mode,
             max_client_conn,
+            max_pending_logins,
+            max_pending_logins_per_addr,
             default_pool_size,
             min_pool_size,
             reserve_pool_size,
@@ -500,6 +526,7 @@ impl General {
             query_wait_timeout,
             query_timeout,
             client_login_timeout,
+            startup_packet_timeout,
             client_idle_timeout,
             idle_transaction_timeout,
             server_idle_timeout,
@@ -555,6 +582,11 @@ impl General {
             ("auth_dbname", self.auth_dbname.clone().unwrap_or_default()),
             ("pool_mode", self.pool_mode.to_string()),
             ("max_client_conn", self.max_client_conn.to_string()),
+            ("max_pending_logins", self.max_pending_logins.to_string()),
+            (
+                "max_pending_logins_per_addr",
+                self.max_pending_logins_per_addr.to_string(),
+            ),
             ("default_pool_size", self.default_pool_size.to_string()),
             ("min_pool_size", self.min_pool_size.to_string()),
             ("reserve_pool_size", self.reserve_pool_size.to_string()),
@@ -576,6 +608,7 @@ impl General {
             ("query_wait_timeout", timeout(self.query_wait_timeout)),
             ("query_timeout", timeout(self.query_timeout)),
             ("client_login_timeout", timeout(self.client_login_timeout)),
+            ("startup_packet_timeout", timeout(self.startup_packet_timeout)),
             ("client_idle_timeout", timeout(self.client_idle_timeout)),
             ("idle_transaction_timeout", timeout(self.idle_transaction_timeout)),
             ("server_idle_timeout", timeout(self.server_idle_timeout)),

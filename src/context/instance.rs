@@ -25,6 +25,15 @@ pub struct WorkerInfo {
     pub driver: &'static str,
 }
 
+/// A logged-in client's place under max_client_conn, given back when dropped.
+pub struct ClientSlot(Arc<Instance>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.logged_in.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub struct Instance {
     pub name: String,
     config: RwLock<Arc<Config>>,
@@ -39,8 +48,10 @@ pub struct Instance {
     pub postman: OnceLock<Postman>,
     /// Each worker's control inbox.
     pub control: OnceLock<Vec<UnboundedSender<ControlMsg>>>,
-    /// Clients connected (logging in or logged in), for max_client_conn.
+    /// Connections open (logging in or logged in): shutdown waits for them.
     pub clients: AtomicUsize,
+    /// Clients past authentication, for max_client_conn (see [`ClientSlot`]).
+    logged_in: AtomicUsize,
     next_client_id: AtomicU64,
     /// Key for deterministic mock SCRAM salts, so unknown users look like known ones.
     pub mock_key: [u8; 32],
@@ -81,6 +92,7 @@ impl Instance {
             postman: OnceLock::new(),
             control: OnceLock::new(),
             clients: AtomicUsize::new(0),
+            logged_in: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(1),
             mock_key: rand::random(),
             scram_cache: Mutex::new(HashMap::new()),
@@ -125,6 +137,19 @@ impl Instance {
 
     pub fn set_averages(&self, a: BTreeMap<String, Averages>) {
         *self.averages.lock().unwrap_or_else(|p| p.into_inner()) = a;
+    }
+
+    /// Clients logged in, as max_client_conn counts them.
+    pub fn logged_in(&self) -> usize {
+        self.logged_in.load(Ordering::SeqCst)
+    }
+
+    /// A place among `max` logged-in clients, or None when they are all taken.
+    pub fn take_client_slot(self: &Arc<Self>, max: usize) -> Option<ClientSlot> {
+        self.logged_in
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        Some(ClientSlot(self.clone()))
     }
 
     pub fn next_client_id(&self) -> u64 {

@@ -8,6 +8,7 @@ pub mod cancel;
 pub mod control;
 pub mod instance;
 pub mod listen;
+pub mod logins;
 pub mod worker;
 
 pub use instance::{Instance, Phase, WorkerInfo};

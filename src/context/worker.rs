@@ -10,6 +10,7 @@ use monoio::io::{CancelHandle, Canceller};
 
 use super::control::{ControlMsg, Sessions};
 use super::instance::{Instance, Phase};
+use super::logins::PendingLogins;
 use crate::pool::{AuthLookups, LocalPool, Postman, SharedPool};
 use crate::protocol::BufPool;
 
@@ -27,6 +28,8 @@ pub struct WorkerCtx {
     pub bufs: Rc<BufPool>,
     /// auth_query: this worker's lookup connections and the secrets they found.
     pub auth_lookups: AuthLookups,
+    /// Connections accepted here that have not authenticated yet, and their budget.
+    pub logins: Rc<PendingLogins>,
 }
 
 impl WorkerCtx {
@@ -64,6 +67,7 @@ impl WorkerCtx {
             accept_stop: RefCell::new(Some(Canceller::new())),
             bufs,
             auth_lookups: AuthLookups::default(),
+            logins: Rc::new(PendingLogins::default()),
         }
     }
 

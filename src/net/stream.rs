@@ -157,6 +157,14 @@ impl Stream {
             _ => Peer::Unix(None),
         }
     }
+
+    /// The user id of a Unix-socket client's process, when the kernel says.
+    pub fn unix_uid(&self) -> Option<u32> {
+        match self {
+            Stream::Unix(s) => s.peer_cred().ok().map(|c| c.uid()),
+            _ => None,
+        }
+    }
 }
 
 fn owned(raw: RawFd) -> OwnedFd {

@@ -22,6 +22,10 @@ pub enum SessionError {
     ServerGone,
     #[error("client_login_timeout")]
     LoginTimeout,
+    /// The logins-in-progress budget ended a login before its startup packet came:
+    /// nothing can be told to a client that has not spoken the protocol yet.
+    #[error("{0}")]
+    LoginCut(&'static str),
     #[error("pgsilo is shutting down")]
     Shutdown,
     /// Ended by the admin console or shutdown, with the reason the client is told.
@@ -50,6 +54,7 @@ impl SessionError {
             SessionError::Pool(e) => Some(e.client_error()),
             SessionError::ServerGone => Some((SqlState::CONNECTION_FAILURE, self.to_string())),
             SessionError::LoginTimeout => Some((SqlState::PROTOCOL_VIOLATION, self.to_string())),
+            SessionError::LoginCut(_) => None,
             SessionError::Shutdown => Some((SqlState::ADMIN_SHUTDOWN, "pgsilo is shutting down".into())),
             SessionError::Killed(why) => Some((SqlState::ADMIN_SHUTDOWN, (*why).into())),
             SessionError::TimedOut(code, what) => Some((*code, (*what).into())),

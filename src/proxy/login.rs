@@ -12,6 +12,7 @@ use super::SessionError;
 use crate::auth::{verify_cleartext, verify_md5_response, AuthError, ScramSecret, ScramServer, Secret};
 use crate::config::{AuthType, Config, PoolMode, Userlist};
 use crate::context::cancel::{send_cancel, CancelSlot};
+use crate::context::logins::Admission;
 use crate::context::WorkerCtx;
 use crate::metrics::{ConnEntry, Registered, CLIENTS};
 use crate::net::{Peer, Stream, TlsStream};
@@ -73,12 +74,15 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Runs the login. On a refusal the caller sends the FATAL error and closes. The stream
 /// is in a slot because TLS replaces it; the slot is empty when a TLS handshake failed
-/// half-way and nothing more can be said to the client.
+/// half-way and nothing more can be said to the client. `admission` is told when the
+/// startup packet has come and when the client has authenticated (it then counts
+/// against max_client_conn instead of the logins in progress).
 pub async fn login(
     ctx: &Rc<WorkerCtx>,
     slot: &mut Option<Stream>,
     peer: Peer,
     id: u64,
+    admission: &Admission,
 ) -> Result<Opening, SessionError> {
     let mut buf = MsgBuf::with_capacity(512);
     let tls = ctx.instance.tls();
@@ -141,6 +145,7 @@ pub async fn login(
             StartupPacket::Startup(s) => break s,
         }
     };
+    admission.startup_received();
     let stream = slot.as_mut().ok_or_else(gone)?;
     // Unix sockets are local: PgBouncer (and PostgreSQL's `local` lines) ask no TLS there.
     if tls.client_mode.requires_tls() && !stream.is_tls() && !matches!(stream, Stream::Unix(_)) {
@@ -180,11 +185,10 @@ pub async fn login(
         .to_string();
     let config = ctx.instance.config();
     let general = &config.general;
-    if ctx.instance.clients.load(std::sync::atomic::Ordering::SeqCst) > general.max_client_conn {
-        return Err(SessionError::refused(
-            SqlState::TOO_MANY_CONNECTIONS,
-            "no more connections allowed (max_client_conn)",
-        ));
+    // Early, as PgBouncer refuses at the startup packet; the place itself is taken once
+    // the client has authenticated, so logins in progress never hold one.
+    if ctx.instance.logged_in() >= general.max_client_conn {
+        return Err(max_client_conn_reached());
     }
     let mut startup = startup;
     if general.application_name_add_host {
@@ -261,6 +265,9 @@ pub async fn login(
             return Err(e);
         }
     };
+    if !admission.log_in(&ctx.instance, general.max_client_conn) {
+        return Err(max_client_conn_reached());
+    }
 
     if is_admin {
         let can_act = general.admin_users.iter().any(|u| u == &user);
@@ -370,6 +377,13 @@ pub async fn login(
         bound,
         pending: buf.data().to_vec(),
     }))
+}
+
+fn max_client_conn_reached() -> SessionError {
+    SessionError::refused(
+        SqlState::TOO_MANY_CONNECTIONS,
+        "no more connections allowed (max_client_conn)",
+    )
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -2,6 +2,7 @@
 //! the order things start and stop in.
 
 pub mod error;
+pub mod fd_limit;
 pub mod listener;
 pub mod log;
 pub mod metrics_http;
@@ -82,6 +83,7 @@ pub fn run(config: Config, userlist: Userlist, takeover: bool) -> Result<(), Run
     let mut dups = Vec::new();
 
     restrict_process_to(&cores)?;
+    fd_limit::check(&config, &userlist, true);
     let tls = crate::tls::TlsContext::load(&config.general.front_door).map_err(|e| RuntimeError::Tls(e.to_string()))?;
     let instance = Arc::new(Instance::new(config, userlist, tls, cores.len(), reload));
     let mut senders = Vec::new();
@@ -409,6 +411,7 @@ pub fn reload(instance: &Arc<Instance>) {
             };
             let g = &config.general;
             log::set_verbosity(g.verbose.min(255) as u8);
+            fd_limit::check(&config, &userlist, false);
             let users = userlist.len();
             let old_users = instance.userlist();
             for p in instance.pools.all() {

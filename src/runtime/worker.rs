@@ -1,21 +1,26 @@
 //! One worker: a pinned thread running its own monoio runtime, accepting on its own
 //! listeners and serving its clients with its own share of the server pool.
 
+use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_channel::mpsc::UnboundedReceiver;
 use monoio::net::{TcpListener, UnixListener};
 
 use crate::context::control::ControlMsg;
+use crate::context::logins::{Admission, Cut, LoginKey, LoginLimits, Refused, Refusing};
 use crate::context::{Instance, Phase, WorkerCtx, WorkerInfo};
 use crate::net::{Peer, Stream};
 use crate::pool::{PoolMsg, Postman};
 use crate::protocol::io::WireError;
+use crate::protocol::SqlState;
 use crate::proxy::login::{login, send_fatal, Opening};
 use crate::proxy::session::serve;
+use crate::proxy::SessionError;
 
 /// Everything a worker thread needs, built on the main thread.
 pub struct WorkerSpec {
@@ -144,6 +149,18 @@ async fn run(
         ctx.sessions.drain_due();
         let open_new = instance.phase() == Phase::Running;
         ctx.sessions.each(|s| s.tick());
+        if let Some(t) = ctx.logins.report_due(std::time::Instant::now()) {
+            log::warn!(
+                "logins in progress (max_pending_logins, max_pending_logins_per_addr): \
+                 {} new connection(s) turned away at an address's cap, {} with the budget full, \
+                 {} evicted, {} without a startup packet within startup_packet_timeout; {} in progress on this worker",
+                t.refused_addr,
+                t.refused_full,
+                t.evicted,
+                t.startup_timeouts,
+                ctx.logins.len()
+            );
+        }
         for pool in ctx.local_pools() {
             pool.maintain(open_new);
         }
@@ -181,18 +198,21 @@ enum Listener {
 }
 
 impl Listener {
-    async fn accept(&self, handle: monoio::io::CancelHandle) -> std::io::Result<(Stream, Peer)> {
+    /// A new connection, who it is from, and whose share of the logins in progress it
+    /// counts against.
+    async fn accept(&self, handle: monoio::io::CancelHandle) -> std::io::Result<(Stream, Peer, LoginKey)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.cancelable_accept(handle).await?;
                 let _ = s.set_nodelay(true);
-                Ok((Stream::Tcp(s), Peer::Tcp(peer)))
+                Ok((Stream::Tcp(s), Peer::Tcp(peer), LoginKey::of_ip(peer.ip())))
             }
             Listener::Unix(l) => {
                 let (s, _) = l.cancelable_accept(handle).await?;
                 let stream = Stream::Unix(s);
                 let peer = stream.unix_peer();
-                Ok((stream, peer))
+                let key = LoginKey::Local(stream.unix_uid());
+                Ok((stream, peer, key))
             }
         }
     }
@@ -209,9 +229,29 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: Listener) {
         // A cancelled accept still completes with the connection if one raced in, so
         // stopping never drops a client the kernel already handed over.
         match listener.accept(handle).await {
-            Ok((stream, peer)) => {
-                ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
-                monoio::spawn(client(ctx.clone(), stream, peer));
+            Ok((stream, peer, key)) => {
+                let limits = {
+                    let config = ctx.instance.config();
+                    let g = &config.general;
+                    LoginLimits::share(
+                        g.max_pending_logins,
+                        g.max_pending_logins_per_addr,
+                        ctx.instance.worker_count,
+                    )
+                };
+                match ctx.logins.admit(key, limits, std::time::Instant::now()) {
+                    Ok(admission) => {
+                        ctx.instance.clients.fetch_add(1, Ordering::SeqCst);
+                        monoio::spawn(client(ctx.clone(), stream, peer, admission));
+                    }
+                    // Told why while few are being told, else closed at once (the
+                    // worker's periodic report counts them either way).
+                    Err(refused) => {
+                        if let Some(telling) = ctx.logins.refusing(limits.total) {
+                            monoio::spawn(refuse(stream, refused, telling));
+                        }
+                    }
+                }
             }
             Err(_) if ctx.stopped_accepting() => return,
             Err(e) => {
@@ -223,6 +263,39 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: Listener) {
     }
 }
 
+/// How long a turned-away connection is given to read why and hang up.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Tells a connection the login budget turned away why, as PostgreSQL tells a client it
+/// cannot serve before reading its startup packet (libpq reports an ErrorResponse in
+/// place of the answer to its startup packet or SSLRequest). What the client sends
+/// meanwhile is read and dropped until it hangs up, for at most [`REFUSAL_LINGER`]:
+/// closing with unread bytes would reset the connection and could lose the error.
+async fn refuse(mut stream: Stream, why: Refused, _telling: Refusing) {
+    use monoio::io::AsyncReadRent;
+    let message = match why {
+        Refused::AddrFull => "too many logins in progress from this address (max_pending_logins_per_addr)",
+        Refused::Full => "too many logins in progress (max_pending_logins)",
+    };
+    send_fatal(&mut stream, SqlState::TOO_MANY_CONNECTIONS, message).await;
+    let drain = async {
+        let mut buf = Vec::with_capacity(1024);
+        let mut taken = 0;
+        while taken < 64 * 1024 {
+            let (res, back) = stream.read(buf).await;
+            buf = back;
+            match res {
+                Ok(n) if n > 0 => {
+                    taken += n;
+                    buf.clear();
+                }
+                _ => return,
+            }
+        }
+    };
+    let _ = monoio::time::timeout(REFUSAL_LINGER, drain).await;
+}
+
 /// Decrements the client count however the client's task ends.
 struct ClientCount(Arc<Instance>);
 
@@ -232,25 +305,60 @@ impl Drop for ClientCount {
     }
 }
 
-async fn client(ctx: Rc<WorkerCtx>, stream: Stream, peer: Peer) {
+/// Runs the login, cut short by client_login_timeout or by the logins-in-progress
+/// budget (evicted, or no startup packet within startup_packet_timeout).
+async fn login_within(
+    ctx: &Rc<WorkerCtx>,
+    slot: &mut Option<Stream>,
+    peer: Peer,
+    id: u64,
+    admission: &Admission,
+    limits: (Option<Duration>, Option<Duration>),
+) -> Result<Opening, SessionError> {
+    let (login_timeout, startup_timeout) = limits;
+    // Boxed: the login's state (and its timer) is large and needed only once.
+    let mut running = Box::pin(async {
+        match login_timeout {
+            Some(t) => monoio::time::timeout(t, login(ctx, slot, peer, id, admission))
+                .await
+                .unwrap_or(Err(SessionError::LoginTimeout)),
+            None => login(ctx, slot, peer, id, admission).await,
+        }
+    });
+    let mut cut = std::pin::pin!(admission.cut(startup_timeout));
+    let cut = poll_fn(|cx| {
+        if let Poll::Ready(r) = running.as_mut().poll(cx) {
+            return Poll::Ready(Ok(r));
+        }
+        cut.as_mut().poll(cx).map(Err)
+    })
+    .await;
+    match cut {
+        Ok(r) => r,
+        Err(Cut::Evicted) if admission.has_startup() => Err(SessionError::refused(
+            SqlState::TOO_MANY_CONNECTIONS,
+            "too many logins in progress (max_pending_logins)",
+        )),
+        Err(Cut::Evicted) => Err(SessionError::LoginCut("evicted (max_pending_logins)")),
+        Err(Cut::StartupTimeout) => Err(SessionError::LoginCut("startup_packet_timeout")),
+    }
+}
+
+async fn client(ctx: Rc<WorkerCtx>, stream: Stream, peer: Peer, admission: Admission) {
     let _count = ClientCount(ctx.instance.clone());
     let id = ctx.instance.next_client_id();
     let config = ctx.instance.config();
-    let login_timeout = config.general.client_login_timeout;
+    let timeouts = (
+        config.general.client_login_timeout,
+        config.general.startup_packet_timeout,
+    );
     let log_disconnections = config.general.log_disconnections;
     let log_pooler_errors = config.general.log_pooler_errors;
     drop(config);
     // PgBouncer's age=: from the connection, login included.
     let started = std::time::Instant::now();
     let mut slot = Some(stream);
-    let opening = match login_timeout {
-        // Boxed: the login's state (and its timer) is large and needed only once.
-        Some(t) => match Box::pin(monoio::time::timeout(t, login(&ctx, &mut slot, peer, id))).await {
-            Ok(r) => r,
-            Err(_) => Err(crate::proxy::SessionError::LoginTimeout),
-        },
-        None => Box::pin(login(&ctx, &mut slot, peer, id)).await,
-    };
+    let opening = login_within(&ctx, &mut slot, peer, id, &admission, timeouts).await;
     let Some(mut stream) = slot else {
         // A TLS handshake failed half-way: nothing more can be said.
         if let Err(e) = opening {

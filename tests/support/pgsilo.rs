@@ -125,6 +125,8 @@ pub struct PgsiloBuilder {
     userlist: Vec<String>,
     /// Extra command-line arguments before the config path (e.g. `--takeover`).
     args: Vec<String>,
+    /// RLIMIT_NOFILE (soft, hard) to start the process with; None: this process's.
+    nofile: Option<(u64, u64)>,
 }
 
 impl PgsiloBuilder {
@@ -182,6 +184,12 @@ impl PgsiloBuilder {
         self
     }
 
+    /// Starts pgsilo with this open-file limit (soft, hard) instead of the test's.
+    pub fn nofile_limit(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
+        self
+    }
+
     /// An extra command-line argument, given before the config path (e.g. `--takeover`).
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_owned());
@@ -224,7 +232,6 @@ impl PgsiloBuilder {
     /// The config file text for `port` (auth_file is `userlist.txt` next to it).
     pub fn config_text(&self, port: u16) -> String {
         let mut t = String::from("[pgsilo]\n");
-        let _ = writeln!(t, "listen_addr = \"127.0.0.1\"");
         let _ = writeln!(t, "listen_port = {port}");
         let _ = writeln!(t, "auth_file = \"userlist.txt\"");
         for (k, v) in &self.settings {
@@ -305,17 +312,41 @@ impl PgsiloBuilder {
             .tempdir()
             .expect("create temp dir for pgsilo");
         let config_path = self.write_files(dir.path(), port);
-        launch(dir, config_path, port, &self.args)
+        launch(dir, config_path, port, &self.args, self.nofile)
     }
 }
 
 /// Starts the binary on `config_path` (in `dir`, which the returned [`Pgsilo`] owns) and
 /// waits until it logs that every worker listens, or until it exits.
-fn launch(dir: tempfile::TempDir, config_path: PathBuf, port: u16, args: &[String]) -> Result<Pgsilo, Failed> {
+fn launch(
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    port: u16,
+    args: &[String],
+    nofile: Option<(u64, u64)>,
+) -> Result<Pgsilo, Failed> {
     let log_path = dir.path().join("pgsilo.log");
     let log = File::create(&log_path).expect("create pgsilo log file");
     let log_err = log.try_clone().expect("dup log fd");
-    let child = Command::new(pgsilo_bin())
+    let mut command = Command::new(pgsilo_bin());
+    if let Some((soft, hard)) = nofile {
+        use std::os::unix::process::CommandExt;
+        let lim = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit is async-signal-safe and only reads `lim`, a copy owned by
+        // the closure.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = command
         .args(args)
         .arg(&config_path)
         .stdin(Stdio::null())
@@ -402,8 +433,10 @@ impl Pgsilo {
             databases: Vec::new(),
             userlist: Vec::new(),
             args: Vec::new(),
+            nofile: None,
         }
         .name("t")
+        .set_str("listen_addr", "127.0.0.1")
         .auth_type("scram-sha-256")
         .pool_mode("transaction")
     }
@@ -524,7 +557,7 @@ impl Pgsilo {
         fs::copy(&self.config_path, &config_path).expect("copy pgsilo.toml");
         fs::copy(self.dir.path().join("userlist.txt"), dir.path().join("userlist.txt")).expect("copy userlist.txt");
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        launch(dir, config_path, self.port, &args)
+        launch(dir, config_path, self.port, &args, None)
     }
 
     /// Sends `sig` (e.g. `libc::SIGHUP`) to the process, unless it has been reaped.
