@@ -41,6 +41,13 @@
 #   BENCH_SCRAM_ITERATIONS [4096] the bench user's verifier; fewer makes pgbench -C spend
 #                                less of the machine on the client's own PBKDF2
 #   BENCH_POOLER_CPUS []         a taskset list for both poolers (default: not pinned)
+#   BENCH_PROFILE [shared]       pinned: the pinned profile, the pooler on the last core
+#                                and PostgreSQL and pgbench on the others (taskset), so
+#                                the pooler's cost shows apart from theirs; shared: no
+#                                pinning (the poolers' own defaults)
+#   BENCH_COLD_ROUNDS [ROUNDS]   cold start: per round each pooler is restarted and
+#                                pgbench -S -c 20 runs from its first moment for
+#                                BENCH_COLD_SECONDS [2] s (connecting included); 0 skips
 #   BENCH_LOG_CONNECTIONS [0]    1: both poolers log every connect/disconnect
 #   BENCH_PORT [16400]           PostgreSQL; the poolers use the next four ports (keep them
 #                                below the ephemeral range, 32768+, or a client socket may hold one)
@@ -74,7 +81,7 @@ else
   CLIENTS=${BENCH_CLIENTS:-"1 20 200 1000"}
 fi
 MODES=${BENCH_MODES:-"simple extended prepared"}
-EXTRA=${BENCH_EXTRA:-"connect tpcb"}
+EXTRA=${BENCH_EXTRA-"connect tpcb"}
 TARGETS=${BENCH_TARGETS:-"postgres pgbouncer pgsilo"}
 FRONT=${BENCH_FRONT-"tls unix"}
 ROUNDS=${BENCH_ROUNDS:-5}
@@ -85,6 +92,21 @@ WARMUP=${BENCH_WARMUP:-3}
 IDLE=${BENCH_IDLE_CLIENTS:-10000}
 SCRAM_ITER=${BENCH_SCRAM_ITERATIONS:-4096}
 POOLER_CPUS=${BENCH_POOLER_CPUS:-}
+PROFILE=${BENCH_PROFILE:-shared}
+# The pinned profile: PostgreSQL and pgbench on the first cores, the pooler on the last.
+OTHERS_PIN=()
+case $PROFILE in
+  shared) ;;
+  pinned)
+    NCPU=$(nproc)
+    [ "$NCPU" -ge 2 ] || die "BENCH_PROFILE=pinned needs at least 2 cores"
+    POOLER_CPUS=${POOLER_CPUS:-$((NCPU - 1))}
+    OTHERS_PIN=(taskset -c "0-$((NCPU - 2))")
+    ;;
+  *) die "unknown BENCH_PROFILE $PROFILE (shared, pinned)" ;;
+esac
+COLD_ROUNDS=${BENCH_COLD_ROUNDS:-${BENCH_ROUNDS:-5}}
+COLD_SECS=${BENCH_COLD_SECONDS:-2}
 LOGCONN=${BENCH_LOG_CONNECTIONS:-0}
 KEEP_LOGS=${BENCH_KEEP_LOGS:-0}
 PGPORT=${BENCH_PORT:-16400}
@@ -271,7 +293,7 @@ host all postgres 127.0.0.1/32 trust
 host all all 127.0.0.1/32 scram-sha-256
 HBA
 PG_STARTED=1
-as_pg "$PGBIN/pg_ctl" -D "$RUN/pg" -l "$RUN/logs/postgres.log" -w start >/dev/null \
+as_pg "${OTHERS_PIN[@]}" "$PGBIN/pg_ctl" -D "$RUN/pg" -l "$RUN/logs/postgres.log" -w start >/dev/null \
   || { tail -20 "$RUN/logs/postgres.log" >&2; die "PostgreSQL did not start"; }
 PSQL=("$PGBIN/psql" -X -q -A -t -h "$RUN/sock" -p "$PGPORT" -U postgres -v ON_ERROR_STOP=1)
 "${PSQL[@]}" -d postgres -c "CREATE ROLE $USER_NAME LOGIN PASSWORD '$PASSWORD'" \
@@ -398,6 +420,8 @@ cores_of() {
 # Runs cores_of only once the workers exist (a first client makes sure of nothing more).
 SETTINGS="$SECS s per run, rounds $ROUNDS, pgbench -j min($JOBS, clients), pool_size $POOL, pgbench scale $SCALE, transaction pooling, scram-sha-256 with $SCRAM_ITER iterations (passthrough to the server), connection logging $( [ "$LOGCONN" = 1 ] && echo on || echo off ) in both poolers, pooler fd limit $NOFILE"
 [ -n "$POOLER_CPUS" ] && SETTINGS="$SETTINGS, poolers pinned with taskset -c $POOLER_CPUS"
+[ "$PROFILE" = pinned ] && SETTINGS="$SETTINGS, pinned profile: PostgreSQL and pgbench on ${OTHERS_PIN[2]}"
+meta profile "$PROFILE"
 meta settings "$SETTINGS"
 
 target_port() {
@@ -500,10 +524,14 @@ run_pgbench() {  # round workload mode clients target
   # 2 s to spare: pgbench must still be running when the window closes (its CPU is read
   # from /proc then); it is stopped right after.
   runfor=$((SECS + allow + 2))
+  local secs=$SECS
+  # Cold start: the window is the fresh pooler's first COLD_SECS, connecting included.
+  if [ "$workload" = cold-start ]; then allow=0; secs=$COLD_SECS; runfor=$((COLD_SECS + 1)); fi
   args=(-h "$(target_host "$target")" -p "$port" -U "$USER_NAME" -n -M "$mode" -c "$clients" -j "$jobs" -T "$runfor" -l "--log-prefix=$prefix")
   case $workload in
     select) args+=(-S) ;;
     select-connect) args+=(-S -C) ;;
+    cold-start) args+=(-S) ;;
     tpcb) ;;
   esac
   pid=
@@ -518,14 +546,14 @@ run_pgbench() {  # round workload mode clients target
   base=$(conns_to "$port")
   [ -n "$pid" ] && { echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true; }  # VmHWM := current RSS
   tl=$(now_us)
-  PGSSLMODE=$(target_sslmode "$target") PGPASSWORD=$PASSWORD timeout --kill-after=10 $((runfor + 120)) pgbench "${args[@]}" "$DB" >"$log" 2>&1 &
+  PGSSLMODE=$(target_sslmode "$target") PGPASSWORD=$PASSWORD timeout --kill-after=10 $((runfor + 120)) "${OTHERS_PIN[@]}" pgbench "${args[@]}" "$DB" >"$log" 2>&1 &
   bpid=$!
   for i in $(seq 1 100); do
     bench_pid=$(pgrep -P "$bpid" -x pgbench || true)
     [ -n "$bench_pid" ] && break
     sleep 0.01
   done
-  if [ "$workload" != select-connect ]; then
+  if [ "$workload" != select-connect ] && [ "$workload" != cold-start ]; then
     # Until every client is connected (or pgbench gives up, or the allowance is gone).
     while kill -0 "$bpid" 2>/dev/null && [ "$(conns_to "$port")" -lt $((base + clients)) ] \
       && [ $(( $(now_us) - tl )) -lt $(( allow * 1000000 )) ]; do
@@ -545,7 +573,7 @@ run_pgbench() {  # round workload mode clients target
   fi
   s0=$("$PY" "$TOOLS/bench.py" snap "$POSTMASTER" "${pid:--}" "${bench_pid:--}")
   t0=${s0##* }
-  while kill -0 "$bpid" 2>/dev/null && [ $(( $(now_us) - t0 )) -lt $(( SECS * 1000000 - 30000 )) ]; do sleep 0.02; done
+  while kill -0 "$bpid" 2>/dev/null && [ $(( $(now_us) - t0 )) -lt $(( secs * 1000000 - 30000 )) ]; do sleep 0.02; done
   s1=$("$PY" "$TOOLS/bench.py" snap "$POSTMASTER" "${pid:--}" "${bench_pid:--}")
   t1=${s1##* }
   if [ -n "$perf_pid" ]; then kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" 2>/dev/null || true; fi
@@ -651,6 +679,29 @@ for round in $(seq 1 "$ROUNDS"); do
     ci=$((ci + 1))
   done
 done
+
+# --- cold start: a pooler restarted, under load from its first moment -------------------
+# PostgreSQL stays warm, as when a pooler restarts in production; the pooler opens its
+# server connections while the clients wait.
+restart_pooler() {  # target
+  stop_pooler "$1"
+  case $1 in
+    pgsilo) start_pgsilo pgsilo "$RUN/pgsilo.toml" "$SILO_PORT" ;;
+    pgbouncer) start_pgbouncer pgbouncer "$RUN/pgbouncer/pgbouncer.ini" "$PGB_PORT" ;;
+  esac
+}
+COLD_TARGETS=()
+for t in pgbouncer pgsilo; do case " $TARGETS " in *" $t "*) COLD_TARGETS+=("$t") ;; esac; done
+if [ "$COLD_ROUNDS" -gt 0 ] && [ ${#COLD_TARGETS[@]} -gt 0 ]; then
+  say "cold start: ${#COLD_TARGETS[@]} poolers × $COLD_ROUNDS round(s), the first $COLD_SECS s each"
+  for round in $(seq 1 "$COLD_ROUNDS"); do
+    for k in $(seq 0 $((${#COLD_TARGETS[@]} - 1))); do
+      t=${COLD_TARGETS[$(((round + k) % ${#COLD_TARGETS[@]}))]}
+      restart_pooler "$t"
+      run_pgbench "$round" cold-start simple 20 "$t"
+    done
+  done
+fi
 
 stop_pooler pgsilo
 stop_pooler pgbouncer
