@@ -26,15 +26,25 @@ async fn ended(session: monoio::task::JoinHandle<Result<(), SessionError>>) -> R
         .expect("the session ends within two seconds")
 }
 
-/// Waits (up to two seconds) until the pool holds `n` idle servers.
-async fn idle_servers(pool: &LocalPool, n: usize) {
+/// Waits (up to two seconds) until `count` of the pool is `n`: `what` names it.
+async fn pool_count(pool: &LocalPool, what: &str, count: fn(&LocalPool) -> usize, n: usize) {
     for _ in 0..400 {
-        if pool.idle_len() == n {
+        if count(pool) == n {
             return;
         }
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("the pool holds {} idle servers, not {n}", pool.idle_len());
+    panic!("the pool has {} {what}, not {n}", count(pool));
+}
+
+/// Waits (up to two seconds) until the pool holds `n` idle servers.
+async fn idle_servers(pool: &LocalPool, n: usize) {
+    pool_count(pool, "idle servers", LocalPool::idle_len, n).await
+}
+
+/// Waits (up to two seconds) until `n` clients wait in the pool.
+async fn waiting_clients(pool: &LocalPool, n: usize) {
+    pool_count(pool, "waiting clients", LocalPool::waiting_len, n).await
 }
 
 /// A transaction-pooling worker with one idle server the test plays.
@@ -205,17 +215,6 @@ fn with_full_pool(tune: impl FnOnce(&mut crate::config::General)) -> (Kit, Vec<(
     let kit = Kit::new(PoolMode::Transaction, tune);
     let taken = (0..4).map(|_| kit.server()).collect();
     (kit, taken)
-}
-
-/// Waits (up to two seconds) until `n` clients wait in the pool.
-async fn waiting_clients(pool: &LocalPool, n: usize) {
-    for _ in 0..400 {
-        if pool.waiting_len() == n {
-            return;
-        }
-        monoio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("{} clients wait, not {n}", pool.waiting_len());
 }
 
 #[test]
