@@ -40,7 +40,7 @@ use super::server::{ServerConn, ServerParts};
 use super::shared::{Admit, Reserve, SharedPool};
 use super::PoolError;
 use crate::config::Config;
-use crate::metrics::{ConnState, WorkerPoolStats};
+use crate::metrics::{AcquirePath, ConnState, WorkerPoolStats};
 
 /// Messages between workers about one pool.
 pub enum PoolMsg {
@@ -363,11 +363,12 @@ impl LocalPool {
 
     fn pop_idle(&self) -> Option<ServerConn> {
         loop {
-            let conn = self.idle.borrow_mut().pop()?;
+            let mut conn = self.idle.borrow_mut().pop()?;
             self.shared.idle_add(self.worker, -1);
             // A server released moments ago is alive; the peek (a system call) is for
             // those that sat long enough to have been terminated or lost.
             if conn.meta.last_used.elapsed() < RECENTLY_USED || conn.is_alive() {
+                conn.meta.via = AcquirePath::Idle;
                 return Some(conn);
             }
             log::info!(
@@ -652,6 +653,7 @@ impl LocalPool {
         }
         conn.meta.last_used = Instant::now();
         conn.meta.mark(ConnState::Idle, 0);
+        conn.meta.via = AcquirePath::Released;
         self.give(conn);
     }
 
