@@ -917,7 +917,7 @@ impl LocalPool {
     /// of the database waits for room and no login failed within server_login_retry.
     fn fill_min_pool(self: &Rc<Self>) {
         let min = self.min_size.get().min(self.shared.cap());
-        if min == 0 || self.paused() {
+        if min == 0 || self.paused() || !self.shared.can_log_in() {
             return;
         }
         let now = Instant::now();

@@ -5,6 +5,7 @@ pub mod error;
 pub mod listener;
 pub mod log;
 pub mod metrics_http;
+mod min_pools;
 pub mod notify;
 pub mod stats;
 pub mod takeover;
