@@ -7,12 +7,17 @@
 # average before and after: the figures are indications on a shared machine.
 #
 #   benches/cold_start.sh PGSILO_BINARY [more pgsilo binaries...]
-#   ROUNDS=5 DUR=2 CLIENTS=20 PGBOUNCER=1 MIN_POOL=0 benches/cold_start.sh target/release/pgsilo
+#   ROUNDS=5 DUR=2 CLIENTS=20 PGBOUNCER=1 MIN_POOL=0 FORCED=0 benches/cold_start.sh target/release/pgsilo
 #
 # PGBOUNCER=1 adds rounds of the system's pgbouncer (same pool size) for comparison.
+# MIN_POOL sets min_pool_size; with FORCED=1 the database forces its user (postgres), so
+# the pool is opened ahead of pgbench, as PgBouncer does for such databases.
 # Run as root (the cluster runs as postgres).
 set -euo pipefail
 ROUNDS=${ROUNDS:-5} DUR=${DUR:-2} CLIENTS=${CLIENTS:-20} PGBOUNCER=${PGBOUNCER:-0} MIN_POOL=${MIN_POOL:-0}
+FORCED=${FORCED:-0}
+FORCE_TOML="" FORCE_INI=""
+if [ "$FORCED" = 1 ]; then FORCE_TOML='user = "postgres"' FORCE_INI=" user=postgres"; fi
 BIN=/usr/lib/postgresql/15/bin
 W=$(mktemp -d /tmp/pgsilo-cold.XXXX)
 chown postgres "$W"
@@ -76,6 +81,7 @@ log_disconnections = false
 [databases.postgres]
 host = "127.0.0.1"
 port = $PGP
+$FORCE_TOML
 T
   setsid "$1" "$W/pgsilo.toml" >"$W/pooler.log" 2>&1 </dev/null &
   POOLER_PID=$!
@@ -85,7 +91,7 @@ T
 start_pgbouncer() {
   cat >"$W/pgbouncer.ini" <<T
 [databases]
-postgres = host=127.0.0.1 port=$PGP
+postgres = host=127.0.0.1 port=$PGP$FORCE_INI
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $PORT
