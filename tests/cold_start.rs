@@ -11,22 +11,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{free_port, PgCluster, Pgsilo, PgsiloBuilder};
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// Upper bound for anything that must merely "not hang".
 const HANG: Duration = Duration::from_secs(60);
 /// Long enough for several maintenance ticks (one a second) to have opened too many.
 const SETTLE: Duration = Duration::from_millis(2500);
-
-async fn pg_direct(cluster: &PgCluster) -> Client {
-    let (client, connection) = tokio_postgres::connect(&cluster.superuser_conn_string("postgres"), NoTls)
-        .await
-        .expect("superuser connection to PostgreSQL");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-}
 
 /// Client backends of `user` on `db`, as PostgreSQL sees them.
 async fn backends(pg: &Client, db: &str, user: &str) -> i64 {
@@ -68,7 +58,7 @@ fn builder() -> PgsiloBuilder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_pool_size_opens_servers_before_any_client_and_replaces_lost_ones() {
     let cluster = PgCluster::start();
-    let pg = pg_direct(&cluster).await;
+    let pg = cluster.superuser_client().await;
     // user_b's auth_file entry is a SCRAM verifier only: pgsilo cannot log in as user_b
     // until a client's SCRAM login, so that pool waits for one (as with PgBouncer).
     let verifier: String = pg
@@ -106,7 +96,7 @@ async fn min_pool_size_opens_servers_before_any_client_and_replaces_lost_ones() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_pool_size_ahead_stays_within_pool_size_and_max_db_connections() {
     let cluster = PgCluster::start();
-    let pg = pg_direct(&cluster).await;
+    let pg = cluster.superuser_client().await;
     let _silo = builder()
         .db(forced_db(&cluster, "app_db").pool_size(2).set("min_pool_size", "6"))
         .db(forced_db(&cluster, "tenant_a_db")
@@ -133,7 +123,7 @@ async fn min_pool_size_ahead_stays_within_pool_size_and_max_db_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_pool_size_follows_reload() {
     let cluster = PgCluster::start();
-    let pg = pg_direct(&cluster).await;
+    let pg = cluster.superuser_client().await;
     let before = builder().db(forced_db(&cluster, "app_db").set("min_pool_size", "1"));
     let silo = before.clone().start();
     await_backends(&pg, "app_db", "user_a", 1).await;
