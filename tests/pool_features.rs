@@ -157,17 +157,6 @@ impl Drop for Silo {
     }
 }
 
-/// A superuser connection straight to PostgreSQL, for pg_stat_activity.
-async fn pg_direct(cluster: &PgCluster) -> Client {
-    let (client, connection) = tokio_postgres::connect(&cluster.superuser_conn_string("postgres"), NoTls)
-        .await
-        .expect("superuser connection to PostgreSQL");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-}
-
 /// Client backends of `users` on `db`, as PostgreSQL sees them.
 async fn backends(pg: &Client, db: &str, users: &[&str]) -> i64 {
     let users: Vec<String> = users.iter().map(|u| u.to_string()).collect();
@@ -301,7 +290,7 @@ async fn server_login_retry_holds_attempts_back_and_clients_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_check_query_replaces_dead_and_failing_servers() {
     let cluster = PgCluster::builder().setting("log_statement", "all").start();
-    let pg = pg_direct(&cluster).await;
+    let pg = cluster.superuser_client().await;
 
     // server_check_delay = 0: every reuse is checked; a terminated backend is replaced.
     let silo = Silo::start(
@@ -362,7 +351,7 @@ async fn server_check_query_replaces_dead_and_failing_servers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn min_pool_size_keeps_servers_open_without_clients() {
     let cluster = PgCluster::start();
-    let pg = pg_direct(&cluster).await;
+    let pg = cluster.superuser_client().await;
     let silo = Silo::start(&cluster, "min_pool_size = 3\ndefault_pool_size = 5", "");
     let c = silo.connect("user_a", "pass_a", "tenant_a_db").await.expect("login");
     c.simple_query("SELECT 1").await.expect("query");
@@ -381,7 +370,7 @@ async fn min_pool_size_keeps_servers_open_without_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reserve_pool_serves_a_client_that_waited_reserve_pool_timeout() {
     let cluster = PgCluster::start();
-    let pg = pg_direct(&cluster).await;
+    let pg = cluster.superuser_client().await;
     let silo = Silo::start(
         &cluster,
         "default_pool_size = 1\nreserve_pool_size = 1\nreserve_pool_timeout = 1\nquery_wait_timeout = 10",
@@ -419,7 +408,7 @@ async fn reserve_pool_serves_a_client_that_waited_reserve_pool_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_db_connections_caps_a_database_across_users_without_starving_any() {
     let cluster = PgCluster::start();
-    let pg = pg_direct(&cluster).await;
+    let pg = cluster.superuser_client().await;
     let users = ["scram_user", "md5_user"];
     let silo = Arc::new(Silo::start(
         &cluster,
@@ -451,7 +440,7 @@ async fn max_db_connections_caps_a_database_across_users_without_starving_any() 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let (peak, stop) = (peak.clone(), stop.clone());
-        let pg = pg_direct(&cluster).await;
+        let pg = cluster.superuser_client().await;
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let n = backends(&pg, "app_db", &users).await as usize;

@@ -234,31 +234,11 @@ fn a_departing_client_is_unlistened_on_the_listener_connection() {
     wait_listener_query(&cluster, None);
 }
 
-fn available_cores() -> Vec<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let mut cores = BTreeSet::new();
-    for part in list.split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => cores.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
-            None => {
-                cores.insert(part.parse().unwrap());
-            }
-        }
-    }
-    cores.into_iter().collect()
-}
-
 /// Two workers: the listener connection runs on one, and clients on both get every
 /// notification in order.
 #[test]
 fn notifications_reach_clients_on_every_worker() {
-    let cores = available_cores();
+    let cores: Vec<usize> = support::cores::available_cores().into_iter().collect();
     if cores.len() < 2 {
         eprintln!("skipped: needs two cores, this process may use {cores:?}");
         return;

@@ -9,24 +9,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use support::cores::{available_cores, parse_cpu_list};
 use support::{connect_with, runtime, PgCluster, Pgsilo};
 
 const USER: &str = "md5_user";
 const PASSWORD: &str = "md5_pass";
-
-/// "0-2,5" -> {0, 1, 2, 5}
-fn parse_cpu_list(list: &str) -> BTreeSet<usize> {
-    let mut cpus = BTreeSet::new();
-    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()),
-            None => {
-                cpus.insert(part.parse::<usize>().unwrap());
-            }
-        }
-    }
-    cpus
-}
 
 /// Every thread of the process: name -> cores it may run on.
 fn threads(pid: i32) -> BTreeMap<String, BTreeSet<usize>> {
@@ -47,17 +34,6 @@ fn threads(pid: i32) -> BTreeMap<String, BTreeSet<usize>> {
         out.insert(format!("{} [{tid}]", comm.trim()), parse_cpu_list(list));
     }
     out
-}
-
-/// Cores this test process may use.
-fn available_cores() -> BTreeSet<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    parse_cpu_list(
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap(),
-    )
 }
 
 fn builder(cluster: &PgCluster) -> support::PgsiloBuilder {

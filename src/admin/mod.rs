@@ -1,6 +1,7 @@
 //! The admin console: the virtual database `pgsilo` (alias `pgbouncer`), speaking
 //! PgBouncer's commands and column names so its tools work unchanged.
 
+mod acquire;
 mod actions;
 pub mod command;
 mod result;

@@ -24,6 +24,7 @@ pub fn show(instance: &Instance, what: &str) -> Result<Outcome, String> {
         "USERS" => users(instance),
         "VERSION" => version(),
         "WORKERS" => workers(instance),
+        "ACQUIRE" => super::acquire::show(instance),
         "HELP" => return Ok(help()),
         other => return Err(format!("unknown SHOW item '{other}', use SHOW HELP;")),
     }))
@@ -34,7 +35,7 @@ fn help() -> Outcome {
         vec![
             "Console usage".into(),
             "\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|WORKERS".into(),
-            "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|LISTS".into(),
+            "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|LISTS|ACQUIRE".into(),
             "\tPAUSE [<db>]".into(),
             "\tRESUME [<db>]".into(),
             "\tKILL <db>".into(),

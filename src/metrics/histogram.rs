@@ -35,6 +35,13 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
     }
 
+    /// A zero duration: the first bucket, nothing to add to the sum.
+    #[inline]
+    pub fn record_zero(&self) {
+        self.buckets[0].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
     pub fn snapshot(&self) -> HistogramSnapshot {
         let mut s = HistogramSnapshot::default();
         for (d, b) in s.buckets.iter_mut().zip(&self.buckets) {

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use super::acquire::{AcquireSnapshot, AcquireStats};
 use super::histogram::{Histogram, HistogramSnapshot};
 
 #[repr(align(64))]
@@ -27,6 +28,8 @@ pub struct WorkerPoolStats {
     pub query_time: Histogram,
     pub xact_time: Histogram,
     pub wait_time: Histogram,
+    /// Waits for a server by how the server came (SHOW ACQUIRE).
+    pub acquire: AcquireStats,
 }
 
 pub struct PoolStats {
@@ -51,6 +54,7 @@ pub struct PoolTotals {
     pub query_time: HistogramSnapshot,
     pub xact_time: HistogramSnapshot,
     pub wait_time: HistogramSnapshot,
+    pub acquire: AcquireSnapshot,
 }
 
 impl PoolStats {
@@ -108,6 +112,7 @@ impl WorkerPoolStats {
             query_time: self.query_time.snapshot(),
             xact_time: self.xact_time.snapshot(),
             wait_time: self.wait_time.snapshot(),
+            acquire: self.acquire.snapshot(),
         }
     }
 }
@@ -129,6 +134,7 @@ impl PoolTotals {
         self.query_time.merge(&o.query_time);
         self.xact_time.merge(&o.xact_time);
         self.wait_time.merge(&o.wait_time);
+        self.acquire.merge(&o.acquire);
     }
 }
 

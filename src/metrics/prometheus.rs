@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use super::acquire::AcquirePath;
 use super::histogram::HistogramSnapshot;
 use super::pool_stats::PoolTotals;
 use super::registry::{ConnState, CLIENTS, ERRORS, SERVERS};
@@ -154,6 +155,19 @@ pub fn render(instance_name: &str, pools: &[PoolView], workers: &[WorkerView]) -
             histogram(&mut out, name, &pl(p), f(&p.totals));
         }
     }
+    let name = "pgsilo_pool_acquire_duration_seconds";
+    head(
+        &mut out,
+        name,
+        "histogram",
+        "Time clients waited for a server, by how the server came: idle (this worker's idle list), released (handed over by a client of the same worker), other_worker, new (opened meanwhile).",
+    );
+    for p in pools {
+        for path in AcquirePath::ALL {
+            let labels = format!("{},path=\"{}\"", pl(p), path.as_str());
+            histogram(&mut out, name, &labels, p.totals.acquire.path(path));
+        }
+    }
 
     head(
         &mut out,
@@ -271,5 +285,8 @@ mod tests {
             text.contains("pgsilo_pool_query_duration_seconds_bucket{database=\"db\\\"x\",user=\"u\",le=\"+Inf\"} 0")
         );
         assert!(text.contains("# TYPE pgsilo_pool_wait_duration_seconds histogram"));
+        assert!(text.contains(
+            "pgsilo_pool_acquire_duration_seconds_count{database=\"db\\\"x\",user=\"u\",path=\"other_worker\"} 0"
+        ));
     }
 }

@@ -35,12 +35,14 @@ use std::time::{Duration, Instant};
 
 use futures_channel::mpsc::UnboundedSender;
 
+mod launch;
+
 use super::connect::connect;
 use super::server::{ServerConn, ServerParts};
 use super::shared::{Admit, Reserve, SharedPool};
 use super::PoolError;
 use crate::config::Config;
-use crate::metrics::{ConnState, WorkerPoolStats};
+use crate::metrics::{AcquirePath, ConnState, WorkerPoolStats};
 
 /// Messages between workers about one pool.
 pub enum PoolMsg {
@@ -79,8 +81,10 @@ pub type Postman = Arc<Vec<UnboundedSender<PoolMsg>>>;
 
 enum Grant {
     Server(ServerConn),
-    /// A reserved slot: the waiter opens the connection itself.
+    /// A reserved slot: the client opens a connection on it (never given to a waiter).
     Slot,
+    /// The connection opened for this waiter failed.
+    Failed(PoolError),
 }
 
 struct Waiter {
@@ -122,6 +126,8 @@ pub struct LocalPool {
     /// None: the reserve pool is disabled.
     reserve_timeout: Cell<Option<Duration>>,
     min_size: Cell<usize>,
+    /// Servers being opened by launches (`local/launch.rs`).
+    launching: Cell<usize>,
 }
 
 impl LocalPool {
@@ -142,6 +148,7 @@ impl LocalPool {
             reserve_size: Cell::new(0),
             reserve_timeout: Cell::new(Some(Duration::from_secs(5))),
             min_size: Cell::new(0),
+            launching: Cell::new(0),
         })
     }
 
@@ -205,10 +212,16 @@ impl LocalPool {
         loop {
             // A server straight from the idle list was peeked at a moment ago.
             let (grant, peeked) = match self.grant_now() {
+                // A server is opened on the slot while the client waits in line for
+                // whichever server comes first (`local/launch.rs`).
+                Some(Grant::Slot) => {
+                    let since = *since.get_or_insert_with(Instant::now);
+                    (self.wait(deadline, since, true).await?, false)
+                }
                 Some(g) => (g, true),
                 None => {
                     let since = *since.get_or_insert_with(Instant::now);
-                    (self.wait(deadline, since).await?, false)
+                    (self.wait(deadline, since, false).await?, false)
                 }
             };
             match grant {
@@ -217,12 +230,9 @@ impl LocalPool {
                         return Ok(conn);
                     }
                 }
-                Grant::Slot => match self.open().await {
-                    Ok(conn) => return Ok(conn),
-                    Err(Some(e)) => return Err(e),
-                    // The login gate closed meanwhile: wait for the retry like the others.
-                    Err(None) => {}
-                },
+                Grant::Failed(e) => return Err(e),
+                // Waiters are never handed a slot: it is launched on for them.
+                Grant::Slot => self.slot_freed(),
             }
             since.get_or_insert_with(Instant::now);
         }
@@ -242,6 +252,7 @@ impl LocalPool {
                 }
                 Grant::Server(conn) => return self.checked(conn, true).await,
                 Grant::Slot => return self.open().await.ok(),
+                Grant::Failed(_) => return None,
             }
         }
     }
@@ -273,6 +284,10 @@ impl LocalPool {
         }
         if let Some(conn) = self.pop_idle() {
             return Some(Grant::Server(conn));
+        }
+        if self.launching.get() > 0 {
+            // A server is on its way: wait in line for it rather than open another.
+            return None;
         }
         let now = Instant::now();
         if self.shared.gate.blocked(now).is_some() || !self.db_turn(SharedPool::stamp_of(now)) {
@@ -342,8 +357,10 @@ impl LocalPool {
             self.close(conn, "server conn crashed or was terminated while idle");
             return None;
         }
+        // A server that has just logged in (a launch's) needs no check either.
         let query = self.check_query.borrow().clone();
-        let Some(query) = query.filter(|_| conn.meta.last_used.elapsed() >= self.check_delay.get()) else {
+        let due = conn.meta.via != AcquirePath::New && conn.meta.last_used.elapsed() >= self.check_delay.get();
+        let Some(query) = query.filter(|_| due) else {
             return Some(conn);
         };
         let limit = self.shared.target().connect_timeout;
@@ -369,11 +386,12 @@ impl LocalPool {
 
     fn pop_idle(&self) -> Option<ServerConn> {
         loop {
-            let conn = self.idle.borrow_mut().pop()?;
+            let mut conn = self.idle.borrow_mut().pop()?;
             self.shared.idle_add(self.worker, -1);
             // A server released moments ago is alive; the peek (a system call) is for
             // those that sat long enough to have been terminated or lost.
             if conn.meta.last_used.elapsed() < RECENTLY_USED || conn.is_alive() {
+                conn.meta.via = AcquirePath::Idle;
                 return Some(conn);
             }
             log::info!(
@@ -385,7 +403,13 @@ impl LocalPool {
         }
     }
 
-    async fn wait(self: &Rc<Self>, deadline: Option<Instant>, since: Instant) -> Result<Grant, PoolError> {
+    /// Waits in line. `launch`: the client holds a slot; a server is opened on it.
+    async fn wait(
+        self: &Rc<Self>,
+        deadline: Option<Instant>,
+        since: Instant,
+        launch: bool,
+    ) -> Result<Grant, PoolError> {
         let waiter = Rc::new(Waiter {
             grant: RefCell::new(None),
             waker: Cell::new(None),
@@ -393,6 +417,9 @@ impl LocalPool {
             since,
         });
         self.enqueue(&waiter);
+        if launch {
+            self.launch(Some(waiter.clone()), false);
+        }
         // Published as waiting; now look for what others may have freed meanwhile.
         self.serve_waiters();
         let fut = WaitForGrant {
@@ -427,6 +454,7 @@ impl LocalPool {
             match grant {
                 Grant::Server(conn) => self.give(conn),
                 Grant::Slot => self.slot_freed(),
+                Grant::Failed(_) => {}
             }
             return;
         }
@@ -479,8 +507,11 @@ impl LocalPool {
                 self.grant_to(&w, Grant::Server(conn));
                 continue;
             }
+            if !self.wants_launch() {
+                return;
+            }
             match self.reserve(w.since) {
-                Ok(()) => self.grant_to(&w, Grant::Slot),
+                Ok(()) => self.launch(self.first_uncovered(), false),
                 Err(at) => {
                     self.recheck_at.set(at);
                     if at.is_some() {
@@ -665,6 +696,7 @@ impl LocalPool {
         }
         conn.meta.last_used = Instant::now();
         conn.meta.mark(ConnState::Idle, 0);
+        conn.meta.via = AcquirePath::Released;
         self.give(conn);
     }
 
@@ -785,10 +817,10 @@ impl LocalPool {
         let Some(w) = self.next_waiter() else {
             return false;
         };
-        if !self.db_turn(SharedPool::stamp_of(w.since)) {
+        if !self.db_turn(SharedPool::stamp_of(w.since)) || !self.wants_launch() {
             return false;
         }
-        self.grant_to(&w, Grant::Slot);
+        self.launch(self.first_uncovered(), false);
         true
     }
 
@@ -848,8 +880,14 @@ impl LocalPool {
                     self.slot_freed();
                 }
             },
-            PoolMsg::Slot { .. } => match self.next_waiter() {
-                Some(w) => self.grant_to(&w, Grant::Slot),
+            PoolMsg::Slot { .. } => match self.first_uncovered().filter(|_| self.wants_launch()) {
+                Some(w) => self.launch(Some(w), false),
+                // Launches in flight here will serve the waiters: not passed on again,
+                // or two workers could bounce it between them.
+                None if self.next_waiter().is_some() => {
+                    self.shared.unreserve();
+                    self.wake_all();
+                }
                 None => {
                     // The waiters it was meant for have gone.
                     self.shared.unreserve();
@@ -892,23 +930,15 @@ impl LocalPool {
     /// of the database waits for room and no login failed within server_login_retry.
     fn fill_min_pool(self: &Rc<Self>) {
         let min = self.min_size.get().min(self.shared.cap());
-        if min == 0 || self.paused() {
+        if min == 0 || self.paused() || !self.shared.can_log_in() {
             return;
         }
         let now = Instant::now();
         if self.shared.gate.blocked(now).is_some() || !self.db_turn(SharedPool::stamp_of(now)) {
             return;
         }
-        while self.shared.try_reserve_upto(min) == Reserve::Done {
-            let pool = self.clone();
-            monoio::spawn(async move {
-                // A failure was logged and the slot given back by open().
-                if let Ok(mut conn) = pool.open().await {
-                    conn.meta.last_used = Instant::now();
-                    conn.meta.mark(ConnState::Idle, 0);
-                    pool.give(conn);
-                }
-            });
+        while self.launching.get() < launch::LOGINS_AT_ONCE && self.shared.try_reserve_upto(min) == Reserve::Done {
+            self.launch(None, true);
         }
     }
 
@@ -1085,6 +1115,7 @@ impl Drop for WaitForGrant<'_> {
         match grant {
             Some(Grant::Server(conn)) => self.pool.give(conn),
             Some(Grant::Slot) => self.pool.slot_freed(),
+            Some(Grant::Failed(_)) => {}
             None => {}
         }
         if queued {

@@ -9,7 +9,7 @@ use monoio::io::Splitable;
 use super::prepared::PreparedCache;
 use super::settings::{parse_parameter_status, Settings};
 use super::PoolError;
-use crate::metrics::{ConnState, Registered};
+use crate::metrics::{AcquirePath, ConnState, Registered};
 use crate::net::{stream_of, Endpoint, Stream, StreamParts, StreamRd, StreamWr};
 use crate::protocol::io::{read_message, write_out};
 use crate::protocol::{frontend, ErrorFields, MsgBuf};
@@ -70,6 +70,9 @@ pub struct ServerMeta {
     pub dup_probe: bool,
     /// This connection's row in SHOW SERVERS; removed when the connection is dropped.
     pub entry: Option<Registered>,
+    /// How the connection last reached the pool's hands (opened, released, idle, moved
+    /// over from another worker): the path its next client is counted under.
+    pub via: AcquirePath,
 }
 
 impl ServerMeta {
@@ -92,6 +95,7 @@ impl ServerMeta {
             scratch_seq: 0,
             dup_probe: false,
             entry: None,
+            via: AcquirePath::New,
         }
     }
 
@@ -200,11 +204,9 @@ impl ServerConn {
             e.entry.set_worker(worker);
         }
         let (rd, wr) = Stream::adopt(parts.stream)?.into_split();
-        Ok(ServerConn {
-            rd,
-            wr,
-            meta: parts.meta,
-        })
+        let mut meta = parts.meta;
+        meta.via = AcquirePath::OtherWorker;
+        Ok(ServerConn { rd, wr, meta })
     }
 
     /// Runs a simple query pgsilo itself needs (reset, settings, rollback) and reads up to

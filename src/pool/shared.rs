@@ -418,6 +418,13 @@ impl SharedPool {
         }
     }
 
+    /// Whether a server can log in without a client's help: not with a SCRAM verifier
+    /// alone, until a client's SCRAM login has given its ClientKey.
+    pub fn can_log_in(&self) -> bool {
+        let (target, key) = self.login_material();
+        !matches!(target.credential, super::Credential::Scram(_)) || key.is_some()
+    }
+
     /// Where and how a new server logs in, with the ClientKey for SCRAM passthrough,
     /// read together (see `use_found_secret`).
     pub fn login_material(&self) -> (Arc<ServerTarget>, Option<[u8; 32]>) {

@@ -324,7 +324,12 @@ pub async fn login(
     // login on and is told its real process id (BackendKeyData, so pg_backend_pid() and
     // notifications' pids agree); cancels still go through pgsilo, under pgsilo's key.
     let bound = if pool.shared.mode == PoolMode::Session {
-        pool.acquire_if_free().await
+        let asked = std::time::Instant::now();
+        let conn = pool.acquire_if_free().await;
+        if let Some(c) = &conn {
+            pool.stats().acquire.record(c.meta.via, asked.elapsed());
+        }
+        conn
     } else {
         None
     };
@@ -566,7 +571,9 @@ async fn client_settings(
             return Ok(pool.shared.share_settings(key, s));
         }
     }
+    let asked = std::time::Instant::now();
     let mut conn = pool.acquire(wait_timeout).await?;
+    pool.stats().acquire.record(conn.meta.via, asked.elapsed());
     let welcome = pool.shared.welcome().unwrap_or_default();
     let mut settings = initial_settings(&welcome, &startup.params, options, ignored);
     if let Some(sql) = sync_statement(&settings, &conn.meta) {

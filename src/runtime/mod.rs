@@ -6,6 +6,7 @@ pub mod fd_limit;
 pub mod listener;
 pub mod log;
 pub mod metrics_http;
+mod min_pools;
 pub mod notify;
 pub mod stats;
 pub mod takeover;

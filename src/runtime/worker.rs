@@ -142,12 +142,19 @@ async fn run(
     monoio::spawn(control_inbox(ctx.clone(), spec.control_inbox));
     let _ = ready.send(Ok(info));
     drop(ready);
+    super::min_pools::open_ahead(&ctx);
+    for pool in ctx.local_pools() {
+        pool.maintain(true);
+    }
 
     loop {
         monoio::time::sleep(Duration::from_secs(1)).await;
         // min_pool_size is kept only while the instance runs normally.
         ctx.sessions.drain_due();
         let open_new = instance.phase() == Phase::Running;
+        if open_new {
+            super::min_pools::open_ahead(&ctx);
+        }
         ctx.sessions.each(|s| s.tick());
         if let Some(t) = ctx.logins.report_due(std::time::Instant::now()) {
             log::warn!(

@@ -18,6 +18,7 @@
 
 #![allow(dead_code)]
 
+pub mod cores;
 pub mod nspawn;
 mod pgsilo;
 mod ports;

@@ -740,6 +740,19 @@ impl PgCluster {
         )
     }
 
+    /// A superuser connection straight to PostgreSQL (database `postgres`), its
+    /// connection driven by a tokio task: to look at pg_stat_activity beside pgsilo.
+    pub async fn superuser_client(&self) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.superuser_conn_string("postgres"), tokio_postgres::NoTls)
+                .await
+                .expect("superuser connection to PostgreSQL");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+
     /// Key=value connection string over TCP for any role.
     pub fn conn_string(&self, user: &str, password: &str, db: &str) -> String {
         format!(

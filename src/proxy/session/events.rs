@@ -107,7 +107,11 @@ impl Flow {
     /// The pool's answer to the client's wait for a server.
     pub(super) fn on_acquired(&mut self, res: Result<ServerConn, PoolError>) -> Then {
         if let Some(t) = self.timing.wait_started.take() {
-            self.who.pool.stats().record_wait(t.elapsed());
+            let waited = t.elapsed();
+            self.who.pool.stats().record_wait(waited);
+            if let Ok(conn) = &res {
+                self.who.pool.stats().acquire.record(conn.meta.via, waited);
+            }
         }
         self.who.entry.entry.set_state(ConnState::Active);
         match res {

@@ -78,6 +78,7 @@ impl Flow {
                     Ok(None) if self.wants_acquire() => {
                         if let Some(conn) = self.who.pool.try_acquire_now() {
                             // An idle server here: no waiting, no future.
+                            self.who.pool.stats().acquire.record_at_once(conn.meta.via);
                             if let Some(conn) = self.try_plug(conn) {
                                 Box::pin(self.sync_then_plug(conn)).await?;
                             }
