@@ -270,8 +270,9 @@ impl LocalPool {
             return None;
         }
         if age < RECENTLY_USED {
-            let conn = self.idle.borrow_mut().pop()?;
+            let mut conn = self.idle.borrow_mut().pop()?;
             self.shared.idle_add(self.worker, -1);
+            conn.meta.via = AcquirePath::Idle;
             return Some(conn);
         }
         self.pop_idle()
