@@ -411,9 +411,22 @@ pub fn listen_only(sql: &[u8]) -> Option<Vec<ListenStmt>> {
     Some(out)
 }
 
-/// Whether `sql` may hold a LISTEN or UNLISTEN: the cheap test before [`listen_only`].
-pub fn mentions_listen(sql: &[u8]) -> bool {
-    sql.windows(6).any(|w| w.eq_ignore_ascii_case(b"listen"))
+/// Whether `sql` may be a query [`listen_only`] accepts: its first statement begins with
+/// LISTEN or UNLISTEN. The cheap test run on every simple Query: it looks at the first
+/// word only (after blanks, comments and empty statements), not the whole text.
+pub fn may_be_listen_only(sql: &[u8]) -> bool {
+    let mut t = Tokens { sql, at: 0 };
+    loop {
+        t.skip_blank();
+        if t.sql.get(t.at) == Some(&b';') {
+            t.at += 1;
+        } else {
+            break;
+        }
+    }
+    let rest = &sql[t.at..];
+    let starts = |word: &[u8]| rest.get(..word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word));
+    starts(b"listen") || starts(b"unlisten")
 }
 
 enum Token {
@@ -783,6 +796,19 @@ mod tests {
         assert_eq!(listen_only(b"LISTEN"), None);
         assert_eq!(listen_only(b"NOTIFY a"), None);
         assert_eq!(listen_only(b""), None);
-        assert!(mentions_listen(b"select 1; Listen x") && !mentions_listen(b"select 1"));
+        // The quick test before it: only the first word counts, and it lets through
+        // everything listen_only accepts.
+        assert!(may_be_listen_only(b"  /* c */ -- x\n ;; Listen x") && may_be_listen_only(b"unLISTEN *"));
+        assert!(!may_be_listen_only(b"select 1; Listen x") && !may_be_listen_only(b"select 1"));
+        assert!(!may_be_listen_only(b"") && !may_be_listen_only(b"LISTE"));
+        for q in [
+            &b"LISTEN Foo; unlisten \"Bar\"\"x\"; /* c */ UNLISTEN * ;"[..],
+            b"listen a -- why\n",
+            b"; LISTEN a",
+        ] {
+            if listen_only(q).is_some() {
+                assert!(may_be_listen_only(q), "{}", String::from_utf8_lossy(q));
+            }
+        }
     }
 }

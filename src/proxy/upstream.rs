@@ -15,7 +15,7 @@ use super::prepared::{
 };
 use super::retry::StaleRetry;
 use super::sql_scan::{
-    classify, listen_only, mentions_listen, mentions_prepared_statements, parse_deallocate, split_statements,
+    classify, listen_only, may_be_listen_only, mentions_prepared_statements, parse_deallocate, split_statements,
     Classified, Deallocate, SqlCommand,
 };
 use super::tx_tracker::TxTracker;
@@ -461,7 +461,7 @@ fn wait_for_answers(e: &mut Emit, at: usize, res: &mut UpResult) {
 /// A simple Query's body made only of LISTEN/UNLISTEN statements.
 pub fn is_listen_query(body: &[u8]) -> bool {
     let text = body.strip_suffix(&[0]).unwrap_or(body);
-    mentions_listen(text) && listen_only(text).is_some()
+    may_be_listen_only(text) && listen_only(text).is_some()
 }
 
 /// A simple query destroys the unnamed statement, the client's and the server's.

@@ -15,7 +15,7 @@ use crate::context::listen::{Change, Subscription, LISTEN_ACK_WAIT};
 use crate::protocol::backend;
 use crate::protocol::Header;
 use crate::proxy::downstream::Hold;
-use crate::proxy::sql_scan::{listen_only, mentions_listen, ListenStmt};
+use crate::proxy::sql_scan::{listen_only, may_be_listen_only, ListenStmt};
 use crate::proxy::upstream::QUERY_SCAN_LIMIT;
 
 impl Flow {
@@ -43,7 +43,7 @@ impl Flow {
         }
         // A malformed length is upstream::process's to refuse.
         let sql = data.get(5..h.total())?.strip_suffix(&[0])?;
-        if !mentions_listen(sql) {
+        if !may_be_listen_only(sql) {
             return None;
         }
         listen_only(sql).map(|s| (h.total(), s))
