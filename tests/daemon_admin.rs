@@ -140,7 +140,9 @@ fn every_show_has_pgbouncers_columns_and_values_follow_the_traffic() {
                     "sv_login",
                     "maxwait",
                     "maxwait_us",
-                    "pool_mode"
+                    "pool_mode",
+                    "max_busy_cores",
+                    "busy_cores"
                 ]
             );
             pools = rows;

@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::result::{n, t, Outcome, ResultSet};
-use crate::config::General;
+use crate::config::{cores_text, General};
 use crate::context::Instance;
 use crate::metrics::{ConnEntry, ConnState, PoolTotals, CLIENTS, SERVERS};
 use crate::protocol::backend::ColumnType::{Int8, Text};
@@ -71,6 +71,10 @@ fn pools(instance: &Instance) -> ResultSet {
         ("maxwait", Int8),
         ("maxwait_us", Int8),
         ("pool_mode", Text),
+        // pgsilo's own, after PgBouncer's: max_busy_cores (0: none), and the servers'
+        // busy time in the last second as cores (metered only under a budget).
+        ("max_busy_cores", Text),
+        ("busy_cores", Text),
     ]);
     let clients = CLIENTS.all();
     for p in instance.pools.all() {
@@ -91,6 +95,8 @@ fn pools(instance: &Instance) -> ResultSet {
             n(wait / 1_000_000),
             n(wait % 1_000_000),
             t(p.mode.as_str()),
+            t(cores_text(p.busy.budget_millicores())),
+            t(format!("{:.2}", p.busy.used_us(Instant::now()) as f64 / 1e6)),
         ]);
     }
     rs

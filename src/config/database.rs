@@ -40,6 +40,9 @@ pub struct Database {
     /// `max_db_connections`: server connections to this database across users; 0 =
     /// unlimited. Default: the `[pgsilo]` value.
     pub max_db_connections: usize,
+    /// `max_busy_cores`: overrides the `[pgsilo]` max_busy_cores (thousandths of a core)
+    /// for this database's pools.
+    pub max_busy_cores: Option<u32>,
     /// `auth_user`: overrides the `[pgsilo]` auth_user for clients of this database.
     pub auth_user: Option<String>,
     /// `auth_query`: overrides the `[pgsilo]` auth_query for clients of this database.
@@ -69,6 +72,12 @@ impl Database {
         self.reserve_pool.unwrap_or(g.reserve_pool_size)
     }
 
+    /// The busy-time budget of each of this database's pools, in thousandths of a core;
+    /// 0: none.
+    pub fn effective_max_busy_cores(&self, g: &General) -> u32 {
+        self.max_busy_cores.unwrap_or(g.max_busy_cores)
+    }
+
     /// Who looks up the secrets of this database's clients that the auth_file does not
     /// list; None: nobody, they cannot log in.
     pub fn effective_auth_user<'a>(&'a self, g: &'a General) -> Option<&'a str> {
@@ -92,7 +101,7 @@ impl Database {
     pub(super) fn read(name: &str, section: &mut Section, general: &General) -> Database {
         if name == FALLBACK_DATABASE {
             // Pools made from `*` take these from the instance's settings.
-            for key in ["min_pool_size", "reserve_pool", "max_db_connections"] {
+            for key in ["min_pool_size", "reserve_pool", "max_db_connections", "max_busy_cores"] {
                 if let Some(span) = section.span_of(key) {
                     section.invalid(
                         key,
@@ -141,6 +150,7 @@ impl Database {
         let max_db_connections = section
             .opt_uint("max_db_connections", 0)
             .unwrap_or(general.max_db_connections);
+        let max_busy_cores = section.cores("max_busy_cores");
         let auth_user = read_override(section, "auth_user");
         let auth_query = read_auth_query(section, "auth_query");
         let auth_dbname = read_override(section, "auth_dbname");
@@ -156,6 +166,7 @@ impl Database {
             min_pool_size,
             reserve_pool,
             max_db_connections,
+            max_busy_cores,
             auth_user,
             auth_query,
             auth_dbname,

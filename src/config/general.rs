@@ -163,6 +163,10 @@ pub struct General {
     pub reserve_pool_timeout: Option<Duration>,
     /// `max_db_connections`: server connections per database across users; 0 = unlimited.
     pub max_db_connections: usize,
+    /// `max_busy_cores` (pgsilo's own), in thousandths of a core: a pool's servers may
+    /// spend at most this much time attached to clients per second; a client waits for
+    /// its server while the last second is over it. 0 = off, the default.
+    pub max_busy_cores: u32,
     /// `max_prepared_statements`: prepared statements tracked per server connection in
     /// transaction mode; 0 disables the tracking. Default 200.
     pub max_prepared_statements: usize,
@@ -269,6 +273,7 @@ impl General {
         "reserve_pool_size",
         "reserve_pool_timeout",
         "max_db_connections",
+        "max_busy_cores",
         "max_prepared_statements",
         "server_reset_query",
         "server_reset_query_always",
@@ -339,6 +344,7 @@ impl General {
             reserve_pool_size: 0,
             reserve_pool_timeout: Some(Duration::from_secs(5)),
             max_db_connections: 0,
+            max_busy_cores: 0,
             max_prepared_statements: 200,
             server_reset_query: Some("DISCARD ALL".to_string()),
             server_reset_query_always: false,
@@ -411,6 +417,7 @@ impl General {
         let reserve_pool_size = section.uint("reserve_pool_size", d.reserve_pool_size, 0);
         let reserve_pool_timeout = section.timeout("reserve_pool_timeout", d.reserve_pool_timeout);
         let max_db_connections = section.uint("max_db_connections", d.max_db_connections, 0);
+        let max_busy_cores = section.cores("max_busy_cores").unwrap_or(d.max_busy_cores);
         let max_prepared_statements = section.uint("max_prepared_statements", d.max_prepared_statements, 0);
         let server_reset_query = match section.string("server_reset_query") {
             Some((query, _)) if query.trim().is_empty() => None,
@@ -516,6 +523,7 @@ impl General {
             reserve_pool_size,
             reserve_pool_timeout,
             max_db_connections,
+            max_busy_cores,
             max_prepared_statements,
             server_reset_query,
             server_reset_query_always,
@@ -592,6 +600,7 @@ impl General {
             ("reserve_pool_size", self.reserve_pool_size.to_string()),
             ("reserve_pool_timeout", timeout(self.reserve_pool_timeout)),
             ("max_db_connections", self.max_db_connections.to_string()),
+            ("max_busy_cores", cores_text(self.max_busy_cores)),
             ("max_prepared_statements", self.max_prepared_statements.to_string()),
             (
                 "server_reset_query",
@@ -646,6 +655,11 @@ impl General {
 }
 
 /// Whole seconds print as integers ("30"), fractions as decimals ("0.5").
+/// Thousandths of a core as the config file writes cores: "0.5", "2".
+pub fn cores_text(millicores: u32) -> String {
+    (f64::from(millicores) / 1000.0).to_string()
+}
+
 fn seconds_text(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
         d.as_secs().to_string()

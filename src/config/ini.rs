@@ -43,6 +43,8 @@ enum Kind {
     Bool,
     /// Whole or fractional seconds, not negative.
     Seconds,
+    /// A whole or fractional number, not negative (`max_busy_cores`).
+    Number,
     /// Comma-separated names.
     List,
     /// Comma-separated integers (`cpus`).
@@ -77,6 +79,7 @@ const KINDS: &[(&str, Kind)] = &[
     ("reserve_pool_size", Kind::Int),
     ("reserve_pool_timeout", Kind::Seconds),
     ("max_db_connections", Kind::Int),
+    ("max_busy_cores", Kind::Number),
     ("max_prepared_statements", Kind::Int),
     ("server_reset_query", Kind::Text),
     ("server_reset_query_always", Kind::Bool),
@@ -193,6 +196,7 @@ const DATABASE_KINDS: &[(&str, &str, Kind)] = &[
     ("reserve_pool", "reserve_pool", Kind::Int),
     ("reserve_pool_size", "reserve_pool", Kind::Int),
     ("max_db_connections", "max_db_connections", Kind::Int),
+    ("max_busy_cores", "max_busy_cores", Kind::Number),
     ("pool_mode", "pool_mode", Kind::Text),
 ];
 
@@ -713,6 +717,8 @@ fn convert(kind: Kind, text: &str, cwd: &Path) -> Result<Value, String> {
             c_bool(text).ok_or_else(|| format!("\"{text}\" is not a boolean (0, 1, yes, no, on, off, true, false)"))?,
         ),
         Kind::Seconds => seconds(text).ok_or_else(|| format!("\"{text}\" is not a number of seconds"))?,
+        // The same syntax: an integer, or a non-negative decimal.
+        Kind::Number => seconds(text).ok_or_else(|| format!("\"{text}\" is not a non-negative number"))?,
         Kind::List => Value::Array(
             split_list(text)
                 .map(|item| Node::new(Value::String(item.to_string()), None))

@@ -984,6 +984,27 @@ pool_size = 0
     }
 
     #[test]
+    fn max_busy_cores_is_a_fraction_of_cores_overridden_per_database() {
+        let c = parse_ok(&format!(
+            "{}\n[databases.other]\nhost = \"db\"\nmax_busy_cores = 2\n",
+            with_general("max_busy_cores = 0.5")
+        ));
+        let g = &c.general;
+        assert_eq!(g.max_busy_cores, 500);
+        assert_eq!(c.databases["app"].effective_max_busy_cores(g), 500);
+        assert_eq!(c.databases["other"].effective_max_busy_cores(g), 2000);
+        let items: BTreeMap<_, _> = c.config_items().into_iter().collect();
+        assert_eq!(items["max_busy_cores"], "0.5");
+        assert_eq!(parse_ok(&with_general("")).general.max_busy_cores, 0);
+        let m = messages(&with_general("max_busy_cores = -1"));
+        assert!(find(&m, "max_busy_cores").contains("must be from 0 (off)"));
+        let m = messages(&with_general("max_busy_cores = 0.0001"));
+        assert!(find(&m, "max_busy_cores").contains("below the smallest budget"));
+        let m = messages(&with_general("max_busy_cores = \"half\""));
+        assert!(find(&m, "max_busy_cores").contains("expected a number of cores"));
+    }
+
+    #[test]
     fn metrics_listen_must_be_an_address_apart_from_the_client_port() {
         let m = messages(&with_general("metrics_listen = \"9127\""));
         assert!(find(&m, "metrics_listen").contains("is not an address:port"));

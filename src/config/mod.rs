@@ -21,7 +21,7 @@ pub use convert::{convert, Converted};
 pub use database::{Database, RESERVED_DATABASE_NAMES};
 pub use error::{ConfigError, FileKind, Notice, Problem};
 pub use front_door::{parse_protocols, ClientTls, FrontDoor, ServerTls, SslMode, UnixSocket};
-pub use general::{AuthType, General, PoolMode, UserSettings};
+pub use general::{cores_text, AuthType, General, PoolMode, UserSettings};
 pub use ini::is_pgbouncer_config;
 pub use load::{Config, FALLBACK_DATABASE};
 pub use userlist::Userlist;

@@ -216,6 +216,38 @@ impl<'r, 'a> Section<'r, 'a> {
         None
     }
 
+    /// A number of CPU cores, whole or fractional and not negative, in thousandths
+    /// (max_busy_cores); absent or reported as invalid is `None`.
+    pub(super) fn cores(&mut self, key: &'static str) -> Option<u32> {
+        let value = self.take(key)?;
+        let cores = match value.get_ref() {
+            Value::Integer(n) => *n as f64,
+            Value::Float(x) => *x,
+            _ => {
+                self.wrong_type(key, &value, "a number of cores such as 0.5");
+                return None;
+            }
+        };
+        if !(0.0..=1_000_000.0).contains(&cores) {
+            self.invalid(
+                key,
+                value.span().as_ref(),
+                format!("must be from 0 (off) to 1000000 cores, found {cores}"),
+            );
+            return None;
+        }
+        let millicores = (cores * 1000.0).round() as u32;
+        if cores > 0.0 && millicores == 0 {
+            self.invalid(
+                key,
+                value.span().as_ref(),
+                format!("{cores} is below the smallest budget, 0.001 cores"),
+            );
+            return None;
+        }
+        Some(millicores)
+    }
+
     /// A length of time: whole or fractional seconds (as PgBouncer takes them), or a
     /// string with units such as "500ms" or "2m".
     pub(super) fn seconds(&mut self, key: &'static str, default: Duration) -> Duration {

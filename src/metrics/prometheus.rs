@@ -15,6 +15,10 @@ pub struct PoolView {
     pub cap: usize,
     pub idle: usize,
     pub waiting: usize,
+    /// max_busy_cores in thousandths of a core; 0: no budget.
+    pub busy_budget_millicores: u64,
+    /// Server busy time (attached to clients) recorded so far, under a budget.
+    pub busy_seconds: f64,
     pub totals: PoolTotals,
 }
 
@@ -107,6 +111,30 @@ pub fn render(instance_name: &str, pools: &[PoolView], workers: &[WorkerView]) -
     );
     for p in pools {
         let _ = writeln!(out, "pgsilo_pool_size{{{},pool_mode=\"{}\"}} {}", pl(p), p.mode, p.cap);
+    }
+    // Only pools with a budget: the time is metered only then.
+    head(
+        &mut out,
+        "pgsilo_pool_busy_cores_max",
+        "gauge",
+        "max_busy_cores of the pool: server busy time allowed per second.",
+    );
+    for p in pools.iter().filter(|p| p.busy_budget_millicores > 0) {
+        let _ = writeln!(
+            out,
+            "pgsilo_pool_busy_cores_max{{{}}} {}",
+            pl(p),
+            p.busy_budget_millicores as f64 / 1000.0
+        );
+    }
+    head(
+        &mut out,
+        "pgsilo_pool_busy_seconds_total",
+        "counter",
+        "Time the pool's servers spent attached to clients (metered under max_busy_cores).",
+    );
+    for p in pools.iter().filter(|p| p.busy_budget_millicores > 0) {
+        let _ = writeln!(out, "pgsilo_pool_busy_seconds_total{{{}}} {}", pl(p), p.busy_seconds);
     }
     let counters: [CounterDef; 4] = [
         ("pgsilo_pool_transactions_total", "Transactions completed.", |t| {
@@ -272,6 +300,8 @@ mod tests {
             cap: 5,
             idle: 2,
             waiting: 1,
+            busy_budget_millicores: 500,
+            busy_seconds: 1.25,
             totals: PoolTotals {
                 clients: 3,
                 xact_count: 7,
@@ -281,6 +311,8 @@ mod tests {
         let text = render("t", &[p], &[]);
         assert!(text.contains("pgsilo_pool_clients{database=\"db\\\"x\",user=\"u\",state=\"active\"} 2"));
         assert!(text.contains("pgsilo_pool_transactions_total{database=\"db\\\"x\",user=\"u\"} 7"));
+        assert!(text.contains("pgsilo_pool_busy_cores_max{database=\"db\\\"x\",user=\"u\"} 0.5"));
+        assert!(text.contains("pgsilo_pool_busy_seconds_total{database=\"db\\\"x\",user=\"u\"} 1.25"));
         assert!(
             text.contains("pgsilo_pool_query_duration_seconds_bucket{database=\"db\\\"x\",user=\"u\",le=\"+Inf\"} 0")
         );

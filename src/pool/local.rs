@@ -181,6 +181,9 @@ impl LocalPool {
         self.min_size
             .set(db.map_or(g.min_pool_size, |d| d.effective_min_pool_size(g)));
         self.shared
+            .busy
+            .set_budget(db.map_or(g.max_busy_cores, |d| d.effective_max_busy_cores(g)));
+        self.shared
             .db
             .set_cap(db.map_or(g.max_db_connections, |d| d.max_db_connections));
     }
@@ -251,7 +254,7 @@ impl LocalPool {
                     self.close(conn, "server conn crashed or was terminated while idle");
                 }
                 Grant::Server(conn) => return self.checked(conn, true).await,
-                Grant::Slot => return self.open().await.ok(),
+                Grant::Slot => return self.open().await.ok().map(|c| self.attached(c, None)),
                 Grant::Failed(_) => return None,
             }
         }
@@ -263,28 +266,55 @@ impl LocalPool {
         if self.paused() || !self.waiters.borrow().is_empty() {
             return None;
         }
-        // One clock read decides both: whether the server needs server_check_query, and
-        // whether it sat long enough to need the liveness peek.
-        let age = self.idle.borrow().last()?.meta.last_used.elapsed();
+        // One clock read decides all: whether the server needs server_check_query,
+        // whether it sat long enough to need the liveness peek, and max_busy_cores.
+        let now = Instant::now();
+        let age = now.saturating_duration_since(self.idle.borrow().last()?.meta.last_used);
         if self.check_query.borrow().is_some() && age >= self.check_delay.get() {
             return None;
         }
-        if age < RECENTLY_USED {
+        if self.busy_held(Some(now)).is_some() {
+            return None;
+        }
+        let conn = if age < RECENTLY_USED {
             let mut conn = self.idle.borrow_mut().pop()?;
             self.shared.idle_add(self.worker, -1);
             conn.meta.via = AcquirePath::Idle;
-            return Some(conn);
+            conn
+        } else {
+            self.pop_idle()?
+        };
+        Some(self.attached(conn, Some(now)))
+    }
+
+    /// Whether max_busy_cores holds new attachments back (`Some(when to look again)`);
+    /// None when the budget is off, without reading the clock.
+    #[inline]
+    fn busy_held(&self, now: Option<Instant>) -> Option<Instant> {
+        if !self.shared.busy.is_on() {
+            return None;
         }
-        self.pop_idle()
+        self.shared.busy.over(now.unwrap_or_else(Instant::now))
+    }
+
+    /// A server handed to a client: under max_busy_cores, its busy time starts counting.
+    /// It starts at the grant, not when the client's task runs: waiters served together
+    /// then see each other's cost.
+    #[inline]
+    fn attached(&self, mut conn: ServerConn, now: Option<Instant>) -> ServerConn {
+        if self.shared.busy.is_on() {
+            conn.meta.busy = Some(self.shared.busy.attach(now.unwrap_or_else(Instant::now)));
+        }
+        conn
     }
 
     /// A server or a slot at once, unless clients here wait already: they go first.
     fn grant_now(&self) -> Option<Grant> {
-        if self.paused() || !self.waiters.borrow().is_empty() {
+        if self.paused() || !self.waiters.borrow().is_empty() || self.busy_held(None).is_some() {
             return None;
         }
         if let Some(conn) = self.pop_idle() {
-            return Some(Grant::Server(conn));
+            return Some(Grant::Server(self.attached(conn, None)));
         }
         if self.launching.get() > 0 {
             // A server is on its way: wait in line for it rather than open another.
@@ -459,6 +489,10 @@ impl LocalPool {
             }
             return;
         }
+        let grant = match grant {
+            Grant::Server(conn) => Grant::Server(self.attached(conn, None)),
+            other => other,
+        };
         *waiter.grant.borrow_mut() = Some(grant);
         if let Some(w) = waiter.waker.take() {
             w.wake();
@@ -504,6 +538,10 @@ impl LocalPool {
             let Some(w) = self.next_waiter() else {
                 return;
             };
+            if let Some(at) = self.busy_held(None) {
+                self.hold_front(&w, Some(at));
+                return;
+            }
             if let Some(conn) = self.pop_idle() {
                 self.grant_to(&w, Grant::Server(conn));
                 continue;
@@ -514,14 +552,20 @@ impl LocalPool {
             match self.reserve(w.since) {
                 Ok(()) => self.launch(self.first_uncovered(), false),
                 Err(at) => {
-                    self.recheck_at.set(at);
-                    if at.is_some() {
-                        if let Some(wk) = w.waker.take() {
-                            wk.wake();
-                        }
-                    }
+                    self.hold_front(&w, at);
                     return;
                 }
+            }
+        }
+    }
+
+    /// The front waiter `w` cannot be served now: it sleeps until `at` (its wait is woken
+    /// to set the alarm), or (None) until something is freed.
+    fn hold_front(&self, w: &Waiter, at: Option<Instant>) {
+        self.recheck_at.set(at);
+        if at.is_some() {
+            if let Some(wk) = w.waker.take() {
+                wk.wake();
             }
         }
     }
@@ -673,6 +717,10 @@ impl LocalPool {
     /// Serves the waiters here and kicks every other worker with waiters of this pool.
     fn wake_all(&self) {
         self.serve_waiters();
+        self.kick_waiters_elsewhere();
+    }
+
+    fn kick_waiters_elsewhere(&self) {
         for w in self.shared.workers_with_waiters(self.worker) {
             self.post(
                 w,
@@ -686,19 +734,23 @@ impl LocalPool {
     /// Returns a server after a client is done with it. `reusable` is false when the
     /// session state is unknown (client left mid-transaction, protocol trouble).
     pub fn release(&self, mut conn: ServerConn, reusable: bool) {
+        let now = Instant::now();
+        if let Some(ticket) = conn.meta.busy.take() {
+            ticket.end(now);
+        }
         let lifetime = self.server_lifetime.get();
         if !reusable {
             self.close(conn, "unclean server");
             return;
         }
-        if !lifetime.is_zero() && conn.meta.created.elapsed() >= lifetime {
+        if !lifetime.is_zero() && now.saturating_duration_since(conn.meta.created) >= lifetime {
             self.close(conn, "server lifetime over");
             return;
         }
-        conn.meta.last_used = Instant::now();
+        conn.meta.last_used = now;
         conn.meta.mark(ConnState::Idle, 0);
         conn.meta.via = AcquirePath::Released;
-        self.give(conn);
+        self.give_at(conn, Some(now));
     }
 
     fn close(&self, conn: ServerConn, why: &str) {
@@ -715,12 +767,31 @@ impl LocalPool {
     /// database waits for room, else to a waiting client here, else idle here, and if
     /// another worker has clients waiting, over there.
     fn give(&self, conn: ServerConn) {
+        self.give_at(conn, None);
+    }
+
+    /// `give`, with the clock already read (`now`) by a release. Under max_busy_cores,
+    /// a server released while the pool is over its budget goes idle, and the clients
+    /// waiting here and on other workers set their alarms for when the budget has room.
+    fn give_at(&self, mut conn: ServerConn, now: Option<Instant>) {
+        // A grant given up (its client went away while it was on the way) is not busy.
+        if let Some(ticket) = conn.meta.busy.take() {
+            ticket.end(now.unwrap_or_else(Instant::now));
+        }
         if !self.paused() {
             if self.db_wants_room() {
                 self.evict(conn);
                 return;
             }
             if let Some(w) = self.next_waiter() {
+                if self.busy_held(now).is_some() {
+                    self.idle.borrow_mut().push(conn);
+                    self.shared.idle_add(self.worker, 1);
+                    // Sets the front waiter's alarm.
+                    self.serve_waiters();
+                    self.kick_waiters_elsewhere();
+                    return;
+                }
                 match self.older_waiter_elsewhere(w.since) {
                     Some(other) => self.hand_over(other, conn),
                     None => self.grant_to(&w, Grant::Server(conn)),
@@ -731,6 +802,11 @@ impl LocalPool {
         self.idle.borrow_mut().push(conn);
         self.shared.idle_add(self.worker, 1);
         if let Some(w) = self.shared.worker_with_waiters(self.worker) {
+            if self.busy_held(now).is_some() {
+                // Their front waiters set their alarms; the server waits here until then.
+                self.kick_waiters_elsewhere();
+                return;
+            }
             let conn = self.idle.borrow_mut().pop();
             if let Some(conn) = conn {
                 self.shared.idle_add(self.worker, -1);
@@ -809,7 +885,7 @@ impl LocalPool {
     /// nor within server_login_retry, nor when the slot was a reserve one (above the cap),
     /// nor when an older client of another pool waits for room in the database.
     fn pass_slot_here(&self) -> bool {
-        if self.paused() || self.shared.total() > self.shared.cap() {
+        if self.paused() || self.shared.total() > self.shared.cap() || self.busy_held(None).is_some() {
             return false;
         }
         if self.shared.gate.blocked(Instant::now()).is_some() {
@@ -846,6 +922,7 @@ impl LocalPool {
 
     fn may_send_slot(&self) -> bool {
         !self.paused()
+            && self.busy_held(None).is_none()
             && self.shared.gate.blocked(Instant::now()).is_none()
             && self.shared.oldest_waiter().is_none_or(|(s, _)| self.db_turn(s))
     }
@@ -881,10 +958,14 @@ impl LocalPool {
                     self.slot_freed();
                 }
             },
-            PoolMsg::Slot { .. } => match self.first_uncovered().filter(|_| self.wants_launch()) {
+            PoolMsg::Slot { .. } => match self
+                .first_uncovered()
+                .filter(|_| self.wants_launch() && self.busy_held(None).is_none())
+            {
                 Some(w) => self.launch(Some(w), false),
                 // Launches in flight here will serve the waiters: not passed on again,
-                // or two workers could bounce it between them.
+                // or two workers could bounce it between them. Under max_busy_cores
+                // the waiters set their alarms.
                 None if self.next_waiter().is_some() => {
                     self.shared.unreserve();
                     self.wake_all();

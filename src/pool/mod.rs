@@ -2,6 +2,7 @@
 //! each worker's idle list, and moving servers between workers.
 
 pub mod auth_query;
+pub mod busy;
 pub mod connect;
 pub mod error;
 pub mod local;

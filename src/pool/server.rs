@@ -73,6 +73,8 @@ pub struct ServerMeta {
     /// How the connection last reached the pool's hands (opened, released, idle, moved
     /// over from another worker): the path its next client is counted under.
     pub via: AcquirePath,
+    /// While attached to a client of a pool with max_busy_cores: its busy time, metered.
+    pub busy: Option<super::busy::BusyTicket>,
 }
 
 impl ServerMeta {
@@ -96,6 +98,7 @@ impl ServerMeta {
             dup_probe: false,
             entry: None,
             via: AcquirePath::New,
+            busy: None,
         }
     }
 

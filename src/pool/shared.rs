@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use super::busy::BusyMeter;
 use super::settings::Settings;
 use super::target::ServerTarget;
 use crate::config::PoolMode;
@@ -216,6 +217,8 @@ pub struct SharedPool {
     /// (setting, value as a client sent it) -> value as the server normalised it.
     validated: Mutex<HashMap<(String, String), String>>,
     pub paused: AtomicBool,
+    /// max_busy_cores: the busy time of the pool's servers in the last second.
+    pub busy: Arc<BusyMeter>,
     pub stats: PoolStats,
 }
 
@@ -252,6 +255,7 @@ impl SharedPool {
             validated: Mutex::new(HashMap::new()),
             settings_cache: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
+            busy: Arc::new(BusyMeter::default()),
             stats: PoolStats::new(workers),
         }
     }

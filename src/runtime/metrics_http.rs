@@ -70,6 +70,8 @@ pub fn snapshot(instance: &Instance) -> String {
             cap: p.cap(),
             idle: p.idle_count(),
             waiting: p.waiting_count(),
+            busy_budget_millicores: u64::from(p.busy.budget_millicores()),
+            busy_seconds: p.busy.total_seconds(),
             totals: p.stats.totals(),
         })
         .collect();
