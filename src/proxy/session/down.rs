@@ -152,6 +152,11 @@ impl Flow {
         self.down.partial = len - r.consumed;
         if r.ready_for_query > 0 {
             self.timed(r.xact_ends > 0);
+            // Counted before the client can see its answer: whoever reads the pool's
+            // stats after a client got its ReadyForQuery finds that query in them (the
+            // release, which flushed them before, comes only once the client write is
+            // done).
+            self.flush_tally();
         }
         self.settle_injected();
         Ok(())
