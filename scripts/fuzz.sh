@@ -55,7 +55,8 @@ if ! "$CARGO" afl --version >/dev/null 2>&1; then
   "$CARGO" install --locked cargo-afl --version "$AFL_VERSION" || die "cannot install cargo-afl"
 fi
 # AFL++ itself is built per toolchain; `cargo install` builds it for the current one.
-if ! "$CARGO" afl fuzz -h 2>&1 | grep -q "Required parameters"; then
+afl_help=$("$CARGO" afl fuzz -h 2>&1 || true)
+if [[ $afl_help != *"Required parameters"* ]]; then
   say "building AFL++ for this toolchain"
   "$CARGO" afl config --build --force || die "cannot build AFL++"
 fi
