@@ -19,7 +19,11 @@ fn main() {
         }
         // As proxy/login.rs: the body without its terminating NUL.
         let response = parts[1];
-        let _ = verify_cleartext(secret.as_ref(), "alice", response);
+        // A verifier's rounds are its own cost, up to MAX_ITERATIONS (about a second here):
+        // past a few thousand they only slow the search down.
+        if !matches!(&secret, Some(Secret::Scram(v)) if v.iterations > 10_000) {
+            let _ = verify_cleartext(secret.as_ref(), "alice", response);
+        }
         let _ = verify_md5_response(secret.as_ref(), "alice", *b"salt", response);
     });
 }
