@@ -45,6 +45,26 @@ pub fn split_nul(data: &[u8], n: usize) -> Vec<&[u8]> {
     parts
 }
 
+/// `text` with every `listen_addr` key renamed: a listen_addr that is not an IP address
+/// is a host name the loader resolves (DNS), which would make the config targets slow,
+/// flaky and a load on the machine's resolver. The name keeps its length, so positions
+/// in messages stay as they were.
+pub fn without_name_lookups(text: &str) -> String {
+    let mut bytes = text.as_bytes().to_vec();
+    let key = b"listen_addr";
+    let mut i = 0;
+    while i + key.len() <= bytes.len() {
+        if bytes[i..i + key.len()].eq_ignore_ascii_case(key) {
+            bytes[i + key.len() - 1] = b'_';
+            i += key.len();
+        } else {
+            i += 1;
+        }
+    }
+    // Only ASCII letters were replaced by an ASCII byte: still UTF-8.
+    String::from_utf8(bytes).unwrap_or_default()
+}
+
 /// The state a session keeps for its two byte processors while a server is attached.
 pub struct Session {
     pub cur: UpCursor,
