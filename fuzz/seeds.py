@@ -158,6 +158,13 @@ stats_period = 30
     write("byte_streams", "extended_named",
           b"\x03" + b"\x00" + struct.pack(">H", len(up)) + up + b"\x01" + struct.pack(">H", len(down)) + down
           + b"\x00" + struct.pack(">H", len(up)) + up + b"\x01" + struct.pack(">H", len(err)) + err)
+    # A client name longer than pgsilo's, and an error pointing into the rewritten text.
+    name = b"a_statement_name_longer_than_the_one_pgsilo_gives_it"
+    q = msg(b"Q", b"PREPARE " + name + b" AS SELECT 1; EXECUTE " + name + b"; SELECT x\0")
+    a = (msg(b"C", b"PREPARE\0") + msg(b"C", b"SELECT 1\0")
+         + msg(b"E", b"SERROR\0C42703\0Mcolumn \"x\" does not exist\0P18446744073709551615\0\0") + msg(b"Z", b"I"))
+    write("byte_streams", "error_position",
+          b"\x01" + b"\x00" + struct.pack(">H", len(q)) + q + b"\x01" + struct.pack(">H", len(a)) + a)
     q = msg(b"Q", b"PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p; LISTEN x\0")
     a = (msg(b"C", b"PREPARE\0") + msg(b"C", b"SELECT 1\0") + msg(b"C", b"DEALLOCATE\0")
          + msg(b"C", b"LISTEN\0") + msg(b"Z", b"I"))
