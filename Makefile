@@ -3,7 +3,7 @@ CARGO ?= cargo
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: build test regress demo up status down bench clean
+.PHONY: build test regress demo up status down bench clean fuzz
 
 build:
 	$(CARGO) build --release --workspace
@@ -11,6 +11,15 @@ build:
 test: target/venv/.ok
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace -- --nocapture
+	CARGO='$(CARGO)' scripts/fuzz.sh --smoke
+
+# Coverage-guided fuzzing (scripts/fuzz.sh, fuzz/README.md): every target in fuzz/ under
+# AFL++ for FUZZ_SECONDS each (default 300), FUZZ_JOBS at a time (default 1), resuming
+# what earlier runs found (target/fuzz/); prints executions, execs/s, corpus, coverage,
+# crashes and hangs per target and fails on a crash or hang. Installs cargo-afl when
+# missing. `make test` runs each target 10 s from scratch when cargo-afl is installed.
+fuzz:
+	CARGO='$(CARGO)' scripts/fuzz.sh
 
 # psycopg 3 for the Python clients of the transaction-pooling tests (tests/py/); the tests
 # use target/venv/bin/python, or $PGSILO_PYTHON.

@@ -4,6 +4,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use thiserror::Error;
 
+use super::scram_common::MAX_ITERATIONS;
+
 /// A user's secret as written in the auth_file.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Secret {
@@ -69,6 +71,11 @@ impl ScramSecret {
             .map_err(|_| SecretError::MalformedScram("iteration count is not a number"))?;
         if iterations == 0 {
             return Err(SecretError::MalformedScram("iteration count is zero"));
+        }
+        // A cleartext login against this verifier runs that many PBKDF2 rounds on a
+        // worker, which then serves no one else: the same cap as a server's SCRAM gets.
+        if iterations > MAX_ITERATIONS {
+            return Err(SecretError::MalformedScram("iteration count above 1000000"));
         }
         let salt = B64
             .decode(salt)
@@ -143,5 +150,19 @@ mod tests {
         assert!(Secret::parse("SCRAM-SHA-256$4096:salt").is_err());
         assert!(Secret::parse("SCRAM-SHA-256$x:c2FsdA==$a:b").is_err());
         assert!(Secret::parse("SCRAM-SHA-256$4096:c2FsdA==$c2hvcnQ=:c2hvcnQ=").is_err());
+    }
+
+    /// Found by fuzzing (fuzz/targets/password.rs): a verifier of 4 billion iterations
+    /// made one cleartext login hold a worker for minutes.
+    #[test]
+    fn refuses_iteration_counts_a_login_could_not_afford() {
+        let keys = "dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVzdHRlc3Q=:dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVzdHRlc3Q=";
+        let with = |n: &str| Secret::parse(&format!("SCRAM-SHA-256${n}:c2FsdA==${keys}"));
+        assert!(matches!(with("1000000"), Ok(Secret::Scram(s)) if s.iterations == MAX_ITERATIONS));
+        assert_eq!(
+            with("4045678996").err(),
+            Some(SecretError::MalformedScram("iteration count above 1000000"))
+        );
+        assert!(with("1000001").is_err());
     }
 }

@@ -46,6 +46,18 @@ impl Config {
         finish(parsed.config, parsed.problems)
     }
 
+    /// Parses and validates `text` as a PgBouncer ini, as if read from `path`; `load` reads
+    /// what it `%include`s. Touches no files itself: the fuzz targets' way in (fuzz/).
+    #[doc(hidden)]
+    pub fn from_ini_str(
+        text: &str,
+        path: &Path,
+        load: &dyn Fn(&Path) -> std::io::Result<String>,
+    ) -> Result<Config, ConfigError> {
+        let parsed = parse_ini(path, text.to_string(), Path::new("/"), load);
+        finish(parsed.config, parsed.problems)
+    }
+
     /// Every `[pgsilo]` key with its value as text, for SHOW CONFIG.
     pub fn config_items(&self) -> Vec<(&'static str, String)> {
         self.general.config_items()

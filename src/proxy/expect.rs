@@ -350,16 +350,17 @@ impl PositionMap {
         }
     }
 
-    /// The client's position for PostgreSQL's (both from 1); None inside pgsilo's text.
+    /// The client's position for PostgreSQL's (both from 1); None inside pgsilo's text,
+    /// and for a position no text could have (the server's number is taken as sent).
     pub fn client_position(&self, sent: usize) -> Option<usize> {
         let p = sent.checked_sub(1)?;
         let i = self.pieces.partition_point(|x| x.sent <= p).checked_sub(1)?;
         let piece = &self.pieces[i];
         // Past the last piece is the end of the text ("at end of input").
         match piece.origin {
-            Origin::Client(c) => Some(c + (p - piece.sent) + 1),
+            Origin::Client(c) => (p - piece.sent).checked_add(c + 1),
             Origin::Renamed { at, .. } if p < piece.sent + piece.len => Some(at + 1),
-            Origin::Renamed { at, len } => Some(at + len + (p - piece.sent - piece.len) + 1),
+            Origin::Renamed { at, len } => (p - piece.sent - piece.len).checked_add(at + len + 1),
             Origin::Own => None,
         }
     }
@@ -892,6 +893,23 @@ mod tests {
         map.push(0, 8, Origin::Client(0));
         map.push(8, 11, Origin::Renamed { at: 8, len: 1 });
         assert_eq!(map.client_position(20), Some(10));
+    }
+
+    /// A server's position near usize::MAX, after a client name longer than pgsilo's,
+    /// overflowed the mapping (a panic with overflow checks, a wrong number without).
+    #[test]
+    fn error_positions_no_text_could_have_are_dropped() {
+        let mut map = PositionMap::default();
+        map.push(0, 8, Origin::Client(0));
+        map.push(8, 10, Origin::Renamed { at: 8, len: 60 });
+        map.push(18, 7, Origin::Client(68));
+        assert_eq!(map.client_position(usize::MAX), None);
+        assert_eq!(map.client_position(25), Some(75));
+        let mut map = PositionMap::default();
+        map.push(0, 8, Origin::Client(0));
+        map.push(8, 10, Origin::Renamed { at: 8, len: 60 });
+        assert_eq!(map.client_position(usize::MAX), None);
+        assert_eq!(map.client_position(19), Some(69), "at end of input");
     }
 
     #[test]
