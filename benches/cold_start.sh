@@ -18,9 +18,9 @@ ROUNDS=${ROUNDS:-5} DUR=${DUR:-2} CLIENTS=${CLIENTS:-20} PGBOUNCER=${PGBOUNCER:-
 FORCED=${FORCED:-0}
 FORCE_TOML="" FORCE_INI=""
 if [ "$FORCED" = 1 ]; then FORCE_TOML='user = "postgres"' FORCE_INI=" user=postgres"; fi
-BIN=/usr/lib/postgresql/15/bin
+# shellcheck source=tools/throwaway_pg.sh
+. "$(dirname "$0")/tools/throwaway_pg.sh"
 W=$(mktemp -d /tmp/pgsilo-cold.XXXX)
-chown postgres "$W"
 PGP=$((25000 + RANDOM % 5000))
 PORT=$((PGP + 1))
 POOLER_PID=""
@@ -31,25 +31,8 @@ stop_pooler() {
     POOLER_PID=""
   fi
 }
-cleanup() {
-  stop_pooler
-  su postgres -c "$BIN/pg_ctl -D $W/data -m immediate stop" >/dev/null 2>&1 || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-su postgres -c "$BIN/initdb -D $W/data -U postgres --auth=trust" >/dev/null
-cat >>"$W/data/postgresql.conf" <<C
-port = $PGP
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$W'
-fsync = off
-max_connections = 200
-shared_buffers = 256MB
-C
-su postgres -c "setsid -w $BIN/pg_ctl -D $W/data -l $W/pg.log -w start" >/dev/null || {
-  cat "$W/pg.log" >&2
-  exit 1
-}
+throwaway_pg "$W" $PGP "max_connections = 200" "shared_buffers = 256MB"
+trap 'stop_pooler; throwaway_pg_cleanup "$W"' EXIT
 $BIN/pgbench -h 127.0.0.1 -p $PGP -U postgres -i -s 10 -q postgres >/dev/null 2>&1
 echo '"postgres" ""' >"$W/users.txt"
 
