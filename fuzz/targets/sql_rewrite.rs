@@ -23,7 +23,7 @@ fn main() {
             }
         }
         let _ = sql_scan::mentions_prepared_statements(sql);
-        let _ = sql_scan::mentions_listen(sql);
+        let _ = sql_scan::may_be_listen_only(sql);
         let _ = sql_scan::listen_only(sql);
         let _ = SqlDef::new(sql);
         if sql.contains(&0) {
